@@ -1,0 +1,83 @@
+"""The sink contract: what a first- or third-party sink implements, and what the host promises it.
+
+A sink is a class with
+
+- ``type_name``: the ``type:`` users write in the config (``sqlite``, ``csv``, ``s3``, ...);
+- ``Config``: a pydantic model (subclass of :class:`SinkConfig`) validated before any network call;
+- ``__init__(self, name, config)``: cheap, no I/O; ``name`` is the instance name from the config;
+- ``async open()``: connect, create tables, check the target exists (optional);
+- ``async write(batch)``: store every tenant-day of the batch, idempotently on (tenant, day);
+- ``async aclose()``: release everything, flush nothing new;
+- ``async ping()``: optional health probe used by ``validate --check`` and ``/readyz``.
+
+The host promises: ``write`` is never called concurrently on one instance; every call runs under
+the instance's ``timeout``; the batch already has the instance's PII policy applied; a raise of
+:class:`~collector.errors.SinkTransientError` (or any unexpected exception) is retried with backoff,
+:class:`~collector.errors.SinkPermanentError` dead-letters the batch at once. Blocking code belongs
+in :func:`run_blocking` (a worker thread), never on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from collector.models import Batch
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+PiiMode = Literal["keep", "pseudonymize", "drop"]
+
+
+class SinkConfig(BaseModel):
+    """Settings every sink instance accepts; a sink's own ``Config`` subclasses this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: str = Field(description="The sink type, as registered by a plugin (sqlite, csv, s3, webhook, ...).")
+    pii: PiiMode = Field(
+        default="keep",
+        description="keep: emails as the API gives them; pseudonymize: keyed HMAC-SHA256 pseudonyms; "
+        "drop: no per-user rows at all.",
+    )
+    timeout: dt.timedelta = Field(
+        default=dt.timedelta(seconds=60), description="Upper bound for one write call."
+    )
+    batch_size: int = Field(default=100, ge=1, le=10_000, description="Tenant-days per write call.")
+    max_attempts: int = Field(
+        default=8, ge=1, description="Failed deliveries of one tenant-day before it is dead-lettered."
+    )
+
+
+class Sink:
+    """Base class for sinks. Subclasses set ``type_name`` and ``Config`` and implement ``write``."""
+
+    type_name: ClassVar[str] = ""
+    Config: ClassVar[type[SinkConfig]] = SinkConfig
+
+    def __init__(self, name: str, config: Any) -> None:
+        self.name = name
+        self.config = config
+
+    async def open(self) -> None:  # noqa: B027 - optional hook, empty by design
+        """Prepare the target (connect, create tables). Called once before the first write."""
+
+    async def write(self, batch: Batch) -> None:
+        """Store every tenant-day of ``batch``; a redelivery must replace, never duplicate."""
+        raise NotImplementedError
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook, empty by design
+        """Release connections and files."""
+
+    async def ping(self) -> None:  # noqa: B027 - optional hook, empty by design
+        """Raise a SinkError if the target is unreachable."""
+
+
+async def run_blocking(func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
+    """Run blocking sink code in a worker thread so the event loop keeps fetching."""
+    return await asyncio.to_thread(func, *args, **kwargs)
