@@ -24,7 +24,7 @@ import datetime as dt
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
 from collector.models import Batch
 
@@ -52,6 +52,21 @@ class SinkConfig(BaseModel):
     max_attempts: int = Field(
         default=8, ge=1, description="Failed deliveries of one tenant-day before it is dead-lettered."
     )
+    pii_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the HMAC-SHA256 pseudonyms of pii: pseudonymize (or pii_key_file). "
+        "Keep it stable: a new key gives every user a new pseudonym.",
+    )
+
+    @model_validator(mode="after")
+    def _pseudonymize_needs_a_key(self) -> SinkConfig:
+        # A pseudonym without a secret key is a plain hash, which anyone can reverse by hashing a
+        # list of candidate emails, so a missing key is a config error, never a silent fallback.
+        if self.pii == "pseudonymize" and (
+            self.pii_key is None or not self.pii_key.get_secret_value()
+        ):
+            raise ValueError("pii: pseudonymize needs a non-empty pii_key (or pii_key_file)")
+        return self
 
 
 class Sink:

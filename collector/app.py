@@ -1,0 +1,121 @@
+"""Assembles the runtime from a config file: plugins, config, store, sinks, deliverer, client.
+
+Everything a command needs is built here once, in one order, so ``run``, ``run --once``,
+``backfill``, ``replay`` and the daemon share the same wiring and the same clean shutdown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from collector.client import ApiClient
+from collector.config import AppConfig, load_config
+from collector.deliverer import Deliverer
+from collector.log import register_secrets
+from collector.pipeline import Collector, utc_today
+from collector.plugin_manager import (
+    CollectorPluginManager,
+    SinkRegistry,
+    configure_plugins,
+    make_plugin_manager,
+    notify,
+)
+from collector.sink import Sink
+from collector.store import Store
+
+log = structlog.get_logger("collector.app")
+
+
+@dataclass
+class Plugins:
+    """The plugin manager and the sink types it registered."""
+
+    pm: CollectorPluginManager
+    registry: SinkRegistry
+
+    def notify(self, hook: str, kwargs: dict[str, Any]) -> None:
+        notify(self.pm, hook, **kwargs)
+
+
+def load_plugins() -> Plugins:
+    """Build the plugin manager (entry points of ``collector.sinks``) and the sink registry."""
+    pm = make_plugin_manager()
+    return Plugins(pm=pm, registry=SinkRegistry.from_plugin_manager(pm))
+
+
+def load(path: str | Path, plugins: Plugins, environ: Mapping[str, str] | None = None) -> AppConfig:
+    """Load and validate the config with every installed sink type's own model."""
+    config = load_config(path, environ=environ, sink_types=plugins.registry.config_types())
+    register_secrets(config.secret_values())
+    return config
+
+
+def sink_routes(config: AppConfig) -> dict[str, set[str] | None]:
+    """For each sink instance, the tenants routed to it (None: every tenant)."""
+    routes: dict[str, set[str] | None] = {}
+    for sink_name in config.sinks:
+        routed = {t.id for t in config.tenants if sink_name in config.tenant_sinks(t)}
+        everyone = {t.id for t in config.tenants}
+        routes[sink_name] = None if routed == everyone else routed
+    return routes
+
+
+@dataclass
+class Runtime:
+    """Every long-lived object of one process, opened and closed together."""
+
+    config: AppConfig
+    plugins: Plugins
+    store: Store
+    client: ApiClient
+    sinks: dict[str, Sink] = field(default_factory=dict)
+    deliverer: Deliverer | None = None
+    collector: Collector | None = None
+
+
+@contextlib.asynccontextmanager
+async def open_runtime(
+    config: AppConfig,
+    plugins: Plugins,
+    *,
+    with_sinks: bool = True,
+    only_sinks: set[str] | None = None,
+    today: Callable[[], dt.date] = utc_today,
+) -> AsyncIterator[Runtime]:
+    """Open the store, create the sinks and the client; close all of them on exit."""
+    configure_plugins(plugins.pm, config)
+    store = await Store.open(config.state.url)
+    try:
+        sinks: dict[str, Sink] = {}
+        if with_sinks:
+            for name, sink_config in config.sinks.items():
+                if only_sinks is not None and name not in only_sinks:
+                    continue
+                sinks[name] = plugins.registry.create(name, sink_config)
+        deliverer = (
+            Deliverer(
+                store,
+                sinks,
+                {name: config.sinks[name] for name in sinks},
+                {name: route for name, route in sink_routes(config).items() if name in sinks},
+                notify=plugins.notify,
+            )
+            if sinks
+            else None
+        )
+        async with ApiClient(config.api) as client:
+            runtime = Runtime(config, plugins, store, client, sinks, deliverer)
+            async with Collector(
+                config, client, store, deliverer, notify=plugins.notify, today=today
+            ) as collector:
+                runtime.collector = collector
+                yield runtime
+    finally:
+        await store.aclose()

@@ -1,0 +1,264 @@
+"""Reading a config file into plain data while remembering the line every value came from.
+
+pydantic reports a problem by location (``("tenants", 0, "id")``) but knows nothing about lines, so
+this module walks the YAML node tree itself (``yaml.compose`` keeps a mark on every node) and
+records the line of each key and list item. While walking it also does the two things users write
+into any string of the file:
+
+- **interpolation**: ``${VAR}``, ``${VAR:-default}`` (unset or empty -> default),
+  ``${VAR:?message}`` (unset or empty -> error with that message), ``$$`` for a literal dollar;
+  a ``$`` followed by anything else stays as written. Defaults are taken literally (no nesting).
+- **secret files**: next to a secret key (:data:`SECRET_KEYS`), ``<key>_file: PATH`` reads the
+  value from a file (Docker and Kubernetes secrets), stripping one trailing newline.
+
+Every problem is collected (never raised) as a :class:`~collector.errors.ConfigProblem`, so the
+loader can report all of them at once. Where a value could not be produced, a placeholder (an empty
+string) keeps the key present, and the loader drops validation errors about that same spot: one
+mistake, one message. Messages name variables and paths, never a value read from the environment
+or a file.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from collector.errors import ConfigProblem
+
+ConfigPath = tuple[str | int, ...]
+
+SECRET_KEYS = frozenset({"client_secret", "api_key", "client_id", "secret", "pii_key", "password"})
+"""Keys whose value may come from a sibling ``<key>_file``."""
+
+FILE_SUFFIX = "_file"
+
+_REFERENCE = re.compile(r"\$(?:(?P<dollar>\$)|\{(?P<expr>[^}]*)\}|(?P<open>\{))")
+_EXPRESSION = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)(?:(?P<op>:-|:\?)(?P<arg>.*))?", re.S)
+
+
+class InterpolationError(ValueError):
+    """A string referenced an environment variable that is not set, or had a malformed ``${``."""
+
+
+class SecretFileError(ValueError):
+    """A secret file could not be read; the message names the path and the OS reason only."""
+
+
+def interpolate(text: str, environ: Mapping[str, str]) -> str:
+    """Expand ``${VAR}``, ``${VAR:-default}``, ``${VAR:?message}`` and ``$$`` in ``text``."""
+    if "$" not in text:
+        return text
+    errors: list[str] = []
+
+    def expand(match: re.Match[str]) -> str:
+        if match["dollar"]:
+            return "$"
+        if match["open"]:
+            errors.append("unterminated '${' (write '$$' for a literal dollar sign)")
+            return ""
+        expr = _EXPRESSION.fullmatch(match["expr"])
+        if expr is None:
+            errors.append(
+                f"invalid reference '${{{match['expr']}}}': "
+                "expected ${NAME}, ${NAME:-default} or ${NAME:?message}"
+            )
+            return ""
+        name, op, arg = expr["name"], expr["op"], expr["arg"]
+        value = environ.get(name)
+        if op == ":-":
+            return value if value else arg
+        if op == ":?":
+            if not value:
+                errors.append(f"environment variable {name} is not set: {arg or 'required'}")
+                return ""
+            return value
+        if value is None:
+            errors.append(f"environment variable {name} is not set")
+            return ""
+        return value
+
+    result = _REFERENCE.sub(expand, text)
+    if errors:
+        raise InterpolationError("; ".join(errors))
+    return result
+
+
+def read_secret_file(path: str) -> str:
+    """The content of a secret file without its trailing newline; raises :class:`SecretFileError`."""
+    try:
+        raw = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise SecretFileError(f"cannot read secret file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise SecretFileError(f"secret file {path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not text:
+        raise SecretFileError(f"secret file {path} is empty")
+    return text
+
+
+def format_path(path: ConfigPath) -> str:
+    """``("tenants", 0, "client_id")`` -> ``tenants[0].client_id``; the root is ``""``."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out
+
+
+@dataclass
+class Source:
+    """A config file as plain data, with the line of every key and the problems found reading it."""
+
+    file: str
+    data: Any = None
+    lines: dict[ConfigPath, int] = field(default_factory=dict)
+    problems: list[ConfigProblem] = field(default_factory=list)
+    problem_paths: list[ConfigPath] = field(default_factory=list)
+    secret_files: dict[ConfigPath, str] = field(default_factory=dict)
+    """Path of a value read from a file -> the file's path as written."""
+    file_keys: dict[ConfigPath, ConfigPath] = field(default_factory=dict)
+    """Path of a value read from a file -> path of the ``<key>_file`` key the user wrote."""
+
+    def line_of(self, path: ConfigPath) -> int | None:
+        """The line of ``path``, or of its nearest ancestor the file mentions."""
+        for end in range(len(path), -1, -1):
+            line = self.lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+    def add(self, path: ConfigPath, message: str, *, line: int | None = None) -> None:
+        """Record one problem at ``path`` (on ``line``, or the line the file gives ``path``)."""
+        where = self.line_of(path) if line is None else line
+        self.problems.append(ConfigProblem(self.file, where, format_path(path), message))
+        self.problem_paths.append(path)
+
+    def already_reported(self, path: ConfigPath) -> bool:
+        """Whether a problem at, above or below ``path`` was already recorded."""
+        return any(
+            known[: len(path)] == path or path[: len(known)] == known
+            for known in self.problem_paths
+        )
+
+
+def parse_source(text: str, file: str, environ: Mapping[str, str]) -> Source:
+    """Parse YAML ``text`` into a :class:`Source`; YAML syntax errors become a single problem."""
+    source = Source(file=file)
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else None
+        reason = " ".join(part for part in (exc.context, exc.problem) if part)
+        source.add((), f"invalid YAML: {reason or 'cannot parse'}", line=line)
+        return source
+    except yaml.YAMLError as exc:
+        source.add((), f"invalid YAML: {exc}", line=None)
+        return source
+    if root is None:
+        source.add((), "the file is empty; expected a mapping with api, collection, sinks, tenants")
+        return source
+    builder = _Builder(source, environ)
+    source.data = builder.build(root, ())
+    if not isinstance(source.data, dict):
+        source.add((), "expected a mapping at the top level (api, collection, sinks, tenants, ...)")
+        source.data = None
+    return source
+
+
+class _Builder:
+    """Turns YAML nodes into dicts, lists and scalars, filling the :class:`Source` as it goes."""
+
+    def __init__(self, source: Source, environ: Mapping[str, str]) -> None:
+        self.source = source
+        self.environ = environ
+        self.constructor = yaml.SafeConstructor()
+        self.active: set[int] = set()
+
+    def build(self, node: Node, path: ConfigPath) -> Any:
+        self.source.lines.setdefault(path, node.start_mark.line + 1)
+        if id(node) in self.active:
+            self.source.add(path, "recursive YAML alias")
+            return None
+        self.active.add(id(node))
+        try:
+            if isinstance(node, MappingNode):
+                return self._mapping(node, path)
+            if isinstance(node, SequenceNode):
+                return [self.build(item, (*path, index)) for index, item in enumerate(node.value)]
+            return self._scalar(node, path)
+        finally:
+            self.active.discard(id(node))
+
+    def _scalar(self, node: Node, path: ConfigPath) -> Any:
+        try:
+            value = self.constructor.construct_object(node)
+        except yaml.YAMLError:
+            self.source.add(path, f"unsupported YAML value (tag {node.tag})")
+            return ""
+        if isinstance(value, str):
+            try:
+                return interpolate(value, self.environ)
+            except InterpolationError as exc:
+                self.source.add(path, str(exc))
+                return ""
+        return value
+
+    def _mapping(self, node: MappingNode, path: ConfigPath) -> dict[str, Any]:
+        try:
+            self.constructor.flatten_mapping(node)  # applies "<<: *anchor" merge keys
+        except yaml.YAMLError as exc:
+            self.source.add(path, f"invalid YAML merge: {getattr(exc, 'problem', exc)}")
+            return {}
+        out: dict[str, Any] = {}
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            key_line = key_node.start_mark.line + 1
+            if not isinstance(key_node, ScalarNode):
+                self.source.add(path, "keys must be plain strings", line=key_line)
+                continue
+            key = str(key_node.value)
+            child = (*path, key)
+            if key in first_line:
+                self.source.add(child, f"duplicate key (first at line {first_line[key]})", line=key_line)
+                continue
+            first_line[key] = key_line
+            self.source.lines[child] = key_line
+            out[key] = self.build(value_node, child)
+        self._read_secret_files(out, path)
+        return out
+
+    def _read_secret_files(self, mapping: dict[str, Any], path: ConfigPath) -> None:
+        for key in list(mapping):
+            base = key.removesuffix(FILE_SUFFIX)
+            if base == key or base not in SECRET_KEYS:
+                continue
+            file_key, target = (*path, key), (*path, base)
+            if base in mapping:
+                self.source.add(file_key, f"give either {base} or {key}, not both")
+                continue
+            self.source.lines[target] = self.source.lines[file_key]
+            self.source.file_keys[target] = file_key
+            file_path = mapping[key]
+            mapping[base] = ""  # placeholder, so the value is not also reported as missing
+            if not isinstance(file_path, str) or not file_path:
+                self.source.add(file_key, "expected the path of a file")
+                self.source.problem_paths.append(target)
+                continue
+            self.source.secret_files[target] = file_path
+            try:
+                mapping[base] = read_secret_file(file_path)
+            except SecretFileError as exc:
+                self.source.add(file_key, str(exc))
+                self.source.problem_paths.append(target)  # its placeholder must not be reported too

@@ -1,0 +1,309 @@
+"""One collection cycle: planner -> fetcher -> store -> deliverer (DESIGN.md section 2).
+
+The fetch side is built for fairness and isolation:
+
+- each tenant gets its own task with a small number of in-flight requests (``per_tenant_inflight``),
+  so a 90-day backfill cannot flood the client's global FIFO concurrency queue ahead of tenants
+  that need two days; the client's per-tenant token bucket paces each tenant;
+- every tenant task catches everything: one tenant's failure (bad credentials, a crash in its data)
+  is recorded for that tenant and never cancels another tenant's work;
+- fetched days go through one writer task that commits them to the store in batches (one
+  transaction per batch is what keeps the CPU cost per tenant-day low), and only after the commit
+  are the deliverer and the notification hooks told.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from collector import planner
+from collector.errors import ApiError, AuthError, CollectorError
+from collector.models import TenantDay, normalize
+
+if TYPE_CHECKING:
+    from collector.client import ApiClient
+    from collector.config import AppConfig, TenantConfig
+    from collector.deliverer import Deliverer
+    from collector.store import Store
+
+log = structlog.get_logger("collector.pipeline")
+
+_WRITER_BATCH = 256
+_WRITER_LINGER = 0.05
+
+
+def utc_today() -> dt.date:
+    """Today in UTC, the API's assumed timezone."""
+    return dt.datetime.now(dt.UTC).date()
+
+
+@dataclass
+class TenantResult:
+    """What one cycle did for one tenant; the per-tenant summary line."""
+
+    tenant: str
+    planned: int = 0
+    fetched: int = 0
+    changed: int = 0
+    failed: int = 0
+    error: str | None = None
+    skipped: str | None = None
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.failed == 0 and self.skipped is None
+
+
+@dataclass
+class CycleResult:
+    """The outcome of one cycle over every tenant."""
+
+    tenants: dict[str, TenantResult] = field(default_factory=dict)
+    started_at: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.tenants.values())
+
+    @property
+    def fetched(self) -> int:
+        return sum(r.fetched for r in self.tenants.values())
+
+
+Notify = Callable[[str, dict[str, Any]], None]
+"""``notify(hook_name, kwargs)``: calls a notification hook; must not raise."""
+
+
+def _no_notify(hook: str, kwargs: dict[str, Any]) -> None:
+    return None
+
+
+class _StoreWriter:
+    """Commits fetched tenant-days in batches; one writer so SQLite never sees two at once."""
+
+    def __init__(
+        self, store: Store, on_committed: Callable[[Sequence[TenantDay], list[bool]], None]
+    ) -> None:
+        self._store = store
+        self._on_committed = on_committed
+        self._queue: asyncio.Queue[tuple[TenantDay, dict[str, Any], asyncio.Future[bool]]] = (
+            asyncio.Queue()
+        )
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name="store-writer")
+
+    async def submit(self, item: TenantDay, data: dict[str, Any]) -> bool:
+        """Queue one tenant-day and wait until it is durably committed; returns ``changed``."""
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put((item, data, future))
+        return await future
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._queue.get()
+            batch = [first]
+            deadline = time.monotonic() + _WRITER_LINGER
+            while len(batch) < _WRITER_BATCH:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except asyncio.QueueEmpty:
+                    remaining = deadline - time.monotonic()
+                    if remaining <= 0:
+                        break
+                    try:
+                        batch.append(await asyncio.wait_for(self._queue.get(), remaining))
+                    except TimeoutError:
+                        break
+            await self._commit(batch)
+
+    async def _commit(
+        self, batch: list[tuple[TenantDay, dict[str, Any], asyncio.Future[bool]]]
+    ) -> None:
+        try:
+            changed = await self._store.record_fetched([(item, data) for item, data, _ in batch])
+        except Exception as exc:  # noqa: BLE001 - every waiter must learn the commit failed
+            for _, _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        self._on_committed([item for item, _, _ in batch], changed)
+        for (_, _, future), flag in zip(batch, changed, strict=True):
+            if not future.done():
+                future.set_result(flag)
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            while not self._queue.empty():
+                await asyncio.sleep(0.01)
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+
+class Collector:
+    """Runs collection cycles for a set of tenants against one client, store and deliverer."""
+
+    def __init__(
+        self,
+        config: AppConfig,
+        client: ApiClient,
+        store: Store,
+        deliverer: Deliverer | None = None,
+        *,
+        notify: Notify = _no_notify,
+        today: Callable[[], dt.date] = utc_today,
+        per_tenant_inflight: int = 4,
+    ) -> None:
+        self.config = config
+        self.client = client
+        self.store = store
+        self.deliverer = deliverer
+        self.notify = notify
+        self.today = today
+        self.per_tenant_inflight = per_tenant_inflight
+        self._writer = _StoreWriter(store, self._committed)
+
+    def _committed(self, items: Sequence[TenantDay], changed: list[bool]) -> None:
+        if self.deliverer is not None and any(changed):
+            self.deliverer.notify_new_data()
+        for item, flag in zip(items, changed, strict=True):
+            self.notify(
+                "collector_tenant_day_collected",
+                {"tenant": item.tenant, "day": item.day, "changed": flag},
+            )
+
+    async def __aenter__(self) -> Collector:
+        self._writer.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._writer.aclose()
+
+    async def run_cycle(
+        self,
+        tenants: Iterable[TenantConfig] | None = None,
+        *,
+        days: Callable[[TenantConfig], Sequence[dt.date]] | None = None,
+    ) -> CycleResult:
+        """Fetch every planned day of every tenant concurrently; returns when all are settled.
+
+        ``days`` overrides the planner (used by ``backfill`` for an explicit date range).
+        """
+        selected = [t for t in (tenants or self.config.tenants) if t.enabled]
+        result = CycleResult(started_at=time.time())
+        started = time.monotonic()
+        for tenant in selected:
+            result.tenants[tenant.id] = TenantResult(tenant=tenant.id)
+        tasks = [
+            asyncio.create_task(
+                self._run_tenant(tenant, result.tenants[tenant.id], days), name=f"tenant:{tenant.id}"
+            )
+            for tenant in selected
+        ]
+        # return_exceptions: a crash in one tenant task must never cancel the others.
+        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
+        for tenant, outcome in zip(selected, outcomes, strict=True):
+            if isinstance(outcome, BaseException):
+                result.tenants[tenant.id].error = f"internal error: {type(outcome).__name__}"
+                log.error("tenant task crashed", tenant=tenant.id, exc_info=outcome)
+        result.seconds = time.monotonic() - started
+        return result
+
+    async def _plan(self, tenant: TenantConfig, today: dt.date) -> list[dt.date]:
+        states = await self.store.days_state(tenant.id)
+        return planner.plan_days(
+            today,
+            self.config.tenant_lookback(tenant),
+            self.config.tenant_settle(tenant),
+            states,
+        )
+
+    async def _run_tenant(
+        self,
+        tenant: TenantConfig,
+        summary: TenantResult,
+        days: Callable[[TenantConfig], Sequence[dt.date]] | None,
+    ) -> None:
+        started = time.monotonic()
+        with structlog.contextvars.bound_contextvars(tenant=tenant.id):
+            parked_until = self.client.parked_until(tenant.id)
+            if parked_until is not None:
+                summary.skipped = f"auth_failed: parked until {parked_until.isoformat()}"
+                return
+            today = self.today()
+            wanted = list(days(tenant)) if days is not None else await self._plan(tenant, today)
+            summary.planned = len(wanted)
+            queue: asyncio.Queue[dt.date] = asyncio.Queue()
+            for day in wanted:
+                queue.put_nowait(day)
+            workers = [
+                asyncio.create_task(self._tenant_worker(tenant, queue, summary, today))
+                for _ in range(min(self.per_tenant_inflight, len(wanted)))
+            ]
+            await asyncio.gather(*workers)
+            summary.seconds = time.monotonic() - started
+            if summary.error is not None:
+                self.notify("collector_tenant_failed", {"tenant": tenant.id, "error": summary.error})
+                await self.store.set_tenant_error(tenant.id, summary.error)
+            elif summary.failed == 0:
+                await self.store.set_tenant_success(tenant.id)
+            log.info(
+                "tenant cycle done",
+                planned=summary.planned,
+                fetched=summary.fetched,
+                changed=summary.changed,
+                failed=summary.failed,
+                error=summary.error,
+                seconds=round(summary.seconds, 3),
+            )
+
+    async def _tenant_worker(
+        self,
+        tenant: TenantConfig,
+        queue: asyncio.Queue[dt.date],
+        summary: TenantResult,
+        today: dt.date,
+    ) -> None:
+        settle = self.config.tenant_settle(tenant)
+        while not queue.empty():
+            day = queue.get_nowait()
+            try:
+                fetched = await self.client.fetch_day(tenant, day)
+                item = normalize(
+                    tenant.id,
+                    day,
+                    fetched.response,
+                    fetched_at=dt.datetime.now(dt.UTC),
+                    final=planner.is_final(day, today, settle),
+                )
+            except AuthError as exc:
+                # The credentials are bad for every day: stop this tenant, keep the others going.
+                summary.error = exc.reason
+                summary.failed += 1 + queue.qsize()
+                while not queue.empty():
+                    queue.get_nowait()
+                return
+            except ApiError as exc:
+                summary.failed += 1
+                if summary.error is None and not exc.retryable:
+                    summary.error = exc.reason
+                await self.store.record_failed(tenant.id, day, exc.reason)
+                log.warning("day failed", day=day.isoformat(), reason=exc.reason)
+                continue
+            except CollectorError as exc:
+                summary.failed += 1
+                await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
+                continue
+            changed = await self._writer.submit(item, fetched.data)
+            summary.fetched += 1
+            summary.changed += int(changed)

@@ -1,0 +1,1 @@
+"""Public test helpers and the sink conformance kit (pytest plugin ``collector``); being written."""

@@ -1,0 +1,154 @@
+"""One tenant-day as rows of the four tables, in the shapes remote sinks send: JSON, NDJSON, CSV.
+
+The rows carry exactly the columns of the normalized data model (docs/data-model.md), in the same
+order, so a file written by the S3 sink, a webhook body and a SQL table all line up:
+
+- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` an ISO 8601 timestamp with its UTC offset;
+- in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are joined with
+  ``;`` (a spreadsheet shows them in one cell), ``final`` is ``true``/``false`` and a missing
+  ``last_active`` is an empty cell.
+
+Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
+redelivery writes an identical object (same ETag) unless the data changed.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import gzip
+import io
+import json
+from typing import Any, Final
+
+from collector.models import TenantDay
+
+USAGE_DAILY: Final = "usage_daily"
+USAGE_DAILY_IDE: Final = "usage_daily_ide"
+USAGE_DAILY_LANGUAGE: Final = "usage_daily_language"
+USAGE_USER_DAILY: Final = "usage_user_daily"
+
+COLUMNS: Final[dict[str, tuple[str, ...]]] = {
+    USAGE_DAILY: ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
+    USAGE_DAILY_IDE: ("tenant", "day", "ide_name", "engaged_users"),
+    USAGE_DAILY_LANGUAGE: ("tenant", "day", "language_name", "engaged_users"),
+    USAGE_USER_DAILY: ("tenant", "day", "user", "messages", "last_active", "ides", "languages"),
+}
+"""Every table, in a fixed order, with its columns in the order files and bodies use."""
+
+TABLES: Final[tuple[str, ...]] = tuple(COLUMNS)
+
+Row = dict[str, Any]
+"""One JSON-able row: column name -> str, int, bool, None or list of str."""
+
+CSV_LIST_SEPARATOR: Final = ";"
+
+
+def _timestamp(value: dt.datetime) -> str:
+    # A naive timestamp would be ambiguous downstream; the collector records UTC.
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    return value.isoformat()
+
+
+def table_rows(day: TenantDay) -> dict[str, list[Row]]:
+    """The tenant-day as JSON-able rows, keyed by table name (every table present, maybe empty)."""
+    daily = day.daily
+    return {
+        USAGE_DAILY: [
+            {
+                "tenant": day.tenant,
+                "day": day.day.isoformat(),
+                "active_users": daily.active_users,
+                "messages": daily.messages,
+                "fetched_at": _timestamp(day.fetched_at),
+                "final": day.final,
+            }
+        ],
+        USAGE_DAILY_IDE: [
+            {
+                "tenant": day.tenant,
+                "day": day.day.isoformat(),
+                "ide_name": ide.ide_name,
+                "engaged_users": ide.engaged_users,
+            }
+            for ide in day.ides
+        ],
+        USAGE_DAILY_LANGUAGE: [
+            {
+                "tenant": day.tenant,
+                "day": day.day.isoformat(),
+                "language_name": lang.language_name,
+                "engaged_users": lang.engaged_users,
+            }
+            for lang in day.languages
+        ],
+        USAGE_USER_DAILY: [
+            {
+                "tenant": day.tenant,
+                "day": day.day.isoformat(),
+                "user": user.user,
+                "messages": user.messages,
+                "last_active": user.last_active.isoformat() if user.last_active else None,
+                "ides": list(user.ides),
+                "languages": list(user.languages),
+            }
+            for user in day.users
+        ],
+    }
+
+
+def day_document(day: TenantDay) -> dict[str, Any]:
+    """The tenant-day as one JSON object: identity, hash, and the rows of the four tables.
+
+    ``usage_daily`` is a single object (there is exactly one such row per tenant-day); the other
+    tables are lists.
+    """
+    rows = table_rows(day)
+    return {
+        "tenant": day.tenant,
+        "day": day.day.isoformat(),
+        "content_hash": day.content_hash,
+        "fetched_at": _timestamp(day.fetched_at),
+        "final": day.final,
+        USAGE_DAILY: rows[USAGE_DAILY][0],
+        USAGE_DAILY_IDE: rows[USAGE_DAILY_IDE],
+        USAGE_DAILY_LANGUAGE: rows[USAGE_DAILY_LANGUAGE],
+        USAGE_USER_DAILY: rows[USAGE_USER_DAILY],
+    }
+
+
+def dumps(value: Any) -> str:
+    """Compact JSON that keeps non-ASCII text as is (UTF-8 on the wire, not ``\\u`` escapes)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def to_ndjson(rows: list[Row]) -> bytes:
+    """Rows as newline-delimited JSON (one object per line, each line ending in ``\\n``)."""
+    return "".join(dumps(row) + "\n" for row in rows).encode("utf-8")
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return CSV_LIST_SEPARATOR.join(value)
+    return str(value)
+
+
+def to_csv(table: str, rows: list[Row]) -> bytes:
+    """Rows as UTF-8 CSV with a header line (RFC 4180 quoting, ``\\n`` line ends)."""
+    columns = COLUMNS[table]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(columns)
+    for row in rows:
+        writer.writerow([_csv_cell(row[column]) for column in columns])
+    return buffer.getvalue().encode("utf-8")
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """Gzip with a fixed header timestamp, so equal content gives equal bytes."""
+    return gzip.compress(data, mtime=0)

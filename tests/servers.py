@@ -1,0 +1,284 @@
+"""Real servers for sink tests, all on 127.0.0.1 with an ephemeral port.
+
+- :func:`running_moto_s3`: moto's standalone S3 server (werkzeug, in a thread), plus
+  :func:`s3_admin_client`, a plain boto3 client for creating buckets and reading objects back
+  through a different client than the sink's;
+- :class:`WebhookReceiver`: an aiohttp server that checks every request's Standard Webhooks
+  signature with the reference ``standardwebhooks`` library, records what arrived, and can be
+  scripted to answer an error status, redirect, or hang for the next requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import socket
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import boto3
+from aiohttp import web
+from moto.server import ThreadedMotoServer
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+from collector.models import TenantDay, normalize, parse_usage
+
+# --- S3 -------------------------------------------------------------------------------------------
+
+MOTO_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+"""Environment for code under test that uses the AWS credential chain against moto."""
+
+
+@contextlib.contextmanager
+def running_moto_s3() -> Iterator[str]:
+    """Start moto's S3 server on 127.0.0.1 (ephemeral port); yield its endpoint URL."""
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def s3_admin_client(endpoint_url: str) -> Any:
+    """A synchronous boto3 S3 client for test setup and inspection (not the code under test)."""
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+
+
+def list_keys(client: Any, bucket: str) -> list[str]:
+    """Every key in ``bucket``, sorted."""
+    keys: list[str] = []
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+    return sorted(keys)
+
+
+# --- webhooks -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReceivedRequest:
+    """One request as the receiver saw it."""
+
+    path: str
+    headers: dict[str, str]  # lower-cased names
+    body: bytes
+    signature_valid: bool
+    status: int | None  # what the receiver answered (None: it hung until the client gave up)
+
+    @property
+    def webhook_id(self) -> str:
+        """The ``webhook-id`` header."""
+        return self.headers.get("webhook-id", "")
+
+    def json(self) -> Any:
+        """The body parsed as JSON."""
+        return json.loads(self.body)
+
+
+@dataclass(frozen=True)
+class _Plan:
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: str = ""
+    hang: float = 0.0
+
+
+class WebhookReceiver:
+    """A Standard Webhooks receiver that verifies every signature.
+
+    ``secret`` is what the sink is configured with: a ``whsec_`` secret is handed to the reference
+    library as is; any other secret as its UTF-8 bytes (the raw-key convention the sink documents).
+    A request with a missing or wrong signature is counted in ``bad_signatures`` and answered 401.
+    """
+
+    def __init__(self, secret: str) -> None:
+        self._verifier = Webhook(secret if secret.startswith("whsec_") else secret.encode())
+        self.requests: list[ReceivedRequest] = []
+        self.bad_signatures = 0
+        self._plans: deque[_Plan] = deque()
+        self._release = asyncio.Event()
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    # --- scripting --------------------------------------------------------------------------------
+
+    def answer(
+        self, status: int, *, times: int = 1, headers: dict[str, str] | None = None, body: str = ""
+    ) -> None:
+        """Answer the next ``times`` validly signed requests with ``status`` (then 200 again)."""
+        for _ in range(times):
+            self._plans.append(_Plan(status=status, headers=dict(headers or {}), body=body))
+
+    def hang(self, seconds: float, *, times: int = 1) -> None:
+        """Hold the next ``times`` requests for ``seconds`` (or until stop) before answering 200."""
+        for _ in range(times):
+            self._plans.append(_Plan(hang=seconds))
+
+    # --- what arrived -----------------------------------------------------------------------------
+
+    @property
+    def accepted(self) -> list[ReceivedRequest]:
+        """Validly signed requests answered 2xx: the deliveries a real receiver would keep."""
+        return [r for r in self.requests if r.signature_valid and r.status and r.status < 300]
+
+    def payloads(self) -> list[Any]:
+        """The JSON bodies of the accepted requests, in arrival order."""
+        return [r.json() for r in self.accepted]
+
+    # --- server -----------------------------------------------------------------------------------
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        body = await request.read()
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        try:
+            self._verifier.verify(body, headers, json_parse=False)
+            valid = True
+        except (WebhookVerificationError, ValueError):
+            valid = False
+        if not valid:
+            self.bad_signatures += 1
+            self.requests.append(ReceivedRequest(request.path, headers, body, False, 401))
+            return web.Response(status=401, text="bad signature")
+        plan = self._plans.popleft() if self._plans else _Plan()
+        if plan.hang:
+            self.requests.append(ReceivedRequest(request.path, headers, body, True, None))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._release.wait(), plan.hang)
+            return web.Response(status=200)
+        self.requests.append(ReceivedRequest(request.path, headers, body, True, plan.status))
+        return web.Response(status=plan.status, headers=plan.headers, text=plan.body)
+
+    async def start(self) -> str:
+        """Serve on 127.0.0.1 (ephemeral port); returns and sets ``url`` (path ``/hook``)."""
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        port = self._runner.addresses[0][1]
+        self.url = f"http://127.0.0.1:{port}/hook"
+        return self.url
+
+    async def stop(self) -> None:
+        """Release hanging requests and shut the server down."""
+        self._release.set()
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> WebhookReceiver:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+
+class S3ErrorServer:
+    """An S3-compatible endpoint that answers every request with one S3 XML error.
+
+    Lets tests see how a sink classifies throttling, server errors and credential errors that
+    moto does not produce on demand.
+    """
+
+    def __init__(self, status: int, code: str, message: str = "scripted failure") -> None:
+        self.status = status
+        self.code = code
+        self.message = message
+        self.requests = 0
+        self._runner: web.AppRunner | None = None
+        self.url = ""
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        self.requests += 1
+        if request.method == "HEAD":  # S3 answers HEAD errors without a body
+            return web.Response(status=self.status)
+        xml = (
+            '<?xml version="1.0" encoding="UTF-8"?>\n'
+            f"<Error><Code>{self.code}</Code><Message>{self.message}</Message>"
+            "<RequestId>test</RequestId></Error>"
+        )
+        return web.Response(status=self.status, text=xml, content_type="application/xml")
+
+    async def __aenter__(self) -> S3ErrorServer:
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", self._handle)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def closed_port_url() -> str:
+    """An http URL on 127.0.0.1 where nothing listens (the port was just released)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+# --- sample data ----------------------------------------------------------------------------------
+
+
+def sample_day(
+    tenant: str = "acme",
+    day: dt.date = dt.date(2024, 5, 6),
+    *,
+    users: list[dict[str, Any]] | None = None,
+    ides: list[dict[str, Any]] | None = None,
+    languages: list[dict[str, Any]] | None = None,
+    messages: int = 42,
+    final: bool = True,
+    fetched_at: dt.datetime | None = None,
+) -> TenantDay:
+    """A tenant-day built the way the collector builds one: an API body parsed and normalized."""
+    if users is None:
+        users = [
+            {"email": "ada@acme.example", "messages": 30, "last_active": day.isoformat(),
+             "ides": ["vscode", "jetbrains"], "languages": ["python", "go"]},
+            {"email": "bob@acme.example", "messages": 12, "last_active": None,
+             "ides": ["vscode"], "languages": []},
+        ]  # fmt: skip
+    if ides is None:
+        ides = [
+            {"ide_name": "vscode", "engaged_users": 2},
+            {"ide_name": "jetbrains", "engaged_users": 1},
+        ]
+    if languages is None:
+        languages = [{"language_name": "python", "engaged_users": 1}]
+    data = {
+        "period": {"start": day.isoformat(), "end": day.isoformat(), "days": 1},
+        "summary": {"total_active_users": len(users), "total_messages": messages},
+        "users": users,
+        "daily": [
+            {"day": day.isoformat(), "active_users": len(users), "messages": messages,
+             "ides": ides, "languages": languages}
+        ],
+    }  # fmt: skip
+    response = parse_usage(json.dumps({"status": "success", "data": data}), tenant=tenant)
+    fetched = fetched_at or dt.datetime(2024, 5, 7, 3, 0, tzinfo=dt.UTC)
+    return normalize(tenant, day, response, fetched_at=fetched, final=final)
