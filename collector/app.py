@@ -19,6 +19,7 @@ from collector.client import ApiClient
 from collector.config import AppConfig, load_config
 from collector.deliverer import Deliverer
 from collector.log import register_secrets
+from collector.metrics import Metrics
 from collector.pipeline import Collector, utc_today
 from collector.plugin_manager import (
     CollectorPluginManager,
@@ -80,6 +81,33 @@ class Runtime:
     collector: Collector | None = None
 
 
+def build_deliverer(
+    config: AppConfig,
+    plugins: Plugins,
+    store: Store,
+    *,
+    only_sinks: set[str] | None = None,
+    metrics: Metrics | None = None,
+) -> tuple[dict[str, Sink], Deliverer | None]:
+    """Create the configured sink instances (no I/O yet) and the deliverer that drains them."""
+    sinks: dict[str, Sink] = {}
+    for name, sink_config in config.sinks.items():
+        if only_sinks is None or name in only_sinks:
+            sinks[name] = plugins.registry.create(name, sink_config)
+    if not sinks:
+        return sinks, None
+    routes = sink_routes(config)
+    deliverer = Deliverer(
+        store,
+        sinks,
+        {name: config.sinks[name] for name in sinks},
+        {name: routes[name] for name in sinks},
+        notify=plugins.notify,
+        metrics=metrics,
+    )
+    return sinks, deliverer
+
+
 @contextlib.asynccontextmanager
 async def open_runtime(
     config: AppConfig,
@@ -88,32 +116,23 @@ async def open_runtime(
     with_sinks: bool = True,
     only_sinks: set[str] | None = None,
     today: Callable[[], dt.date] = utc_today,
+    metrics: Metrics | None = None,
 ) -> AsyncIterator[Runtime]:
     """Open the store, create the sinks and the client; close all of them on exit."""
     configure_plugins(plugins.pm, config)
     store = await Store.open(config.state.url)
     try:
         sinks: dict[str, Sink] = {}
+        deliverer: Deliverer | None = None
         if with_sinks:
-            for name, sink_config in config.sinks.items():
-                if only_sinks is not None and name not in only_sinks:
-                    continue
-                sinks[name] = plugins.registry.create(name, sink_config)
-        deliverer = (
-            Deliverer(
-                store,
-                sinks,
-                {name: config.sinks[name] for name in sinks},
-                {name: route for name, route in sink_routes(config).items() if name in sinks},
-                notify=plugins.notify,
+            sinks, deliverer = build_deliverer(
+                config, plugins, store, only_sinks=only_sinks, metrics=metrics
             )
-            if sinks
-            else None
-        )
         async with ApiClient(config.api) as client:
             runtime = Runtime(config, plugins, store, client, sinks, deliverer)
             async with Collector(
-                config, client, store, deliverer, notify=plugins.notify, today=today
+                config, client, store, deliverer, notify=plugins.notify, today=today,
+                metrics=metrics,
             ) as collector:
                 runtime.collector = collector
                 yield runtime

@@ -38,7 +38,6 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import structlog
 from pydantic import SecretStr
 
 from collector.errors import (
@@ -49,9 +48,10 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
+from collector.log import get_logger
 from collector.retry import parse_retry_after
 
-log = structlog.get_logger("collector.auth")
+log = get_logger(__name__)
 
 DEFAULT_LIFETIME = 3600.0
 """Seconds a token is trusted when ``expires_in`` is missing or unreadable."""
@@ -520,14 +520,16 @@ class TokenProvider:
         secret = tenant.client_secret.get_secret_value() if tenant.client_secret else ""
         if not tenant.client_id or not secret:
             raise AuthError("no client_id/client_secret configured", tenant=tenant.id)
-        reply = await self._post(
-            self.token_url,
-            {
-                "client_id": tenant.client_id,
-                "client_secret": secret,
-                "grant_type": "client_credentials",
-            },
-        )
+        grant = {
+            "client_id": tenant.client_id,
+            "client_secret": secret,
+            "grant_type": "client_credentials",
+        }
+        try:
+            reply = await self._post(self.token_url, grant)
+        except TransientApiError as exc:
+            exc.tenant = exc.tenant or tenant.id
+            raise
         secrets = secret_values(tenant)
         status = reply.status
         if status == 200:

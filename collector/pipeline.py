@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from collector.client import ApiClient
     from collector.config import AppConfig, TenantConfig
     from collector.deliverer import Deliverer
+    from collector.metrics import Metrics
     from collector.store import Store
 
 log = structlog.get_logger("collector.pipeline")
@@ -163,6 +164,7 @@ class Collector:
         notify: Notify = _no_notify,
         today: Callable[[], dt.date] = utc_today,
         per_tenant_inflight: int = 4,
+        metrics: Metrics | None = None,
     ) -> None:
         self.config = config
         self.client = client
@@ -171,11 +173,20 @@ class Collector:
         self.notify = notify
         self.today = today
         self.per_tenant_inflight = per_tenant_inflight
+        self.metrics = metrics
         self._writer = _StoreWriter(store, self._committed)
 
     def _committed(self, items: Sequence[TenantDay], changed: list[bool]) -> None:
         if self.deliverer is not None and any(changed):
             self.deliverer.notify_new_data()
+        if self.metrics is not None:
+            latest: dict[str, TenantDay] = {}
+            for item in items:
+                if item.tenant not in latest or item.day >= latest[item.tenant].day:
+                    latest[item.tenant] = item
+            for tenant, item in latest.items():
+                self.metrics.usage_active_users.set(item.daily.active_users, tenant=tenant)
+                self.metrics.usage_messages.set(item.daily.messages, tenant=tenant)
         for item, flag in zip(items, changed, strict=True):
             self.notify(
                 "collector_tenant_day_collected",
@@ -206,7 +217,8 @@ class Collector:
             result.tenants[tenant.id] = TenantResult(tenant=tenant.id)
         tasks = [
             asyncio.create_task(
-                self._run_tenant(tenant, result.tenants[tenant.id], days), name=f"tenant:{tenant.id}"
+                self._run_tenant(tenant, result.tenants[tenant.id], days),
+                name=f"tenant:{tenant.id}",
             )
             for tenant in selected
         ]
@@ -236,7 +248,7 @@ class Collector:
     ) -> None:
         started = time.monotonic()
         with structlog.contextvars.bound_contextvars(tenant=tenant.id):
-            parked_until = self.client.parked_until(tenant.id)
+            parked_until = self.client.parked_until(tenant)
             if parked_until is not None:
                 summary.skipped = f"auth_failed: parked until {parked_until.isoformat()}"
                 return
@@ -253,7 +265,9 @@ class Collector:
             await asyncio.gather(*workers)
             summary.seconds = time.monotonic() - started
             if summary.error is not None:
-                self.notify("collector_tenant_failed", {"tenant": tenant.id, "error": summary.error})
+                self.notify(
+                    "collector_tenant_failed", {"tenant": tenant.id, "error": summary.error}
+                )
                 await self.store.set_tenant_error(tenant.id, summary.error)
             elif summary.failed == 0:
                 await self.store.set_tenant_success(tenant.id)
@@ -277,6 +291,7 @@ class Collector:
         settle = self.config.tenant_settle(tenant)
         while not queue.empty():
             day = queue.get_nowait()
+            started = time.monotonic()
             try:
                 fetched = await self.client.fetch_day(tenant, day)
                 item = normalize(
@@ -286,24 +301,44 @@ class Collector:
                     fetched_at=dt.datetime.now(dt.UTC),
                     final=planner.is_final(day, today, settle),
                 )
-            except AuthError as exc:
-                # The credentials are bad for every day: stop this tenant, keep the others going.
-                summary.error = exc.reason
-                summary.failed += 1 + queue.qsize()
-                while not queue.empty():
-                    queue.get_nowait()
-                return
             except ApiError as exc:
-                summary.failed += 1
-                if summary.error is None and not exc.retryable:
-                    summary.error = exc.reason
+                self._observe(tenant.id, started, ok=False)
+                if not self._handle_failure(exc, tenant, queue, summary):
+                    return
                 await self.store.record_failed(tenant.id, day, exc.reason)
                 log.warning("day failed", day=day.isoformat(), reason=exc.reason)
                 continue
             except CollectorError as exc:
+                self._observe(tenant.id, started, ok=False)
                 summary.failed += 1
                 await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
                 continue
+            self._observe(tenant.id, started, ok=True)
             changed = await self._writer.submit(item, fetched.data)
             summary.fetched += 1
             summary.changed += int(changed)
+
+    def _observe(self, tenant: str, started: float, *, ok: bool) -> None:
+        if self.metrics is None:
+            return
+        elapsed = time.monotonic() - started
+        self.metrics.fetch_latency.observe(elapsed)
+        self.metrics.fetch_seconds.inc(elapsed, tenant=tenant)
+        (self.metrics.fetches if ok else self.metrics.fetch_errors).inc(tenant=tenant)
+
+    @staticmethod
+    def _handle_failure(
+        exc: ApiError, tenant: TenantConfig, queue: asyncio.Queue[dt.date], summary: TenantResult
+    ) -> bool:
+        """Count a failed day; returns False when the whole tenant must stop (bad credentials)."""
+        if isinstance(exc, AuthError):
+            # The credentials are bad for every day: stop this tenant, keep the others going.
+            summary.error = exc.reason
+            summary.failed += 1 + queue.qsize()
+            while not queue.empty():
+                queue.get_nowait()
+            return False
+        summary.failed += 1
+        if summary.error is None and not exc.retryable:
+            summary.error = exc.reason
+        return True

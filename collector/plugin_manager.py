@@ -382,9 +382,9 @@ def notify(pm: pluggy.PluginManager, hook_name: str, /, **kwargs: Any) -> int:
     hook, error) and swallowed, and the remaining implementations still run. Wrapper hookimpls are
     not supported on notification hooks and are skipped.
     """
-    caller = getattr(pm.hook, hook_name)
-    spec = caller.spec
-    if spec is None or not hook_name.startswith("collector_"):
+    caller = getattr(pm.hook, hook_name, None)
+    spec = caller.spec if caller is not None else None
+    if caller is None or spec is None or not hook_name.startswith("collector_"):
         raise ValueError(f"{hook_name} is not a collector hook")
     if set(kwargs) != set(spec.argnames):
         raise TypeError(f"{hook_name} takes {spec.argnames}, got {sorted(kwargs)}")

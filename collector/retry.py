@@ -39,9 +39,8 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-import structlog
-
 from collector.errors import RateLimited
+from collector.log import get_logger
 
 T = TypeVar("T")
 
@@ -49,7 +48,7 @@ NO_WAIT_ENV = "COLLECTOR_TESTING_NO_WAIT"
 DEFAULT_RETRY_AFTER_MAX = 900.0
 """The longest a single Retry-After is honoured (seconds); longer values are clamped to this."""
 
-log = structlog.get_logger("collector.retry")
+log = get_logger(__name__)
 
 _no_wait_depth = 0
 

@@ -37,7 +37,8 @@ PiiMode = Literal["keep", "pseudonymize", "drop"]
 class SinkConfig(BaseModel):
     """Settings every sink instance accepts; a sink's own ``Config`` subclasses this."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo their input: a sink config holds secrets (pii_key, URLs, webhook secrets).
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     type: str = Field(description="The sink type, as registered by a plugin (sqlite, csv, s3, webhook, ...).")
     pii: PiiMode = Field(

@@ -14,13 +14,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import logging
 import socket
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-import boto3
+import boto3  # type: ignore[import-untyped]  # no stubs; test-only setup client
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
@@ -40,6 +41,8 @@ MOTO_CREDENTIALS = {
 @contextlib.contextmanager
 def running_moto_s3() -> Iterator[str]:
     """Start moto's S3 server on 127.0.0.1 (ephemeral port); yield its endpoint URL."""
+    # werkzeug logs every request at INFO; test output only needs failures.
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

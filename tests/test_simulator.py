@@ -1,4 +1,4 @@
-"""The simulated Zencoder API over real sockets: documented bodies, data consistency, fault knobs."""
+"""The simulated Zencoder API over real sockets: documented bodies, consistent data, fault knobs."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -81,7 +80,9 @@ async def get_usage(
     headers: dict[str, str] | None = None,
 ) -> tuple[int, str, bytes, aiohttp.ClientResponse]:
     url = sim.usage_url + (f"?{query}" if query else "")
-    async with http.get(url, headers={"zencoder-api-key": API_KEY_1} if headers is None else headers) as r:
+    async with http.get(
+        url, headers={"zencoder-api-key": API_KEY_1} if headers is None else headers
+    ) as r:
         return r.status, r.content_type, await r.read(), r
 
 
@@ -101,8 +102,10 @@ async def fetch_token(http: aiohttp.ClientSession, sim: Simulator, **body: Any) 
 # --- token endpoint -------------------------------------------------------------------------------
 
 
-async def test_token_success_has_the_documented_fields(sim: Simulator, http: aiohttp.ClientSession) -> None:
-    """A good client_credentials request returns Bearer, id_token == access_token, a UUID refresh_token and expires_in."""
+async def test_token_success_has_the_documented_fields(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """A good request gets Bearer, id_token == access_token, a UUID refresh_token, expires_in."""
     status, body = await fetch_token(http, sim)
     assert status == 200
     assert set(body) == {"token_type", "access_token", "id_token", "refresh_token", "expires_in"}
@@ -114,14 +117,18 @@ async def test_token_success_has_the_documented_fields(sim: Simulator, http: aio
     assert sim.stats.token_requests["tenant-01-client"] == 1
 
 
-async def test_token_accepts_a_form_encoded_body(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_token_accepts_a_form_encoded_body(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """A form-encoded token request is accepted like the JSON one."""
     async with http.post(sim.token_url, data=CREDS_1) as r:
         assert r.status == 200
         assert (await r.json())["token_type"] == "Bearer"
 
 
-async def test_token_invalid_json_gets_the_er_00006_body(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_token_invalid_json_gets_the_er_00006_body(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """A body that is not JSON gets 400 with the observed ER-00006 body verbatim."""
     headers = {"Content-Type": "application/json"}
     async with http.post(sim.token_url, data=b"{client_id:", headers=headers) as r:
@@ -141,7 +148,15 @@ async def test_token_invalid_json_gets_the_er_00006_body(sim: Simulator, http: a
         {"client_id": "tenant-01-client", "client_secret": "tenant-01-secret"},
         {**CREDS_1, "client_secret": 12345},
     ],
-    ids=["bad-secret", "unknown-client", "wrong-grant", "no-secret", "no-id", "no-grant", "int-secret"],
+    ids=[
+        "bad-secret",
+        "unknown-client",
+        "wrong-grant",
+        "no-secret",
+        "no-id",
+        "no-grant",
+        "int-secret",
+    ],
 )
 async def test_token_rejects_bad_credentials_with_401(
     sim: Simulator, http: aiohttp.ClientSession, body: dict[str, Any]
@@ -177,7 +192,7 @@ async def test_token_rejects_bad_credentials_with_401(
 async def test_invalid_parameters_get_the_documented_400(
     sim: Simulator, http: aiohttp.ClientSession, query: str, expected: str
 ) -> None:
-    """Each invalid parameter combination gets its documented 400 body, both-present checked first."""
+    """Each invalid parameter combination gets its documented 400, both-present checked first."""
     status, content_type, body, _ = await get_usage(http, sim, query)
     assert (status, content_type, body.decode()) == (400, "application/json", expected)
 
@@ -214,7 +229,9 @@ async def test_missing_or_unknown_credentials_get_401(
     assert sim.stats.usage_requests.total() == 0
 
 
-async def test_bearer_and_api_key_see_the_same_data(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_bearer_and_api_key_see_the_same_data(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """A Bearer token and the tenant's zencoder-api-key give the same 200 body."""
     _, token = await fetch_token(http, sim)
     bearer = {"Authorization": f"Bearer {token['access_token']}"}
@@ -237,23 +254,35 @@ async def test_tokens_expire_after_their_lifetime(http: aiohttp.ClientSession) -
         assert (status, body.decode()) == (401, BODY_UNAUTHORIZED)
 
 
-async def test_revoked_tokens_get_401_but_new_ones_work(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_revoked_tokens_get_401_but_new_ones_work(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """revoke_tokens invalidates the tenant's issued tokens only; a new token works again."""
     _, old = await fetch_token(http, sim)
     creds_2 = {**CREDS_1, "client_id": "tenant-02-client", "client_secret": "tenant-02-secret"}
     _, other = await fetch_token(http, sim, **creds_2)
     sim.faults.revoke_tokens(T1)
-    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {old['access_token']}"}))[0] == 401
-    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {other['access_token']}"}))[0] == 200
+    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {old['access_token']}"}))[
+        0
+    ] == 401
+    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {other['access_token']}"}))[
+        0
+    ] == 200
     _, new = await fetch_token(http, sim)
-    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {new['access_token']}"}))[0] == 200
+    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {new['access_token']}"}))[
+        0
+    ] == 200
 
 
-async def test_reject_all_tokens_refuses_even_fresh_tokens(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_reject_all_tokens_refuses_even_fresh_tokens(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """With reject_all_tokens every Bearer request is 401 while API keys still work."""
     sim.faults.reject_all_tokens = True
     _, token = await fetch_token(http, sim)
-    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {token['access_token']}"}))[0] == 401
+    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {token['access_token']}"}))[
+        0
+    ] == 401
     assert (await get_usage(http, sim, ""))[0] == 200
 
 
@@ -276,8 +305,10 @@ def check_day_is_consistent(data: dict[str, Any], day: dt.date) -> None:
     assert entry["active_users"] == len(users)
     assert entry["messages"] == data["summary"]["total_messages"]
     for user in users:
-        assert user["last_active"] == day.isoformat() and user["messages"] > 0
-        assert user["ides"] and user["languages"]
+        assert user["last_active"] == day.isoformat()
+        assert user["messages"] > 0
+        assert user["ides"]
+        assert user["languages"]
         assert all(isinstance(x, str) for x in user["ides"] + user["languages"])
     ide_users = Counter(i for u in users for i in u["ides"])
     lang_users = Counter(lang for u in users for lang in u["languages"])
@@ -288,8 +319,9 @@ def check_day_is_consistent(data: dict[str, Any], day: dt.date) -> None:
 async def test_day_responses_are_internally_consistent_and_realistic(
     sim: Simulator, http: aiohttp.ClientSession
 ) -> None:
-    """Over 90 days each day= answer adds up, validates, and weekends are much quieter than weekdays."""
-    weekday_users, weekend_users = [], []
+    """Over 90 days each day= answer adds up and validates, and weekends are much quieter."""
+    weekday_users: list[int] = []
+    weekend_users: list[int] = []
     everyone: set[str] = set()
     ides: set[str] = set()
     for offset in range(91):
@@ -307,7 +339,7 @@ async def test_day_responses_are_internally_consistent_and_realistic(
 
 
 async def test_org_size_follows_sim_tenant_users(http: aiohttp.ClientSession) -> None:
-    """SimTenant.users sets the org size: a 200-person org has more than 60 distinct users in 90d."""
+    """SimTenant.users sets the org size: a 200-person org has over 60 distinct users in 90d."""
     big = SimTenant("big", "big-client", "big-secret", api_key="zak_big", users=200)
     async with running_simulator(make_settings(tenants=[big])) as sim:
         data = sim.period_data("big", "90d")
@@ -340,7 +372,9 @@ async def test_period_equals_the_union_of_its_days(
     assert data == sim.period_data(T1, period)
 
 
-async def test_future_and_too_old_days_are_empty(sim: Simulator, http: aiohttp.ClientSession) -> None:
+async def test_future_and_too_old_days_are_empty(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
     """Days after today or before the 90-day history answer 200 with zeros and empty lists."""
     for day in (TODAY + dt.timedelta(days=1), TODAY - dt.timedelta(days=91), dt.date(2001, 1, 1)):
         data = await day_json(http, sim, T1, day)
@@ -372,3 +406,320 @@ async def test_change_day_alters_only_that_day(sim: Simulator, http: aiohttp.Cli
     sim.change_day(T1, day)
     assert await day_json(http, sim, T1, day) != before
     assert await day_json(http, sim, T1, other) == before_other
+
+
+# --- fault knobs: usage endpoint ------------------------------------------------------------------
+
+
+async def test_failure_knobs_give_the_documented_500(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """down, fail_next and failure_rate=1 answer 500 Failed to fetch data; clearing restores 200."""
+    sim.faults.set(T1, down=True)
+    assert (await get_usage(http, sim, "day=2025-09-30"))[:3] == (
+        500,
+        "application/json",
+        BODY_FAILED.encode(),
+    )
+    sim.faults.set(T1, down=None)
+    sim.faults.set(T1, fail_next=2)
+    statuses = [(await get_usage(http, sim, "day=2025-09-30"))[0] for _ in range(3)]
+    assert statuses == [500, 500, 200]
+    sim.faults.set(None, failure_rate=1.0)
+    assert (await get_usage(http, sim, "day=2025-09-30"))[0] == 500
+    sim.faults.set(T1, failure_rate=0.0)  # a tenant value overrides everyone's
+    assert (await get_usage(http, sim, "day=2025-09-30"))[0] == 200
+
+
+async def test_failure_rate_is_a_seeded_share(http: aiohttp.ClientSession) -> None:
+    """failure_rate=0.3 fails roughly 30% of requests, in the same pattern for the same seed."""
+    patterns = []
+    for _ in range(2):
+        async with running_simulator(make_settings(failure_rate=0.3)) as sim:
+            patterns.append([(await get_usage(http, sim, "day=2025-09-30"))[0] for _ in range(200)])
+    assert patterns[0] == patterns[1]
+    assert 40 <= patterns[0].count(500) <= 80
+
+
+async def test_rate_limit_answers_429_with_retry_after_seconds(http: aiohttp.ClientSession) -> None:
+    """Over the tenant's rate the answer is 429 with Retry-After in seconds; other tenants pass."""
+    async with running_simulator(make_settings(rate_limit=2.0)) as sim:
+        statuses = [(await get_usage(http, sim, "day=2025-09-30"))[0] for _ in range(3)]
+        assert statuses == [200, 200, 429]
+        status, content_type, body, response = await get_usage(http, sim, "day=2025-09-30")
+        assert (status, content_type, body.decode()) == (429, "application/json", BODY_TOO_MANY)
+        assert response.headers["Retry-After"] == "1"
+        other = {"zencoder-api-key": "zak_test_tenant-02"}
+        assert (await get_usage(http, sim, "day=2025-09-30", other))[0] == 200
+        await asyncio.sleep(0.55)
+        assert (await get_usage(http, sim, "day=2025-09-30"))[0] == 200
+
+
+async def test_retry_after_can_be_an_http_date(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """With retry_after_format=http-date the 429 carries an RFC 7231 date a few seconds ahead."""
+    sim.faults.set(T1, rate_limit=0.2, rate_limit_burst=1, retry_after_format="http-date")
+    await get_usage(http, sim, "day=2025-09-30")
+    status, _, _, response = await get_usage(http, sim, "day=2025-09-30")
+    assert status == 429
+    when = email.utils.parsedate_to_datetime(response.headers["Retry-After"])
+    ahead = (when - dt.datetime.now(dt.UTC)).total_seconds()
+    assert response.headers["Retry-After"].endswith(" GMT")
+    assert 4 <= ahead <= 7
+
+
+@pytest.mark.parametrize("value", ["soon", "86400", "-3"])
+async def test_retry_after_value_can_be_garbage_or_absurd(
+    sim: Simulator, http: aiohttp.ClientSession, value: str
+) -> None:
+    """retry_after_value replaces the header verbatim on throttled answers."""
+    sim.faults.set(T1, throttle_next=1, retry_after_value=value)
+    status, _, _, response = await get_usage(http, sim, "day=2025-09-30")
+    assert (status, response.headers["Retry-After"]) == (429, value)
+    assert (await get_usage(http, sim, "day=2025-09-30"))[0] == 200
+
+
+async def test_unavailable_mode_answers_503_with_retry_after(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """unavailable_next gives one 503 with Retry-After; an empty retry_after_value drops it."""
+    sim.faults.set(T1, unavailable_next=1, retry_after_seconds=3)
+    status, _, body, response = await get_usage(http, sim, "day=2025-09-30")
+    assert (status, response.headers["Retry-After"]) == (503, "3")
+    assert json.loads(body) == {"status": "error", "message": "Service unavailable"}
+    assert (await get_usage(http, sim, "day=2025-09-30"))[0] == 200
+    sim.faults.set(T1, unavailable=True, retry_after_value="")
+    status, _, _, response = await get_usage(http, sim, "day=2025-09-30")
+    assert status == 503
+    assert "Retry-After" not in response.headers
+
+
+async def test_latency_applies_per_tenant(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """A tenant's latency slows its own answers, not another tenant's, and both are in flight."""
+    sim.faults.set(T1, latency=0.4)
+    sim.faults.set(T2, latency=0.05)
+
+    async def timed(headers: dict[str, str]) -> float:
+        started = time.monotonic()
+        await get_usage(http, sim, "day=2025-09-30", headers)
+        return time.monotonic() - started
+
+    slow, fast = await asyncio.gather(
+        timed({"zencoder-api-key": API_KEY_1}), timed({"zencoder-api-key": "zak_test_tenant-02"})
+    )
+    assert slow >= 0.4
+    assert 0.05 <= fast < 0.3
+    assert sim.stats.max_in_flight == 2
+    assert sim.stats.max_in_flight_by_tenant == Counter({T1: 1, T2: 1})
+
+
+def _bad_body_parses(body: bytes, day: dt.date) -> None:
+    response = parse_usage(body, tenant=T1)
+    normalize(T1, day, response, fetched_at=dt.datetime.now(dt.UTC), final=True)
+
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        "malformed_json",
+        "missing_fields",
+        "wrong_types",
+        "negative_numbers",
+        "wrong_day",
+        "empty_body",
+    ],
+)
+async def test_bad_response_modes_are_rejected_by_the_payload_model(
+    sim: Simulator, http: aiohttp.ClientSession, mode: str
+) -> None:
+    """Each bad-response mode is a 200 that the collector's payload checks reject."""
+    day = TODAY - dt.timedelta(days=1)
+    _, _, good, _ = await get_usage(http, sim, f"day={day}")
+    _bad_body_parses(good, day)
+    sim.faults.set(T1, bad_response=mode)
+    status, _, body, _ = await get_usage(http, sim, f"day={day}")
+    assert status == 200
+    assert body != good
+    with pytest.raises(BadResponse):
+        _bad_body_parses(body, day)
+
+
+async def test_bad_response_modes_have_the_named_defect(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """html_200 is HTML, malformed_json cut JSON, wrong_types strings, negative_numbers negative."""
+    day = f"day={TODAY - dt.timedelta(days=1)}"
+    sim.faults.set(T1, bad_response="html_200")
+    status, content_type, body, _ = await get_usage(http, sim, day)
+    assert (status, content_type) == (200, "text/html")
+    assert body.startswith(b"<!DOCTYPE html>")
+    sim.faults.set(T1, bad_response="malformed_json")
+    with pytest.raises(json.JSONDecodeError):
+        json.loads((await get_usage(http, sim, day))[2])
+    sim.faults.set(T1, bad_response="wrong_types")
+    data = json.loads((await get_usage(http, sim, day))[2])["data"]
+    assert isinstance(data["summary"]["total_messages"], str)
+    sim.faults.set(T1, bad_response="negative_numbers")
+    data = json.loads((await get_usage(http, sim, day))[2])["data"]
+    assert data["summary"]["total_messages"] < 0
+    sim.faults.set(T1, bad_response="missing_fields")
+    assert "summary" not in json.loads((await get_usage(http, sim, day))[2])["data"]
+    with pytest.raises(ValueError, match="unknown bad_response"):
+        sim.faults.set(T1, bad_response="nonsense")
+
+
+# --- fault knobs: token endpoint ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["3600", 0, -5, 10**12, None, 3600.5])
+async def test_expires_in_override_is_sent_verbatim(
+    sim: Simulator, http: aiohttp.ClientSession, value: Any
+) -> None:
+    """The expires_in knob sends any JSON value verbatim without changing the real lifetime."""
+    sim.faults.set_token("tenant-01-client", expires_in=value)
+    status, body = await fetch_token(http, sim)
+    assert status == 200
+    assert body["expires_in"] == value
+    assert type(body["expires_in"]) is type(value)
+    bearer = {"Authorization": f"Bearer {body['access_token']}"}
+    assert (await get_usage(http, sim, "", bearer))[0] == 200
+
+
+async def test_expires_in_can_be_absent(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """expires_in=OMIT leaves the field out, for this client only."""
+    sim.faults.set_token("tenant-01-client", expires_in=OMIT)
+    _, body = await fetch_token(http, sim)
+    assert "expires_in" not in body
+    assert body["access_token"]
+    creds_2 = {**CREDS_1, "client_id": "tenant-02-client", "client_secret": "tenant-02-secret"}
+    assert (await fetch_token(http, sim, **creds_2))[1]["expires_in"] == 86400
+
+
+async def test_token_delay_slows_only_that_client(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """token delay holds one client's answer while another client's token comes at once."""
+    sim.faults.set_token("tenant-01-client", delay=0.4)
+    started = time.monotonic()
+    slow = asyncio.create_task(fetch_token(http, sim))
+    creds_2 = {**CREDS_1, "client_id": "tenant-02-client", "client_secret": "tenant-02-secret"}
+    assert (await fetch_token(http, sim, **creds_2))[0] == 200
+    assert time.monotonic() - started < 0.3
+    assert (await slow)[0] == 200
+    assert time.monotonic() - started >= 0.4
+
+
+async def test_token_fail_and_lockout(sim: Simulator, http: aiohttp.ClientSession) -> None:
+    """token fail gives 500 until cleared, fail_next N times, locked_out a 400 with its message."""
+    sim.faults.set_token("tenant-01-client", fail=True)
+    assert await fetch_token(http, sim) == (500, {"errors": ["Internal server error"]})
+    sim.faults.set_token("tenant-01-client", fail=None, fail_next=1)
+    assert [(await fetch_token(http, sim))[0] for _ in range(2)] == [500, 200]
+    sim.faults.set_token(None, locked_out=True)
+    assert await fetch_token(http, sim) == (400, {"errors": ["User is locked out"]})
+    with pytest.raises(TypeError):
+        sim.faults.set_token(None, bogus=1)
+
+
+async def test_token_lifetime_knob_shortens_real_lifetime(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """The lifetime knob makes new tokens expire early even though expires_in says a day."""
+    sim.faults.set_token("tenant-01-client", lifetime=0.2)
+    _, body = await fetch_token(http, sim)
+    assert body["expires_in"] == 86400
+    await asyncio.sleep(0.25)
+    assert (await get_usage(http, sim, "", {"Authorization": f"Bearer {body['access_token']}"}))[
+        0
+    ] == 401
+
+
+# --- stats ----------------------------------------------------------------------------------------
+
+
+async def test_stats_count_and_log_requests_in_order(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """Counters by client, tenant and status; the log holds (tenant, param, status) in order."""
+    await fetch_token(http, sim)
+    await get_usage(http, sim, "day=2025-09-30")
+    await get_usage(http, sim, "period=30d", {"zencoder-api-key": "zak_test_tenant-02"})
+    await get_usage(http, sim, "period=9d")
+    await get_usage(http, sim, "day=2025-09-29", {})
+    assert sim.stats.token_requests == Counter({"tenant-01-client": 1})
+    assert sim.stats.usage_requests == Counter({T1: 2, T2: 1})
+    assert sim.stats.responses == Counter({200: 2, 400: 1, 401: 1})
+    log = list(sim.stats.log)
+    assert [(r.tenant, r.param, r.status) for r in log] == [
+        (T1, "2025-09-30", 200),
+        (T2, "30d", 200),
+        (T1, "9d", 400),
+        (None, "2025-09-29", 401),
+    ]
+    assert [r.time for r in log] == sorted(r.time for r in log)
+    sim.stats.log_enabled = False
+    await get_usage(http, sim, "day=2025-09-30")
+    assert len(sim.stats.log) == 4
+    assert sim.stats.responses[200] == 3
+
+
+# --- tenants file and command line ----------------------------------------------------------------
+
+
+def test_tenants_file_fills_in_the_demo_rule(tmp_path: Path) -> None:
+    """A tenants file needs only ids; credentials default to the demo rule; duplicates fail."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text(
+        "tenants:\n  - id: acme\n    users: 12\n  - id: globex\n    client_secret: s3\n"
+    )
+    acme, globex = load_tenants_file(path)
+    assert (acme.client_id, acme.client_secret, acme.api_key, acme.users) == (
+        "acme-client", "acme-secret", "zak_test_acme", 12,
+    )  # fmt: skip
+    assert globex.client_secret == "s3"
+    assert "s3" not in repr(globex)
+    path.write_text("- id: a\n- id: a\n")
+    with pytest.raises(ValueError, match="appears twice"):
+        load_tenants_file(path)
+
+
+async def test_simulate_command_serves_and_stops_on_sigterm(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """The simulate command prints its URLs, serves the file's tenants, and exits 0 on SIGTERM."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text("- id: acme\n  api_key: zak_acme\n")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "collector.simulator", "--port", "0", "--tenants-file", str(path),
+        "--today", "2025-10-01", "--rate-limit", "50",
+        stdout=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = (await asyncio.wait_for(proc.stdout.readline(), 10)).decode()
+        base_url = first.rsplit(" ", 1)[-1].strip()
+        assert base_url.startswith("http://127.0.0.1:")
+        url = f"{base_url}/api/v1/data/usage?day=2025-09-30"
+        async with http.get(url, headers={"zencoder-api-key": "zak_acme"}) as r:
+            assert r.status == 200
+            assert (await r.json())["data"]["users"][0]["email"].endswith("@acme.example")
+        proc.send_signal(signal.SIGTERM)
+        assert await asyncio.wait_for(proc.wait(), 10) == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_stats_endpoint_reports_counters_and_cpu(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """GET /_simulator/stats reports request counters and the process's CPU seconds as JSON."""
+    await fetch_token(http, sim)
+    await get_usage(http, sim, "day=2025-09-30")
+    await get_usage(http, sim, "period=1d")
+    async with http.get(sim.base_url + "/_simulator/stats") as r:
+        body = await r.json()
+    assert body["token_requests"] == 1
+    assert body["usage_requests"] == 2
+    assert body["responses"] == {"200": 1, "400": 1}
+    assert body["cpu_seconds"] > 0

@@ -7,16 +7,12 @@ Loading (lines, interpolation, secret files, error messages) lives in :mod:`.loa
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import hashlib
 import hmac
-import os
 import re
 import secrets
-import types
 from collections.abc import Mapping
-from pathlib import Path
-from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
+from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from croniter import croniter
@@ -25,18 +21,17 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    PlainSerializer,
     SecretStr,
     SerializeAsAny,
-    ValidationError,
     ValidationInfo,
     WithJsonSchema,
-    create_model,
     field_validator,
     model_validator,
 )
 
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
-from collector.log import get_logger
+from collector.log import get_logger, register_secrets
 from collector.sink import SinkConfig
 
 log = get_logger("collector.config")
@@ -50,14 +45,19 @@ _FINGERPRINT_KEY = secrets.token_bytes(32)
 
 
 def parse_duration(value: object) -> object:
-    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"`` or a number of seconds -> timedelta."""
+    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"`` or seconds -> timedelta.
+
+    ISO 8601 strings (``PT30S``) and other types pass through for pydantic to judge.
+    """
     if isinstance(value, bool):
-        raise ValueError("expected a duration such as 30s, 5m, 1h or a number of seconds")
+        raise ValueError(  # noqa: TRY004 - pydantic turns only ValueError into a located problem
+            "expected a duration such as 30s, 5m, 1h or a number of seconds"
+        )
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("a duration cannot be negative")
         return dt.timedelta(seconds=value)
-    if isinstance(value, str):
+    if isinstance(value, str) and not value.startswith("P"):
         text = value.strip().replace(" ", "")
         if re.fullmatch(r"\d+(?:\.\d+)?", text):
             return dt.timedelta(seconds=float(text))
@@ -68,18 +68,32 @@ def parse_duration(value: object) -> object:
     return value
 
 
+def format_duration(value: dt.timedelta) -> str:
+    """The shortest exact spelling in the config's own units: ``30s``, ``5m``, ``500ms``."""
+    millis = round(value.total_seconds() * 1000)
+    for unit in ("d", "h", "m", "s"):
+        size = round(_UNIT_SECONDS[unit] * 1000)
+        if millis and millis % size == 0:
+            return f"{millis // size}{unit}"
+    return f"{millis}ms"
+
+
+DURATION_JSON_SCHEMA: dict[str, Any] = {
+    "anyOf": [
+        {
+            "type": "string",
+            "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$|^P[0-9.YMWDTHS]+$",
+        },
+        {"type": "number", "minimum": 0},
+    ],
+}
+"""Durations as the config accepts them: 500ms, 30s, 5m, 1h, 1d, 1h30m, seconds, or ISO 8601."""
+
 Duration = Annotated[
     dt.timedelta,
     BeforeValidator(parse_duration),
-    WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "string", "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$"},
-                {"type": "number", "minimum": 0},
-            ],
-            "description": "A duration: 500ms, 30s, 5m, 1h, 1d, 1h30m, or a number of seconds.",
-        }
-    ),
+    PlainSerializer(format_duration, return_type=str, when_used="json"),
+    WithJsonSchema(DURATION_JSON_SCHEMA),
 ]
 
 
@@ -104,7 +118,9 @@ class RateLimitConfig(_Model):
 class RetryConfig(_Model):
     """Retries of transient API failures (5xx, 429, timeouts, connection errors), full jitter."""
 
-    max_attempts: int = Field(default=5, ge=1, le=100, description="Tries per request, first included.")
+    max_attempts: int = Field(
+        default=5, ge=1, le=100, description="Tries per request, first included."
+    )
     max_time: Duration = Field(
         default=dt.timedelta(seconds=60), description="Give up retrying a request after this long."
     )
@@ -159,7 +175,7 @@ class ApiConfig(_Model):
 
 
 class ScheduleConfig(_Model):
-    """When collection cycles run: every ``every`` or on a ``cron`` expression, plus random jitter."""
+    """When cycles run: every ``every`` or on a ``cron`` expression, plus random jitter."""
 
     every: Duration | None = Field(
         default=dt.timedelta(hours=1), description="Interval between cycles (not with cron)."
@@ -203,7 +219,10 @@ class CollectionConfig(_Model):
     """What to collect: how far back, which days to re-fetch, how often."""
 
     lookback_days: int = Field(
-        default=30, ge=1, le=90, description="First run backfills this many days (the API keeps 90)."
+        default=30,
+        ge=1,
+        le=90,
+        description="First run backfills this many days (the API keeps 90).",
     )
     settle_days: int = Field(
         default=2, ge=0, le=90, description="Recent days re-fetched every cycle until final."
@@ -355,7 +374,9 @@ class TenantConfig(_Model):
             raise ValueError("give either api_key or client_id + client_secret, not both")
         if self.api_key is None:
             if not oauth:
-                raise ValueError("no credentials: give client_id + client_secret (OAuth) or api_key")
+                raise ValueError(
+                    "no credentials: give client_id + client_secret (OAuth) or api_key"
+                )
             if self.client_id is None:
                 raise ValueError("client_secret needs client_id")
             if self.client_secret is None:
@@ -371,7 +392,7 @@ class TenantConfig(_Model):
 
     @property
     def credentials_fingerprint(self) -> str:
-        """A keyed SHA-256 of the credentials: changes when any of them changes (this process only)."""
+        """Keyed SHA-256 of the credentials: changes when any of them does (in this process)."""
         parts = [
             self.auth_mode,
             self.client_id or "",
@@ -388,8 +409,9 @@ class TenantConfig(_Model):
     def reload_secrets(self) -> bool:
         """Re-read every ``*_file`` credential; True if a value changed.
 
-        A file that cannot be read now (e.g. mid-rotation) keeps the previous value and logs a
-        warning; the next call tries again. Blocking, but reads a few bytes per file.
+        A new secret is registered with the log redactor at once. A file that cannot be read now
+        (e.g. mid-rotation) keeps the previous value and logs a warning; the next call tries
+        again. Blocking, but reads a few bytes per file.
         """
         changed = False
         for key in ("client_id", "client_secret", "api_key"):
@@ -399,11 +421,17 @@ class TenantConfig(_Model):
             try:
                 fresh = read_secret_file(file_path)
             except SecretFileError as exc:
-                log.warning("secret file unreadable; keeping the previous value", tenant=self.id, error=str(exc))
+                log.warning(
+                    "secret file unreadable; keeping the previous value",
+                    tenant=self.id,
+                    error=str(exc),
+                )
                 continue
             current = getattr(self, key)
             current_text = current.get_secret_value() if isinstance(current, SecretStr) else current
             if fresh != current_text:
+                if key != "client_id":
+                    register_secrets([fresh])  # hidden in logs before anything can print it
                 setattr(self, key, fresh if key == "client_id" else SecretStr(fresh))
                 changed = True
         return changed
@@ -485,7 +513,9 @@ def _secrets_in(value: object) -> list[str]:
         return [value.get_secret_value()]
     if isinstance(value, BaseModel):
         items = [getattr(value, name) for name in type(value).model_fields]
-        return [s for item in [*items, *(value.model_extra or {}).values()] for s in _secrets_in(item)]
+        return [
+            s for item in [*items, *(value.model_extra or {}).values()] for s in _secrets_in(item)
+        ]
     if isinstance(value, Mapping):
         return [s for item in value.values() for s in _secrets_in(item)]
     if isinstance(value, list | tuple | set):

@@ -8,14 +8,14 @@ into any string of the file:
 - **interpolation**: ``${VAR}``, ``${VAR:-default}`` (unset or empty -> default),
   ``${VAR:?message}`` (unset or empty -> error with that message), ``$$`` for a literal dollar;
   a ``$`` followed by anything else stays as written. Defaults are taken literally (no nesting).
-- **secret files**: next to a secret key (:data:`SECRET_KEYS`), ``<key>_file: PATH`` reads the
+- **secret files**: next to a secret key (:func:`is_secret_key`), ``<key>_file: PATH`` reads the
   value from a file (Docker and Kubernetes secrets), stripping one trailing newline.
 
 Every problem is collected (never raised) as a :class:`~collector.errors.ConfigProblem`, so the
 loader can report all of them at once. Where a value could not be produced, a placeholder (an empty
-string) keeps the key present, and the loader drops validation errors about that same spot: one
-mistake, one message. Messages name variables and paths, never a value read from the environment
-or a file.
+string) keeps the key present and the spot is remembered in ``Source.placeholders``: the loader
+drops validation errors about that spot, so one mistake gives one message. Messages name
+variables and paths, never a value read from the environment or a file.
 """
 
 from __future__ import annotations
@@ -27,14 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from yaml.constructor import SafeConstructor
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from collector.errors import ConfigProblem
 
 ConfigPath = tuple[str | int, ...]
 
-SECRET_KEYS = frozenset({"client_secret", "api_key", "client_id", "secret", "pii_key", "password"})
-"""Keys whose value may come from a sibling ``<key>_file``."""
+SECRET_KEYS = frozenset(
+    {"client_secret", "api_key", "client_id", "secret", "pii_key", "password", "token", "url"}
+)
+"""Keys whose value may come from a sibling ``<key>_file`` (besides :data:`SECRET_SUFFIXES`)."""
+SECRET_SUFFIXES = ("_secret", "_password", "_key", "_token")
 
 FILE_SUFFIX = "_file"
 
@@ -89,8 +93,13 @@ def interpolate(text: str, environ: Mapping[str, str]) -> str:
     return result
 
 
+def is_secret_key(key: str) -> bool:
+    """Whether ``<key>_file`` may stand in for ``key`` (client_secret, api_key, *_password, ...)."""
+    return key in SECRET_KEYS or key.endswith(SECRET_SUFFIXES)
+
+
 def read_secret_file(path: str) -> str:
-    """The content of a secret file without its trailing newline; raises :class:`SecretFileError`."""
+    """A secret file's content minus one trailing newline; raises :class:`SecretFileError`."""
     try:
         raw = Path(path).expanduser().read_bytes()
     except OSError as exc:
@@ -124,7 +133,8 @@ class Source:
     data: Any = None
     lines: dict[ConfigPath, int] = field(default_factory=dict)
     problems: list[ConfigProblem] = field(default_factory=list)
-    problem_paths: list[ConfigPath] = field(default_factory=list)
+    placeholders: list[ConfigPath] = field(default_factory=list)
+    """Paths whose value is a stand-in for one that could not be produced (already reported)."""
     secret_files: dict[ConfigPath, str] = field(default_factory=dict)
     """Path of a value read from a file -> the file's path as written."""
     file_keys: dict[ConfigPath, ConfigPath] = field(default_factory=dict)
@@ -142,13 +152,11 @@ class Source:
         """Record one problem at ``path`` (on ``line``, or the line the file gives ``path``)."""
         where = self.line_of(path) if line is None else line
         self.problems.append(ConfigProblem(self.file, where, format_path(path), message))
-        self.problem_paths.append(path)
 
-    def already_reported(self, path: ConfigPath) -> bool:
-        """Whether a problem at, above or below ``path`` was already recorded."""
+    def near_placeholder(self, path: ConfigPath) -> bool:
+        """Whether ``path`` is a placeholder, or contains one, or lies inside one."""
         return any(
-            known[: len(path)] == path or path[: len(known)] == known
-            for known in self.problem_paths
+            known[: len(path)] == path or path[: len(known)] == known for known in self.placeholders
         )
 
 
@@ -183,13 +191,14 @@ class _Builder:
     def __init__(self, source: Source, environ: Mapping[str, str]) -> None:
         self.source = source
         self.environ = environ
-        self.constructor = yaml.SafeConstructor()
+        self.constructor = SafeConstructor()
         self.active: set[int] = set()
 
     def build(self, node: Node, path: ConfigPath) -> Any:
         self.source.lines.setdefault(path, node.start_mark.line + 1)
         if id(node) in self.active:
             self.source.add(path, "recursive YAML alias")
+            self.source.placeholders.append(path)
             return None
         self.active.add(id(node))
         try:
@@ -206,12 +215,14 @@ class _Builder:
             value = self.constructor.construct_object(node)
         except yaml.YAMLError:
             self.source.add(path, f"unsupported YAML value (tag {node.tag})")
+            self.source.placeholders.append(path)
             return ""
         if isinstance(value, str):
             try:
                 return interpolate(value, self.environ)
             except InterpolationError as exc:
                 self.source.add(path, str(exc))
+                self.source.placeholders.append(path)
                 return ""
         return value
 
@@ -231,7 +242,9 @@ class _Builder:
             key = str(key_node.value)
             child = (*path, key)
             if key in first_line:
-                self.source.add(child, f"duplicate key (first at line {first_line[key]})", line=key_line)
+                self.source.add(
+                    child, f"duplicate key (first at line {first_line[key]})", line=key_line
+                )
                 continue
             first_line[key] = key_line
             self.source.lines[child] = key_line
@@ -242,7 +255,7 @@ class _Builder:
     def _read_secret_files(self, mapping: dict[str, Any], path: ConfigPath) -> None:
         for key in list(mapping):
             base = key.removesuffix(FILE_SUFFIX)
-            if base == key or base not in SECRET_KEYS:
+            if base == key or not is_secret_key(base):
                 continue
             file_key, target = (*path, key), (*path, base)
             if base in mapping:
@@ -254,11 +267,11 @@ class _Builder:
             mapping[base] = ""  # placeholder, so the value is not also reported as missing
             if not isinstance(file_path, str) or not file_path:
                 self.source.add(file_key, "expected the path of a file")
-                self.source.problem_paths.append(target)
+                self.source.placeholders.append(target)
                 continue
             self.source.secret_files[target] = file_path
             try:
                 mapping[base] = read_secret_file(file_path)
             except SecretFileError as exc:
                 self.source.add(file_key, str(exc))
-                self.source.problem_paths.append(target)  # its placeholder must not be reported too
+                self.source.placeholders.append(target)  # its placeholder must not be reported too

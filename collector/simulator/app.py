@@ -16,6 +16,7 @@ import hashlib
 import hmac
 import json
 import re
+import resource
 import signal
 import time
 import uuid
@@ -34,6 +35,7 @@ from collector.simulator.stats import SimStats
 
 USAGE_PATH = "/api/v1/data/usage"
 TOKEN_PATH = "/oauth/token"  # noqa: S105 (a URL path, not a password)
+STATS_PATH = "/_simulator/stats"  # not part of the Zencoder API: counters for benchmarks
 PERIODS = {"7d": 7, "30d": 30, "90d": 90}
 DAY_PATTERN = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
 
@@ -107,6 +109,7 @@ class Simulator:
         self.app = web.Application()
         self.app.router.add_post(TOKEN_PATH, self._handle_token)
         self.app.router.add_get(USAGE_PATH, self._handle_usage)
+        self.app.router.add_get(STATS_PATH, self._handle_stats)
 
     # --- tenants and data -----------------------------------------------------------------------
 
@@ -286,7 +289,8 @@ class Simulator:
             param = query.get("day", query.get("period", "7d"))
         if tenant is None:
             answer = Answer(401, BODY_UNAUTHORIZED)
-            latency = self.faults.everyone.latency or self.settings.latency
+            everyone = self.faults.everyone.latency
+            latency = self.settings.latency if everyone is None else everyone
         else:
             self.stats.usage_requests[tenant.id] += 1
             answer = self._answer_usage(tenant, query)
@@ -375,6 +379,23 @@ class Simulator:
             defective, content_type = defective_body(mode, body, day.isoformat() if day else "")
             return Answer(200, defective, content_type)
         return Answer(200, body)
+
+    # --- simulator's own stats (not part of the Zencoder API) ------------------------------------
+
+    async def _handle_stats(self, request: web.Request) -> web.Response:
+        """Counters and this process's CPU seconds, to measure the simulator apart in benchmarks."""
+        stats = self.stats
+        usage = resource.getrusage(resource.RUSAGE_SELF)
+        body = {
+            "token_requests": stats.token_requests.total(),
+            "tokens_issued": stats.tokens_issued.total(),
+            "usage_requests": stats.usage_requests.total(),
+            "responses": {str(k): v for k, v in sorted(stats.responses.items())},
+            "max_in_flight": stats.max_in_flight,
+            "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "max_rss_kib": usage.ru_maxrss,
+        }
+        return web.json_response(body)
 
     # --- lifecycle ------------------------------------------------------------------------------
 

@@ -41,7 +41,8 @@ class SimulatorSettings:
     tenant (over it: 429 with Retry-After), ``token_lifetime`` the seconds a token stays valid and
     the ``expires_in`` the token endpoint announces, ``today`` the simulated UTC date (None: the
     real UTC date at each request), ``history_days`` how far back days have data, ``seed`` the
-    seed of every generated figure and of the failure dice.
+    seed of every generated figure and of the failure dice, ``request_log_size`` how many requests
+    ``stats.log`` keeps, ``body_cache_size`` how many serialized ``day=`` bodies stay cached.
     """
 
     tenants: list[SimTenant]

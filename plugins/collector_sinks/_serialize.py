@@ -3,10 +3,11 @@
 The rows carry exactly the columns of the normalized data model (docs/data-model.md), in the same
 order, so a file written by the S3 sink, a webhook body and a SQL table all line up:
 
-- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` an ISO 8601 timestamp with its UTC offset;
-- in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are joined with
-  ``;`` (a spreadsheet shows them in one cell), ``final`` is ``true``/``false`` and a missing
-  ``last_active`` is an empty cell.
+- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` an ISO 8601 timestamp in UTC (``+00:00``);
+- in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are JSON arrays in
+  one cell (``["vscode", "jetbrains"]``), ``final`` is ``true``/``false``, a missing
+  ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
+  ``csv`` sink writes, so files from both sinks can be concatenated.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
@@ -41,14 +42,12 @@ TABLES: Final[tuple[str, ...]] = tuple(COLUMNS)
 Row = dict[str, Any]
 """One JSON-able row: column name -> str, int, bool, None or list of str."""
 
-CSV_LIST_SEPARATOR: Final = ";"
-
 
 def _timestamp(value: dt.datetime) -> str:
     # A naive timestamp would be ambiguous downstream; the collector records UTC.
     if value.tzinfo is None:
         value = value.replace(tzinfo=dt.UTC)
-    return value.isoformat()
+    return value.astimezone(dt.UTC).isoformat()
 
 
 def table_rows(day: TenantDay) -> dict[str, list[Row]]:
@@ -134,15 +133,15 @@ def _csv_cell(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, list):
-        return CSV_LIST_SEPARATOR.join(value)
+        return json.dumps(value, ensure_ascii=False)
     return str(value)
 
 
 def to_csv(table: str, rows: list[Row]) -> bytes:
-    """Rows as UTF-8 CSV with a header line (RFC 4180 quoting, ``\\n`` line ends)."""
+    """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends)."""
     columns = COLUMNS[table]
     buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
+    writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(columns)
     for row in rows:
         writer.writerow([_csv_cell(row[column]) for column in columns])

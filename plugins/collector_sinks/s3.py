@@ -28,10 +28,12 @@ from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
-    ConnectionError,
     HTTPClientError,
     NoCredentialsError,
     PartialCredentialsError,
+)
+from botocore.exceptions import (
+    ConnectionError as BotoConnectionError,
 )
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
@@ -177,6 +179,21 @@ class S3SinkConfig(SinkConfig):
         return self
 
 
+_shared: dict[str, Any] = {}
+
+
+def _new_session() -> Any:
+    """A new aiobotocore session that shares one data loader with every other S3 sink instance.
+
+    Parsing botocore's S3 service model takes a noticeable fraction of a second; the loader caches
+    it, so sharing the loader makes every later client (more sinks, a config reload) cheap.
+    """
+    session = get_session()
+    loader = _shared.setdefault("data_loader", session.get_component("data_loader"))
+    session.register_component("data_loader", loader)
+    return session
+
+
 def partition_value(value: str) -> str:
     """Escape a partition value the way Hive does (``%XX``), so it stays one path segment."""
     return "".join(f"%{ord(ch):02X}" if ch in _HIVE_ESCAPED else ch for ch in value)
@@ -261,7 +278,7 @@ class S3Sink(Sink):
         stack = contextlib.AsyncExitStack()
         try:
             self._client = await stack.enter_async_context(
-                get_session().create_client(
+                _new_session().create_client(
                     "s3",
                     region_name=cfg.region,
                     endpoint_url=cfg.endpoint_url,
@@ -272,7 +289,8 @@ class S3Sink(Sink):
         except (BotoCoreError, ValueError) as exc:
             await stack.aclose()
             raise SinkPermanentError(
-                f"s3 sink {self.name!r}: cannot create the S3 client: {type(exc).__name__}"
+                f"s3 sink {self.name!r}: cannot create the S3 client: {type(exc).__name__}: "
+                f"{self._scrub(str(exc))[:_MAX_REMOTE_MESSAGE]}"
             ) from None
         self._stack = stack
 
@@ -340,7 +358,7 @@ class S3Sink(Sink):
                 "in the credential chain (environment, config files, instance/container role)"
             ) from None
         except (
-            ConnectionError,
+            BotoConnectionError,
             HTTPClientError,
             aiohttp.ClientError,
             OSError,

@@ -1,0 +1,258 @@
+"""Logging: structlog to stderr, JSON off a terminal, and no secret on any line.
+
+::
+
+    configure_logging("info", secrets=cfg.secret_values())
+    log = get_logger(__name__)
+    with structlog.contextvars.bound_contextvars(tenant="acme"):
+        log.info("fetched", day="2024-05-01")   # every line inside carries tenant=acme
+
+The processor chain is the usual one (contextvars, level, ISO timestamp, exception text) followed by
+two layers of redaction:
+
+- :func:`redact_secrets`, a processor: every string in the event (nested dicts and lists included,
+  and the traceback text that ``format_exc_info`` put there) has each registered secret, each
+  ``Bearer`` token and each ``zak_...`` API key replaced by ``***``; values of
+  keys named like credentials (``authorization``, ``client_secret``, ...) are dropped whole;
+- the renderer's output is redacted once more, which catches secrets inside the ``repr`` of
+  arbitrary objects and their JSON-escaped forms.
+
+Third-party libraries that log through stdlib ``logging`` (aiohttp, botocore) go through the same
+chain, so their lines are redacted and carry the tenant too. The secret registry is global and only
+grows: a rotated-out secret must stay hidden as well. Secrets shorter than
+:data:`MIN_SECRET_LENGTH` are not registered (masking every "ab" would garble logs; no real
+credential is that short).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import threading
+from collections.abc import Iterable
+from typing import Any, TextIO, cast
+
+import structlog
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
+
+__all__ = [
+    "MIN_SECRET_LENGTH",
+    "configure_logging",
+    "get_logger",
+    "redact",
+    "redact_secrets",
+    "register_secrets",
+]
+
+MIN_SECRET_LENGTH = 4
+MASK = "***"
+
+_SENSITIVE_KEYS = frozenset(
+    {
+        "authorization",
+        "zencoder-api-key",
+        "api_key",
+        "client_secret",
+        "access_token",
+        "refresh_token",
+        "password",
+        "secret",
+        "pii_key",
+        "token",
+    }
+)
+# Credential shapes recognisable without knowing the value: bearer tokens, Zencoder API keys,
+# and key=value / "key": "value" pairs of well-known credential names (token endpoint bodies).
+_CREDENTIAL_SHAPES = re.compile(
+    r"(?P<scheme>\bBearer\s+)[A-Za-z0-9\-._~+/]+=*"
+    r"|\bzak_[A-Za-z0-9_\-]+"
+    r"|(?P<pair>[\"']?\b(?:access_token|refresh_token|client_secret|api_key|zencoder-api-key)"
+    r"[\"']?\s*[:=]\s*[\"']?)[^\"'\s&,;}]+",
+    re.IGNORECASE,
+)
+
+_lock = threading.Lock()
+_secrets: set[str] = set()
+_secret_pattern: re.Pattern[str] | None = None
+_HANDLER_MARK = "_collector_handler"
+
+
+def register_secrets(values: Iterable[str]) -> None:
+    """Hide these strings (and their JSON/repr-escaped forms) on every future log line."""
+    global _secret_pattern
+    with _lock:
+        fresh = set()
+        for value in values:
+            if len(value) >= MIN_SECRET_LENGTH:
+                fresh |= {value, json.dumps(value)[1:-1], repr(value)[1:-1]}
+        if fresh <= _secrets:
+            return
+        _secrets.update(fresh)
+        _secret_pattern = re.compile(_alternation(_secrets))
+
+
+def _alternation(words: Iterable[str]) -> str:
+    """A regex matching any of ``words``, as a trie so thousands of secrets stay fast."""
+    trie: dict[str, Any] = {}
+    for word in words:
+        node = trie
+        for char in word:
+            node = node.setdefault(char, {})
+        node[""] = {}
+
+    def pattern(node: dict[str, Any]) -> str:
+        # Follow single-child chains iteratively: secrets can be long (PEM keys, JWTs).
+        prefix = ""
+        while len(node) == 1 and "" not in node:
+            ((char, node),) = node.items()
+            prefix += re.escape(char)
+        branches = [
+            re.escape(char) + pattern(child) for char, child in sorted(node.items()) if char
+        ]
+        if not branches:
+            return prefix
+        group = branches[0] if len(branches) == 1 else f"(?:{'|'.join(branches)})"
+        if "" in node:
+            return f"{prefix}(?:{group})?"
+        return prefix + group
+
+    return pattern(trie)
+
+
+def redact(text: str) -> str:
+    """``text`` with every registered secret and recognisable credential replaced by ``***``."""
+    pattern = _secret_pattern
+    if pattern is not None:
+        text = pattern.sub(MASK, text)
+    return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
+
+
+def _mask_credential(match: re.Match[str]) -> str:
+    return (match["scheme"] or match["pair"] or "") + MASK
+
+
+def _redact_value(key: str, value: Any) -> Any:
+    if key.lower() in _SENSITIVE_KEYS and value is not None:
+        return MASK
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, dict):
+        return {k: _redact_value(str(k), v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_redact_value("", item) for item in value]
+    return value
+
+
+def redact_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """structlog processor: redact every string value of the event, recursively."""
+    return {key: _redact_value(key, value) for key, value in event_dict.items()}
+
+
+class _RedactRendered:
+    """Wraps a renderer so its final text is redacted too (object reprs, escaped forms)."""
+
+    def __init__(self, renderer: Processor) -> None:
+        self._renderer = renderer
+
+    def __call__(self, logger: WrappedLogger, method: str, event_dict: EventDict) -> Any:
+        rendered = self._renderer(logger, method, event_dict)
+        return redact(rendered) if isinstance(rendered, str) else rendered
+
+
+def _level_number(level: str | int) -> int:
+    if isinstance(level, int):
+        return level
+    number = logging.getLevelNamesMapping().get(level.upper())
+    if number is None:
+        raise ValueError(
+            f"unknown log level {level!r}: use debug, info, warning, error or critical"
+        )
+    return number
+
+
+def _is_tty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def configure_logging(
+    level: str | int = "info",
+    json: bool | None = None,
+    secrets: Iterable[str] = (),
+    *,
+    stream: TextIO | None = None,
+) -> None:
+    """Send structlog and stdlib logging to ``stream`` (stderr), redacted, at ``level``.
+
+    ``json=None`` picks JSON lines when the stream is not a terminal and colourful key=value
+    lines when it is. Safe to call again (e.g. on SIGHUP); the previous setup is replaced.
+    """
+    out = sys.stderr if stream is None else stream
+    tty = _is_tty(out)
+    as_json = not tty if json is None else json
+    threshold = _level_number(level)
+    register_secrets(secrets)
+    renderer = _RedactRendered(
+        structlog.processors.JSONRenderer()
+        if as_json
+        else structlog.dev.ConsoleRenderer(
+            colors=tty, exception_formatter=structlog.dev.plain_traceback
+        )
+    )
+    common: list[Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+    ]
+    finish: list[Processor] = [structlog.processors.format_exc_info, redact_secrets, renderer]
+    structlog.configure(
+        processors=[*common, _add_logger_name, structlog.processors.StackInfoRenderer(), *finish],
+        wrapper_class=structlog.make_filtering_bound_logger(threshold),
+        logger_factory=_NamedWriteLoggerFactory(out),
+        cache_logger_on_first_use=False,
+    )
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[*common, structlog.stdlib.add_logger_name],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *finish],
+        )
+    )
+    setattr(handler, _HANDLER_MARK, True)
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, _HANDLER_MARK, False)]:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(threshold)
+
+
+def get_logger(name: str) -> FilteringBoundLogger:
+    """A structlog logger whose lines carry ``logger=name``."""
+    return cast(FilteringBoundLogger, structlog.get_logger(name))
+
+
+class _NamedWriteLogger(structlog.WriteLogger):
+    def __init__(self, file: TextIO, name: str) -> None:
+        super().__init__(file)
+        self.name = name
+
+
+class _NamedWriteLoggerFactory:
+    """Like ``structlog.WriteLoggerFactory``, keeping the name given to ``get_logger``."""
+
+    def __init__(self, file: TextIO) -> None:
+        self._file = file
+
+    def __call__(self, *args: Any) -> _NamedWriteLogger:
+        return _NamedWriteLogger(self._file, str(args[0]) if args else "")
+
+
+def _add_logger_name(logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    name = getattr(logger, "name", "")
+    if name:
+        event_dict.setdefault("logger", name)
+    return event_dict

@@ -1,0 +1,93 @@
+"""The ops HTTP server, on its own port: /healthz, /readyz, /metrics, /status.
+
+- ``/healthz``: 200 while the event loop answers (the process is alive).
+- ``/readyz``: 200 once the config is loaded and the state store answers a query; 503 otherwise,
+  with the reason in the JSON body.
+- ``/metrics``: Prometheus text format (see :mod:`collector.metrics`); gauges that come from the
+  store (backlog, dead letters, lag, days complete) are refreshed at scrape time.
+- ``/status``: the same JSON as ``zencoder-collector status --json``.
+
+Nothing here holds a secret: the status snapshot is built from tenant ids, counts, dates and
+secret-free error reasons.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from collector.metrics import Metrics
+
+StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
+ReadyCheck = Callable[[], Awaitable[str | None]]
+"""Returns None when ready, or the reason it is not."""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """``host:port`` (``[::1]:9464`` for IPv6) into its parts."""
+    host, _, port = listen.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+def make_app(
+    metrics: Metrics,
+    status: StatusProvider,
+    ready: ReadyCheck,
+    refresh_metrics: Callable[[], Awaitable[None]] | None = None,
+) -> web.Application:
+    """The aiohttp application of the ops endpoints."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        reason = await ready()
+        if reason is None:
+            return web.json_response({"status": "ready"})
+        return web.json_response({"status": "not ready", "reason": reason}, status=503)
+
+    async def metrics_handler(_: web.Request) -> web.Response:
+        if refresh_metrics is not None:
+            await refresh_metrics()
+        return web.Response(
+            text=metrics.render(),
+            content_type="text/plain",
+            charset="utf-8",
+            headers={"X-Content-Type-Options": "nosniff"},
+        )
+
+    async def status_handler(_: web.Request) -> web.Response:
+        return web.json_response(await status(), dumps=_dumps)
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_handler)
+    app.router.add_get("/status", status_handler)
+    return app
+
+
+def _dumps(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str, sort_keys=True)
+
+
+@contextlib.asynccontextmanager
+async def serving(app: web.Application, listen: str) -> AsyncIterator[str]:
+    """Serve ``app`` on ``listen`` until the block exits; yields the actual ``host:port``."""
+    host, port = parse_listen(listen)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, host, port)
+    await site.start()
+    server = site._server  # the bound socket tells the real port when port 0 was asked for
+    sockets = getattr(server, "sockets", None) or []
+    bound = sockets[0].getsockname()[1] if sockets else port
+    try:
+        yield f"{host}:{bound}"
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,250 @@
+"""Engine, transactions, locking and error translation of the state store.
+
+Durability (SQLite): WAL journal with ``synchronous=NORMAL`` by default. A commit survives a crash
+or ``kill -9`` of the process (the WAL is in the OS page cache and is replayed on the next open);
+only a power loss or kernel crash can roll back the last few commits, and even then the database
+stays consistent and nothing is lost for good: a rolled-back day is missing again, so the planner
+fetches it again, and a rolled-back delivery mark only means an idempotent redelivery.
+``synchronous=FULL`` (``?synchronous=full`` in the URL) adds an fsync per commit for those who
+want that last window closed too, at the price of a disk flush per batch.
+
+Writers: one at a time per process (an :class:`asyncio.Lock`, SQLite only), each transaction
+opened with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken by another process
+(``replay`` next to a running daemon); ``busy_timeout`` is 5 s. Readers never wait for writers
+(WAL). PostgreSQL needs no lock: row locks (``SELECT ... FOR UPDATE``, keys in sorted order) and
+``INSERT ... ON CONFLICT`` do the same job, and also between replicas.
+
+Errors: every SQLAlchemy/driver exception becomes :class:`~collector.errors.StoreError` with the
+driver's first message line; SQL parameters are hidden from messages (payloads hold emails), and
+the URL is only ever shown with its password masked."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import threading
+from collections.abc import Callable, Collection, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Self, TypeVar
+
+import structlog
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    create_engine,
+    event,
+    func,
+    select,
+    true,
+)
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+
+from collector.errors import StoreError
+from collector.planner import DayStatus
+from collector.store.schema import (
+    SCHEMA_VERSION,
+    metadata,
+    schema_version,
+    store_meta,
+    upsert,
+)
+
+log = structlog.get_logger("collector.store")
+
+T = TypeVar("T")
+Key = tuple[str, dt.date]
+Routes = Mapping[str, Collection[str] | None]
+Registered = dict[str, frozenset[str] | None]
+
+_CHUNK = 400  # keys per IN (...) list, far below every backend's bound-parameter limit
+_TEXT_MAX = 1000
+_SQLITE_SYNC = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
+_STATUSES: frozenset[str] = frozenset({"missing", "fetched", "final", "failed"})
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def chunks(values: Sequence[T]) -> list[Sequence[T]]:
+    return [values[i : i + _CHUNK] for i in range(0, len(values), _CHUNK)]
+
+
+def short(text: str) -> str:
+    return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
+
+
+def dump_json(data: Mapping[str, Any]) -> str:
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def as_status(value: str) -> DayStatus:
+    return value if value in _STATUSES else "failed"  # type: ignore[return-value]
+
+
+def describe(exc: SQLAlchemyError) -> str:
+    # The driver's own message, first line only: never SQL parameters (payloads hold emails).
+    orig = getattr(exc, "orig", None)
+    text = str(orig if orig is not None else exc).strip()
+    first = text.splitlines()[0] if text else ""
+    return f"state database error ({type(exc).__name__}): {first[:300]}"
+
+
+def tenants_in(
+    column: Any, tenants: Collection[str] | frozenset[str] | None
+) -> ColumnElement[bool]:
+    return true() if tenants is None else column.in_(sorted(tenants))
+
+
+class StoreBase:
+    """Engine, transactions and locking shared by every part of :class:`~collector.store.Store`."""
+
+    def __init__(
+        self, engine: Engine, *, display_url: str, clock: Callable[[], dt.datetime] = _utcnow
+    ) -> None:
+        self._engine = engine
+        self._display_url = display_url
+        self._now = clock
+        # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
+        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._closed = threading.Event()
+
+    def __repr__(self) -> str:
+        return f"Store({self._display_url})"
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self._engine.dialect.name
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        synchronous: str | None = None,
+        clock: Callable[[], dt.datetime] = _utcnow,
+    ) -> Self:
+        """Connect, create (or check the version of) the schema, and return a ready store.
+
+        ``url``: ``sqlite:///relative/state.db``, ``sqlite:////absolute/state.db`` or
+        ``postgresql+psycopg://user:password@host:5432/db``. For SQLite, ``synchronous`` is
+        ``normal`` (default) or ``full``; the URL may also say ``?synchronous=full``.
+        """
+        return await asyncio.to_thread(cls._open_sync, url, synchronous, clock)
+
+    @classmethod
+    def _open_sync(
+        cls, url: str, synchronous: str | None, clock: Callable[[], dt.datetime]
+    ) -> Self:
+        try:
+            parsed = make_url(url)
+        except ArgumentError:
+            raise StoreError("state.url is not a database URL") from None
+        display = parsed.render_as_string(hide_password=True)
+        backend = parsed.get_backend_name()
+        try:
+            if backend == "sqlite":
+                engine = cls._sqlite_engine(parsed, synchronous)
+            elif backend == "postgresql":
+                engine = create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
+            else:
+                raise StoreError(
+                    f"state.url: unsupported database {backend!r} (sqlite, postgresql)"
+                )
+            store = cls(engine, display_url=display, clock=clock)
+            store._migrate()
+        except SQLAlchemyError as exc:
+            raise StoreError(f"{display}: {describe(exc)}") from exc
+        except OSError as exc:
+            raise StoreError(f"state database {display}: {exc.strerror or exc}") from exc
+        except ModuleNotFoundError as exc:
+            raise StoreError(f"state.url needs the {exc.name!r} driver") from None
+        return store
+
+    @staticmethod
+    def _sqlite_engine(url: URL, synchronous: str | None) -> Engine:
+        query = dict(url.query)
+        mode = str(query.pop("synchronous", None) or synchronous or "normal").lower()
+        if mode not in _SQLITE_SYNC:
+            raise StoreError(f"state.url: synchronous must be one of {', '.join(_SQLITE_SYNC)}")
+        url = url.set(query=query)
+        if not url.database or url.database == ":memory:":
+            raise StoreError("state.url: SQLite needs a file path, e.g. sqlite:///data/state.db")
+        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(url, hide_parameters=True, connect_args={"timeout": 5.0})
+        pragma_sync = _SQLITE_SYNC[mode]
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # The driver must not emit BEGIN itself: we do (below), choosing the lock mode.
+            dbapi_connection.isolation_level = None
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA synchronous={pragma_sync}")
+            cursor.execute("PRAGMA busy_timeout=5000")
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        @event.listens_for(engine, "begin")
+        def _on_begin(conn: Connection) -> None:
+            # IMMEDIATE takes the write lock up front, so a read-then-write transaction cannot be
+            # overtaken by another process (e.g. `replay` from the CLI next to a running daemon).
+            immediate = conn.get_execution_options().get("collector_write", False)
+            conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+        return engine
+
+    def _migrate(self) -> None:
+        with self._engine.connect() as conn:
+            conn.execution_options(collector_write=True)
+            with conn.begin():
+                metadata.create_all(conn, checkfirst=True)
+                found = conn.execute(select(func.max(schema_version.c.version))).scalar()
+                if found is None:
+                    conn.execute(
+                        schema_version.insert().values(
+                            version=SCHEMA_VERSION, applied_at=self._now()
+                        )
+                    )
+                elif found > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the state database has schema version {found}, newer than this "
+                        f"collector supports ({SCHEMA_VERSION}): upgrade the collector"
+                    )
+                # A later schema version adds its migration steps here, from `found` upwards.
+                conn.execute(upsert(conn, store_meta, ["key"]), [{"key": "seq", "value": 0}])
+
+    def _run(self, fn: Callable[[Connection], T], write: bool) -> T:
+        if self._closed.is_set():
+            raise StoreError("the state store is closed")
+        try:
+            with self._engine.connect() as conn:
+                if write:
+                    conn.execution_options(collector_write=True)
+                with conn.begin():
+                    return fn(conn)
+        except SQLAlchemyError as exc:
+            raise StoreError(describe(exc)) from exc
+
+    async def _read(self, fn: Callable[[Connection], T]) -> T:
+        return await asyncio.to_thread(self._run, fn, False)
+
+    async def _write(self, fn: Callable[[Connection], T]) -> T:
+        lock = self._write_lock or contextlib.nullcontext()
+        async with lock:
+            return await asyncio.to_thread(self._run, fn, True)
+
+    async def ping(self) -> None:
+        """Raise :class:`StoreError` unless the database answers (for ``/readyz``)."""
+        await self._read(lambda conn: conn.execute(select(1)).scalar())
+
+    async def aclose(self) -> None:
+        """Close the pooled connections; the store cannot be used afterwards."""
+        if not self._closed.is_set():
+            self._closed.set()
+            await asyncio.to_thread(self._engine.dispose)

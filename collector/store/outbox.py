@@ -1,0 +1,613 @@
+"""Each sink's outbox in the state store: routes, queue, acknowledgements, dead letters, replay.
+
+A tenant-day waits for a sink while its ``delivery`` row has a ``queued_seq``. Rows are queued
+when a new version is stored (:meth:`DaysStore.record_fetched`), when a sink or a route is added
+(:meth:`OutboxStore.sync_sinks`) and by :meth:`OutboxStore.replay`; they leave the queue when the
+sink acknowledges that version (:meth:`OutboxStore.mark_delivered`) or gives up on it
+(:meth:`OutboxStore.mark_failed` reaching ``max_attempts``). Queue order is ``queued_seq``: the
+order in which each day's current version was stored, i.e. a FIFO outbox (a backfill, fetched
+oldest day first, is delivered oldest day first)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import threading
+from collections import OrderedDict
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
+import structlog
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    and_,
+    case,
+    delete,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    select,
+    true,
+    tuple_,
+    update,
+)
+
+from collector.errors import BadResponse
+from collector.models import TenantDay, normalize, parse_usage
+from collector.store.base import Key, Registered, Routes, StoreBase, chunks, short, tenants_in
+from collector.store.schema import (
+    DeadLetter,
+    PendingBatch,
+    UtcDateTime,
+    delivery,
+    dialect_insert,
+    sink_table,
+    tenant_day,
+    upsert,
+    version_of_day,
+)
+
+log = structlog.get_logger("collector.store")
+
+_RECENT_DAYS = 512  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
+
+
+class _RecentDays:
+    """The last tenant-days rebuilt from payloads, shared by the sinks (thread-safe LRU).
+
+    Every sink reads the same new days at about the same time; parsing a payload once instead
+    of once per sink saves most of the delivery CPU with several sinks.
+    """
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._items: OrderedDict[tuple[Any, ...], TenantDay] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> TenantDay | None:
+        with self._lock:
+            found = self._items.get(key)
+            if found is not None:
+                self._items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[Any, ...], value: TenantDay) -> None:
+        with self._lock:
+            self._items[key] = value
+            self._items.move_to_end(key)
+            while len(self._items) > self._size:
+                self._items.popitem(last=False)
+
+
+class OutboxStore(StoreBase):
+    """Sinks, routes and each sink's queue: what waits, what arrived, what was given up."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._recent = _RecentDays(_RECENT_DAYS)
+
+    @staticmethod
+    def _registered(conn: Connection) -> Registered:
+        return {
+            name: None if routes is None else frozenset(json.loads(routes))
+            for name, routes in conn.execute(select(sink_table.c.name, sink_table.c.routes))
+        }
+
+    async def registered_sinks(self) -> Registered:
+        """The registered sinks and their routes (None: every tenant)."""
+        return await self._read(self._registered)
+
+    async def sync_sinks(self, routes: Routes, *, remove_missing: bool = False) -> dict[str, int]:
+        """Register the sinks of ``routes`` (sink name -> routed tenants, None = every tenant).
+
+        A new sink gets every stored tenant-day queued (its full history); a tenant newly routed to
+        a sink gets its history queued there; a tenant no longer routed leaves that sink's queue.
+        With ``remove_missing`` (``routes`` is the whole config), other sinks are unregistered:
+        their queues are dropped but their delivery records kept, so a sink that comes back gets
+        only what it does not have yet. Returns, per sink, how many tenant-days were newly queued.
+        """
+        wanted: Registered = {n: None if r is None else frozenset(r) for n, r in routes.items()}
+        return await self._write(lambda conn: self._sync_sinks(conn, wanted, remove_missing))
+
+    def _sync_sinks(
+        self, conn: Connection, wanted: Registered, remove_missing: bool
+    ) -> dict[str, int]:
+        now = self._now()
+        known = self._registered(conn)
+        queued: dict[str, int] = {}
+        for name, routed in wanted.items():
+            queued[name] = 0
+            if name in known and known[name] == routed:
+                continue
+            added: ColumnElement[bool] = tenants_in(tenant_day.c.tenant, routed)
+            if name in known:
+                before = known[name]
+                if before is None:
+                    added = false()
+                else:
+                    added = and_(added, tenant_day.c.tenant.not_in(sorted(before)))
+                if routed is not None:
+                    conn.execute(
+                        update(delivery)
+                        .where(
+                            delivery.c.sink == name,
+                            delivery.c.queued_seq.is_not(None),
+                            delivery.c.tenant.not_in(sorted(routed)),
+                        )
+                        .values(
+                            queued_seq=None, queued_version=None, queued_at=None, updated_at=now
+                        )
+                    )
+            queued[name] = self._enqueue_history(conn, name, added, force=False, now=now)
+            routes_json = None if routed is None else json.dumps(sorted(routed))
+            conn.execute(
+                upsert(conn, sink_table, ["name"], {"routes": routes_json, "updated_at": now}),
+                [{"name": name, "routes": routes_json, "updated_at": now}],
+            )
+        gone = [name for name in known if name not in wanted] if remove_missing else []
+        if gone:
+            # A sink nobody drains must not hold payloads back from retention.
+            conn.execute(
+                update(delivery)
+                .where(delivery.c.sink.in_(gone), delivery.c.queued_seq.is_not(None))
+                .values(queued_seq=None, queued_version=None, queued_at=None, updated_at=now)
+            )
+            conn.execute(delete(sink_table).where(sink_table.c.name.in_(gone)))
+        return queued
+
+    def _enqueue_history(
+        self,
+        conn: Connection,
+        sink: str,
+        condition: ColumnElement[bool],
+        *,
+        force: bool,
+        now: dt.datetime,
+    ) -> int:
+        """Queue every stored tenant-day matching ``condition`` for ``sink``; returns how many.
+
+        Without ``force`` a day the sink has (or gave up on) at its current version, or that is
+        already queued, is left alone; with ``force`` (replay) it is queued again, attempts reset.
+        """
+        source = select(
+            literal(sink).label("sink"),
+            tenant_day.c.tenant,
+            tenant_day.c.day,
+            tenant_day.c.seq,
+            tenant_day.c.version,
+            literal(now, UtcDateTime()).label("queued_at"),
+            literal(0).label("attempts"),
+            false().label("dead_letter"),
+            literal(now, UtcDateTime()).label("updated_at"),
+        ).where(tenant_day.c.payload.is_not(None), condition)
+        if not force:
+            settled = exists().where(
+                delivery.c.sink == sink,
+                delivery.c.tenant == tenant_day.c.tenant,
+                delivery.c.day == tenant_day.c.day,
+                or_(
+                    delivery.c.queued_seq.is_not(None),
+                    delivery.c.delivered_version == tenant_day.c.version,
+                    and_(delivery.c.dead_letter, delivery.c.dead_version == tenant_day.c.version),
+                ),
+            )
+            source = source.where(not_(settled))
+        count = int(conn.execute(select(func.count()).select_from(source.subquery())).scalar_one())
+        if count:
+            statement = dialect_insert(conn, delivery).from_select(
+                [
+                    "sink",
+                    "tenant",
+                    "day",
+                    "queued_seq",
+                    "queued_version",
+                    "queued_at",
+                    "attempts",
+                    "dead_letter",
+                    "updated_at",
+                ],
+                source,
+            )
+            new = statement.excluded
+            set_ = {
+                "queued_seq": new.queued_seq,
+                "queued_version": new.queued_version,
+                "queued_at": new.queued_at,
+                "attempts": 0,
+                "dead_letter": False,
+                "dead_version": None,
+                "updated_at": new.updated_at,
+            }
+            conn.execute(
+                statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_)
+            )
+        return count
+
+    def _queue(self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+        """Queue new versions for every sink routed to their tenant (unless it has them)."""
+        entries = []
+        for name, routed in self._registered(conn).items():
+            for row in rows:
+                if routed is None or row["tenant"] in routed:
+                    entries.append(
+                        {
+                            "sink": name,
+                            "tenant": row["tenant"],
+                            "day": row["day"],
+                            "queued_seq": row["seq"],
+                            "queued_version": row["version"],
+                            "queued_at": now,
+                            "attempts": 0,
+                            "dead_letter": False,
+                            "updated_at": now,
+                        }
+                    )
+        if not entries:
+            return
+        statement = dialect_insert(conn, delivery)
+        new = statement.excluded
+        # The sink already has this version (content went back to what it holds), or gave up on
+        # exactly this version: leave the row alone instead of queueing it again.
+        has_it = or_(
+            delivery.c.delivered_version == new.queued_version,
+            and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
+        )
+        set_ = {
+            "queued_seq": case((has_it, None), else_=new.queued_seq),
+            "queued_version": case((has_it, None), else_=new.queued_version),
+            "queued_at": case((has_it, None), else_=new.queued_at),
+            "attempts": case((has_it, delivery.c.attempts), else_=0),
+            "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
+            "dead_version": case((has_it, delivery.c.dead_version), else_=None),
+            "updated_at": new.updated_at,
+        }
+        conn.execute(
+            statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_),
+            entries,
+        )
+
+    async def pending(
+        self,
+        sink: str,
+        tenants: Collection[str] | None = None,
+        limit: int = 100,
+        *,
+        after: int | None = None,
+    ) -> PendingBatch:
+        """The next ``limit`` tenant-days waiting for ``sink``, in queue order.
+
+        Queue order is the order in which each day's current version was stored (a FIFO outbox:
+        a backfill, fetched oldest first, is delivered oldest first). ``after`` is the
+        ``cursor`` of a previous batch, to continue a pass over the backlog past days that failed
+        in it. ``tenants`` narrows the result further than the sink's routes.
+        """
+        if tenants is not None and not tenants:
+            return PendingBatch()
+        query = (
+            select(
+                delivery.c.queued_seq,
+                tenant_day.c.tenant,
+                tenant_day.c.day,
+                tenant_day.c.fetched_at,
+                tenant_day.c.updated_at,
+                tenant_day.c.final,
+                tenant_day.c.content_hash,
+                tenant_day.c.payload,
+            )
+            .join_from(
+                delivery,
+                tenant_day,
+                and_(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day),
+            )
+            .where(
+                delivery.c.sink == sink,
+                delivery.c.queued_seq.is_not(None)
+                if after is None
+                else delivery.c.queued_seq > after,
+                tenants_in(delivery.c.tenant, tenants),
+            )
+            .order_by(delivery.c.queued_seq)
+            .limit(limit)
+        )
+
+        def work(conn: Connection) -> tuple[PendingBatch, list[tuple[Key, str]]]:
+            # Rebuilding the records is CPU work: done here, in the worker thread, not on the loop.
+            rows = list(conn.execute(query))
+            batch = PendingBatch()
+            broken: list[tuple[Key, str]] = []
+            for row in rows:
+                try:
+                    batch.append(self._rebuild(row))
+                except BadResponse as exc:
+                    broken.append(((row.tenant, row.day), str(exc)))
+            batch.cursor = rows[-1].queued_seq if rows else after
+            return batch, broken
+
+        batch, broken = await self._read(work)
+        if broken:
+            await self._set_aside(sink, broken)
+        return batch
+
+    def _rebuild(self, row: Any) -> TenantDay:
+        if row.payload is None or row.content_hash is None:
+            raise BadResponse("no stored payload (pruned by retention)", tenant=row.tenant)
+        fetched_at = row.fetched_at or row.updated_at
+        key = (row.tenant, row.day, row.content_hash, bool(row.final), fetched_at)
+        cached = self._recent.get(key)
+        if cached is not None:
+            return cached
+        response = parse_usage('{"status":"success","data":' + row.payload + "}", tenant=row.tenant)
+        rebuilt = normalize(
+            row.tenant,
+            row.day,
+            response,
+            fetched_at=fetched_at,
+            final=bool(row.final),
+            digest=row.content_hash,
+        )
+        self._recent.put(key, rebuilt)
+        return rebuilt
+
+    async def _set_aside(self, sink: str, broken: Sequence[tuple[Key, str]]) -> None:
+        # A stored payload this version cannot read (e.g. after a downgrade) would stall the
+        # queue: dead-letter it for this sink, visibly, so `replay` can retry after an upgrade.
+        now = self._now()
+        for (tenant, day), reason in broken:
+            log.error(
+                "stored payload unreadable",
+                sink=sink,
+                tenant=tenant,
+                day=day.isoformat(),
+                reason=reason,
+            )
+
+        def work(conn: Connection) -> None:
+            for (tenant, day), reason in broken:
+                conn.execute(
+                    update(delivery)
+                    .where(
+                        delivery.c.sink == sink, delivery.c.tenant == tenant, delivery.c.day == day
+                    )
+                    .values(
+                        dead_letter=True,
+                        dead_version=delivery.c.queued_version,
+                        queued_seq=None,
+                        queued_version=None,
+                        queued_at=None,
+                        last_error=short(f"stored payload unreadable: {reason}"),
+                        last_error_at=now,
+                        updated_at=now,
+                    )
+                )
+
+        await self._write(work)
+
+    async def mark_delivered(self, sink: str, items: Sequence[TenantDay]) -> None:
+        """Record that ``sink`` durably has these tenant-days (at the versions given)."""
+        if not items:
+            return
+        now = self._now()
+        rows = [
+            {
+                "sink": sink,
+                "tenant": td.tenant,
+                "day": td.day,
+                "delivered_version": version_of_day(td),
+                "delivered_at": now,
+                "attempts": 0,
+                "dead_letter": False,
+                "updated_at": now,
+            }
+            for td in sorted(items, key=lambda td: (td.tenant, td.day))
+        ]
+
+        def work(conn: Connection) -> None:
+            statement = dialect_insert(conn, delivery)
+            new = statement.excluded
+            # Still queued only if a newer version arrived while this one was being written.
+            done = delivery.c.queued_version == new.delivered_version
+            set_ = {
+                "delivered_version": new.delivered_version,
+                "delivered_at": new.delivered_at,
+                "attempts": 0,
+                "last_error": None,
+                "dead_letter": False,
+                "dead_version": None,
+                "queued_seq": case((done, None), else_=delivery.c.queued_seq),
+                "queued_version": case((done, None), else_=delivery.c.queued_version),
+                "queued_at": case((done, None), else_=delivery.c.queued_at),
+                "updated_at": new.updated_at,
+            }
+            conn.execute(
+                statement.on_conflict_do_update(
+                    index_elements=["sink", "tenant", "day"], set_=set_
+                ),
+                rows,
+            )
+
+        await self._write(work)
+
+    async def mark_failed(
+        self, sink: str, items: Sequence[TenantDay], error: str, max_attempts: int
+    ) -> list[TenantDay]:
+        """Count one failed delivery attempt for each item; returns those now dead-lettered.
+
+        A tenant-day is dead-lettered for this sink once its attempts reach ``max_attempts``
+        (``max_attempts=1``: at once, for a permanent error). It then leaves the queue until a
+        newer version of the day arrives or ``replay`` queues it again.
+        """
+        if not items:
+            return []
+        return await self._write(
+            lambda conn: self._mark_failed(conn, sink, items, error, max_attempts)
+        )
+
+    def _mark_failed(
+        self,
+        conn: Connection,
+        sink: str,
+        items: Sequence[TenantDay],
+        error: str,
+        max_attempts: int,
+    ) -> list[TenantDay]:
+        now = self._now()
+        message = short(error)
+        ordered = sorted(items, key=lambda td: (td.tenant, td.day))
+        found: dict[Key, dict[str, Any]] = {}
+        for chunk in chunks([(td.tenant, td.day) for td in ordered]):
+            query = (
+                select(delivery)
+                .where(
+                    delivery.c.sink == sink, tuple_(delivery.c.tenant, delivery.c.day).in_(chunk)
+                )
+                .with_for_update()
+            )
+            for existing in conn.execute(query):
+                found[(existing.tenant, existing.day)] = dict(existing._mapping)
+        dead: list[TenantDay] = []
+        rows: list[dict[str, Any]] = []
+        for td in ordered:
+            version = version_of_day(td)
+            row = found.get((td.tenant, td.day)) or {
+                "sink": sink,
+                "tenant": td.tenant,
+                "day": td.day,
+                "attempts": 0,
+                "dead_letter": False,
+            }
+            row.update(last_error=message, last_error_at=now, updated_at=now)
+            queued_version = row.get("queued_version")
+            # A failure of a version that newer data already superseded counts against nothing.
+            if queued_version is None or queued_version == version:
+                row["attempts"] += 1
+                if row["attempts"] >= max_attempts:
+                    row.update(
+                        dead_letter=True,
+                        dead_version=version,
+                        queued_seq=None,
+                        queued_version=None,
+                        queued_at=None,
+                    )
+                    dead.append(td)
+            rows.append(row)
+        columns = [c.name for c in delivery.c if c.name not in ("sink", "tenant", "day")]
+        full = [{c: row.get(c) for c in ("sink", "tenant", "day", *columns)} for row in rows]
+        conn.execute(upsert(conn, delivery, ["sink", "tenant", "day"], columns=columns), full)
+        return dead
+
+    async def backlog(self, sink: str, tenants: Collection[str] | None = None) -> int:
+        """How many tenant-days wait for ``sink``."""
+        query = (
+            select(func.count())
+            .select_from(delivery)
+            .where(
+                delivery.c.sink == sink,
+                delivery.c.queued_seq.is_not(None),
+                tenants_in(delivery.c.tenant, tenants),
+            )
+        )
+        return int(await self._read(lambda conn: conn.execute(query).scalar_one()))
+
+    async def dead_letters(self, sink: str, tenant: str | None = None) -> list[DeadLetter]:
+        """The tenant-days ``sink`` gave up on, oldest day first, with the last error."""
+        query = (
+            select(delivery, tenant_day.c.version.label("current_version"))
+            .join_from(
+                delivery,
+                tenant_day,
+                and_(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day),
+            )
+            .where(delivery.c.sink == sink, delivery.c.dead_letter.is_(True))
+            .order_by(delivery.c.day, delivery.c.tenant)
+        )
+        if tenant is not None:
+            query = query.where(delivery.c.tenant == tenant)
+
+        def work(conn: Connection) -> list[DeadLetter]:
+            return [
+                DeadLetter(
+                    sink=row.sink,
+                    tenant=row.tenant,
+                    day=row.day,
+                    attempts=row.attempts,
+                    error=row.last_error,
+                    dead_version=row.dead_version,
+                    current=row.dead_version == row.current_version,
+                    updated_at=row.updated_at,
+                )
+                for row in conn.execute(query)
+            ]
+
+        return await self._read(work)
+
+    async def replay(
+        self,
+        sink: str,
+        tenant: str | None = None,
+        since: dt.date | None = None,
+        only_dead: bool = False,
+    ) -> int:
+        """Queue stored history for ``sink`` again, without calling the API; returns how many.
+
+        Everything stored (or only its dead letters, with ``only_dead``) for the tenants routed to
+        the sink, narrowed to one ``tenant`` and to days from ``since`` on. Days whose payload
+        was pruned by retention cannot be replayed.
+        """
+        now = self._now()
+
+        def work(conn: Connection) -> int:
+            routed = self._registered(conn).get(sink)
+            condition = and_(
+                tenants_in(tenant_day.c.tenant, routed),
+                tenant_day.c.tenant == tenant if tenant is not None else true(),
+                tenant_day.c.day >= since if since is not None else true(),
+            )
+            if not only_dead:
+                return self._enqueue_history(conn, sink, condition, force=True, now=now)
+            stored = (
+                select(tenant_day.c.seq)
+                .where(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day)
+                .scalar_subquery()
+            )
+            stored_version = (
+                select(tenant_day.c.version)
+                .where(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day)
+                .scalar_subquery()
+            )
+            replayable = exists().where(
+                tenant_day.c.tenant == delivery.c.tenant,
+                tenant_day.c.day == delivery.c.day,
+                tenant_day.c.payload.is_not(None),
+                condition,
+            )
+            result = conn.execute(
+                update(delivery)
+                .where(delivery.c.sink == sink, delivery.c.dead_letter.is_(True), replayable)
+                .values(
+                    queued_seq=stored,
+                    queued_version=stored_version,
+                    queued_at=now,
+                    attempts=0,
+                    dead_letter=False,
+                    dead_version=None,
+                    updated_at=now,
+                )
+            )
+            return int(result.rowcount)
+
+        return await self._write(work)
+
+    async def record_sink_outcome(self, sink: str, error: str | None) -> None:
+        """Note a sink's latest success (``error=None``) or failure, for ``status``."""
+        now = self._now()
+        values: dict[str, Any] = (
+            {"last_success_at": now}
+            if error is None
+            else {"last_error": short(error), "last_error_at": now}
+        )
+        statement = update(sink_table).where(sink_table.c.name == sink).values(**values)
+        await self._write(lambda conn: conn.execute(statement))

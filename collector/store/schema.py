@@ -1,0 +1,283 @@
+"""Tables and returned values of the state store (:mod:`collector.store`); no I/O here.
+
+Plain SQLAlchemy Core tables on a private ``MetaData`` rather than SQLModel classes: SQLModel keeps
+one global metadata, which the SQLite sink's tables also live in, and ``create_all`` on it would
+put the sink's tables into the state database. Core also gives the dialect upserts
+(``INSERT ... ON CONFLICT``) the hot path needs, with the same code on SQLite and PostgreSQL.
+
+Schema version 1 (``schema_version`` table); a later version adds its migration in
+``StoreBase._migrate``.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Connection,
+    Date,
+    DateTime,
+    ForeignKeyConstraint,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+
+from collector.models import TenantDay
+
+SCHEMA_VERSION = 1
+FINAL_SUFFIX = ":final"
+
+
+class UtcDateTime(TypeDecorator[dt.datetime]):
+    """Timezone-aware UTC datetimes on every backend (SQLite stores naive text)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        value = value.astimezone(dt.UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
+metadata = MetaData()
+
+Tenant = String(200)
+Hash = String(80)
+
+schema_version = Table(
+    "schema_version",
+    metadata,
+    Column("version", Integer, primary_key=True),
+    Column("applied_at", UtcDateTime, nullable=False),
+)
+
+store_meta = Table(
+    "store_meta",
+    metadata,
+    Column("key", String(50), primary_key=True),
+    Column("value", BigInteger, nullable=False),
+)
+
+tenant_day = Table(
+    "tenant_day",
+    metadata,
+    Column("tenant", Tenant, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("status", String(16), nullable=False),  # fetched | final | failed
+    Column("final", Boolean, nullable=False, default=False),
+    Column("attempts", Integer, nullable=False, default=0),  # failed fetches since the last success
+    Column("reason", Text),  # why the last fetch failed
+    Column("fetched_at", UtcDateTime),  # last successful fetch
+    Column("changed_at", UtcDateTime),  # when the stored version last changed
+    Column("content_hash", Hash),  # usage figures only (collector.models.content_hash)
+    Column("version", Hash),  # content_hash, plus ":final" once final: what sinks are compared on
+    Column("seq", BigInteger),  # queue position of the current version
+    Column("payload", Text),  # raw API "data" object as JSON; NULL after retention pruning
+    Column("updated_at", UtcDateTime, nullable=False),
+    Index("ix_tenant_day_day", "day"),
+)
+
+sink_table = Table(
+    "sink",
+    metadata,
+    Column("name", String(200), primary_key=True),
+    Column("routes", Text),  # JSON list of tenant ids; NULL = every tenant
+    Column("last_success_at", UtcDateTime),
+    Column("last_error", Text),
+    Column("last_error_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+delivery = Table(
+    "delivery",
+    metadata,
+    Column("sink", String(200), primary_key=True),
+    Column("tenant", Tenant, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("delivered_version", Hash),
+    Column("delivered_at", UtcDateTime),
+    Column("attempts", Integer, nullable=False, default=0),  # failures of the queued version
+    Column("last_error", Text),
+    Column("last_error_at", UtcDateTime),
+    Column("dead_letter", Boolean, nullable=False, default=False),
+    Column("dead_version", Hash),
+    Column("queued_seq", BigInteger),  # NOT NULL = waiting for delivery (the outbox)
+    Column("queued_version", Hash),
+    Column("queued_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+    ForeignKeyConstraint(
+        ["tenant", "day"], ["tenant_day.tenant", "tenant_day.day"], ondelete="CASCADE"
+    ),
+    Index("ix_delivery_outbox", "sink", "queued_seq"),
+)
+# Dead letters are few: a partial index keeps `status` from scanning every delivery row.
+Index(
+    "ix_delivery_dead",
+    delivery.c.sink,
+    sqlite_where=delivery.c.dead_letter,
+    postgresql_where=delivery.c.dead_letter,
+)
+
+tenant_status = Table(
+    "tenant_status",
+    metadata,
+    Column("tenant", Tenant, primary_key=True),
+    Column("last_success_at", UtcDateTime),
+    Column("last_error", Text),
+    Column("last_error_at", UtcDateTime),
+    Column("auth_failed_until", UtcDateTime),
+    Column("next_run_at", UtcDateTime),
+    Column("updated_at", UtcDateTime, nullable=False),
+)
+
+
+def version_of(content_hash: str, final: bool) -> str:
+    """What a sink must have for a day to count as delivered: its figures and its finality."""
+    return content_hash + FINAL_SUFFIX if final else content_hash
+
+
+def version_of_day(td: TenantDay) -> str:
+    return version_of(td.content_hash, td.final)
+
+
+def dialect_insert(conn: Connection, table: Table) -> Any:
+    """``INSERT`` with ``on_conflict_do_update`` support for the connection's backend."""
+    if conn.dialect.name == "postgresql":
+        return postgresql.insert(table)
+    return sqlite.insert(table)
+
+
+def upsert(
+    conn: Connection,
+    table: Table,
+    keys: Sequence[str],
+    set_: Mapping[str, Any] | None = None,
+    *,
+    columns: Iterable[str] = (),
+) -> Any:
+    """An upsert for executemany; on conflict it sets ``set_``, else ``columns`` from the row."""
+    statement = dialect_insert(conn, table)
+    updates: dict[str, Any] = dict(set_ or {})
+    for name in columns:
+        updates.setdefault(name, statement.excluded[name])
+    if not updates:
+        return statement.on_conflict_do_nothing(index_elements=list(keys))
+    return statement.on_conflict_do_update(index_elements=list(keys), set_=updates)
+
+
+# --- values the store returns -------------------------------------------------------------------
+
+
+class PendingBatch(list[TenantDay]):
+    """The next tenant-days for a sink, in queue order; ``cursor`` continues after them."""
+
+    cursor: int | None = None
+
+
+def _iso(value: Any) -> Any:
+    if isinstance(value, dt.datetime | dt.date):
+        return value.isoformat()
+    return value
+
+
+class _JsonMixin:
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: dates and datetimes as ISO 8601 strings."""
+        raw = asdict(self)  # type: ignore[call-overload]
+        return {k: _iso(v) for k, v in raw.items()}
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter(_JsonMixin):
+    """A tenant-day a sink gave up on, and why; ``current`` is False once newer data replaced it."""
+
+    sink: str
+    tenant: str
+    day: dt.date
+    attempts: int
+    error: str | None
+    dead_version: str | None
+    current: bool
+    updated_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class TenantStatus(_JsonMixin):
+    """The ``tenant_status`` row: outcome of the tenant's last cycles and its next run."""
+
+    tenant: str
+    last_success_at: dt.datetime | None = None
+    last_error: str | None = None
+    last_error_at: dt.datetime | None = None
+    auth_failed_until: dt.datetime | None = None
+    next_run_at: dt.datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TenantState(_JsonMixin):
+    """One tenant in ``status``: stored days and the last outcomes."""
+
+    tenant: str
+    days_complete: int  # days with stored figures (fetched or final, including failed re-fetches)
+    days_final: int
+    days_failed: int  # days whose last fetch failed (with or without earlier figures)
+    first_day: dt.date | None
+    last_day: dt.date | None
+    last_fetched_at: dt.datetime | None
+    last_success_at: dt.datetime | None
+    last_error: str | None
+    last_error_at: dt.datetime | None
+    auth_failed_until: dt.datetime | None
+    next_run_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkState(_JsonMixin):
+    """One sink in ``status``: how much waits, how old the oldest wait is, what was given up."""
+
+    sink: str
+    routes: list[str] | None
+    backlog: int
+    dead_letters: int
+    lag_seconds: float  # age of the oldest queued tenant-day; 0 when the backlog is empty
+    oldest_queued_at: dt.datetime | None
+    last_success_at: dt.datetime | None
+    last_error: str | None
+    last_error_at: dt.datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class StatusSnapshot:
+    """Everything ``status`` and ``/status`` show, read in one go from the store."""
+
+    generated_at: dt.datetime
+    tenants: list[TenantState] = field(default_factory=list)
+    sinks: list[SinkState] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "generated_at": self.generated_at.isoformat(),
+            "tenants": [t.to_dict() for t in self.tenants],
+            "sinks": [s.to_dict() for s in self.sinks],
+        }

@@ -1,0 +1,180 @@
+"""Tenant outcomes (last success, last error, auth pause, next run) and the ``status`` snapshot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from sqlalchemy import (
+    Connection,
+    case,
+    func,
+    select,
+)
+
+from collector.store.base import StoreBase, short, tenants_in
+from collector.store.schema import (
+    SinkState,
+    StatusSnapshot,
+    TenantState,
+    TenantStatus,
+    delivery,
+    sink_table,
+    tenant_day,
+    tenant_status,
+    upsert,
+)
+
+
+class StatusStore(StoreBase):
+    """Per-tenant outcomes and the snapshot behind ``status`` and ``/status``."""
+
+    async def _set_tenant(self, tenant: str, values: Mapping[str, Any]) -> None:
+        now = self._now()
+        row = {"tenant": tenant, **values, "updated_at": now}
+        await self._write(
+            lambda conn: conn.execute(
+                upsert(conn, tenant_status, ["tenant"], columns=[k for k in row if k != "tenant"]),
+                [row],
+            )
+        )
+
+    async def set_tenant_success(self, tenant: str, at: dt.datetime | None = None) -> None:
+        """The tenant's cycle succeeded (this also ends an authentication pause)."""
+        await self._set_tenant(
+            tenant, {"last_success_at": at or self._now(), "auth_failed_until": None}
+        )
+
+    async def set_tenant_error(
+        self,
+        tenant: str,
+        error: str,
+        at: dt.datetime | None = None,
+        auth_failed_until: dt.datetime | None = None,
+    ) -> None:
+        """The tenant's cycle failed with ``error`` (secret-free); optionally pause it for auth."""
+        await self._set_tenant(
+            tenant,
+            {
+                "last_error": short(error),
+                "last_error_at": at or self._now(),
+                "auth_failed_until": auth_failed_until,
+            },
+        )
+
+    async def set_tenant_next_run(self, tenant: str, at: dt.datetime | None) -> None:
+        """When the scheduler runs the tenant next (None: not scheduled)."""
+        await self._set_tenant(tenant, {"next_run_at": at})
+
+    async def tenant_statuses(
+        self, tenants: Collection[str] | None = None
+    ) -> dict[str, TenantStatus]:
+        """The ``tenant_status`` rows, by tenant."""
+        query = select(tenant_status).where(tenants_in(tenant_status.c.tenant, tenants))
+        return await self._read(lambda conn: self._tenant_statuses(conn, query))
+
+    @staticmethod
+    def _tenant_statuses(conn: Connection, query: Any) -> dict[str, TenantStatus]:
+        return {
+            row.tenant: TenantStatus(
+                tenant=row.tenant,
+                last_success_at=row.last_success_at,
+                last_error=row.last_error,
+                last_error_at=row.last_error_at,
+                auth_failed_until=row.auth_failed_until,
+                next_run_at=row.next_run_at,
+            )
+            for row in conn.execute(query)
+        }
+
+    async def status_snapshot(self, tenants: Collection[str] | None = None) -> StatusSnapshot:
+        """Per tenant (days complete, last success and error, next run) and per registered sink
+        (backlog, dead letters, lag = age of the oldest queued tenant-day), read in one go.
+
+        ``tenants`` limits (and completes: a configured tenant with no data yet is listed) the
+        tenant part. Costs one scan of ``tenant_day``; fine for a scrape every few seconds.
+        """
+        return await self._read(lambda conn: self._status_snapshot(conn, tenants))
+
+    def _status_snapshot(self, conn: Connection, tenants: Collection[str] | None) -> StatusSnapshot:
+        now = self._now()
+        counts = {
+            row.tenant: row
+            for row in conn.execute(
+                select(
+                    tenant_day.c.tenant,
+                    func.count(tenant_day.c.content_hash).label("complete"),
+                    func.sum(case((tenant_day.c.final.is_(True), 1), else_=0)).label("final"),
+                    func.sum(case((tenant_day.c.status == "failed", 1), else_=0)).label("failed"),
+                    func.min(tenant_day.c.day).label("first_day"),
+                    func.max(tenant_day.c.day).label("last_day"),
+                    func.max(tenant_day.c.fetched_at).label("last_fetched_at"),
+                )
+                .where(tenants_in(tenant_day.c.tenant, tenants))
+                .group_by(tenant_day.c.tenant)
+            )
+        }
+        statuses = self._tenant_statuses(
+            conn, select(tenant_status).where(tenants_in(tenant_status.c.tenant, tenants))
+        )
+        names = sorted(set(tenants) if tenants is not None else set(counts) | set(statuses))
+        tenant_states = []
+        for name in names:
+            count = counts.get(name)
+            status = statuses.get(name) or TenantStatus(tenant=name)
+            tenant_states.append(
+                TenantState(
+                    tenant=name,
+                    days_complete=int(count.complete) if count else 0,
+                    days_final=int(count.final or 0) if count else 0,
+                    days_failed=int(count.failed or 0) if count else 0,
+                    first_day=count.first_day if count else None,
+                    last_day=count.last_day if count else None,
+                    last_fetched_at=count.last_fetched_at if count else None,
+                    last_success_at=status.last_success_at,
+                    last_error=status.last_error,
+                    last_error_at=status.last_error_at,
+                    auth_failed_until=status.auth_failed_until,
+                    next_run_at=status.next_run_at,
+                )
+            )
+        queued = {
+            row.sink: row
+            for row in conn.execute(
+                select(
+                    delivery.c.sink,
+                    func.count().label("backlog"),
+                    func.min(delivery.c.queued_at).label("oldest"),
+                )
+                .where(delivery.c.queued_seq.is_not(None))
+                .group_by(delivery.c.sink)
+            )
+        }
+        dead: dict[str, int] = {
+            name: int(count)
+            for name, count in conn.execute(
+                select(delivery.c.sink, func.count())
+                .where(delivery.c.dead_letter.is_(True))
+                .group_by(delivery.c.sink)
+            )
+        }
+        sink_states = []
+        for row in conn.execute(select(sink_table).order_by(sink_table.c.name)):
+            waiting = queued.get(row.name)
+            oldest = waiting.oldest if waiting else None
+            sink_states.append(
+                SinkState(
+                    sink=row.name,
+                    routes=None if row.routes is None else json.loads(row.routes),
+                    backlog=int(waiting.backlog) if waiting else 0,
+                    dead_letters=int(dead.get(row.name, 0)),
+                    lag_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
+                    oldest_queued_at=oldest,
+                    last_success_at=row.last_success_at,
+                    last_error=row.last_error,
+                    last_error_at=row.last_error_at,
+                )
+            )
+        return StatusSnapshot(generated_at=now, tenants=tenant_states, sinks=sink_states)

@@ -1,0 +1,384 @@
+"""Plugin discovery through real entry points, the sink registry, and safe notification calls.
+
+Third-party plugins here are real installed distributions: a ``*.dist-info`` directory with
+METADATA and entry_points.txt plus a module, put on sys.path, exactly what pip leaves behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import textwrap
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from collector_sinks.csv import CsvSink, CsvSinkConfig
+from collector_sinks.sqlite import SqliteSink, SqlSink
+from pydantic import ValidationError
+
+from collector.config import load_config
+from collector.errors import ConfigError
+from collector.hookspecs import hookimpl
+from collector.plugin_manager import (
+    BrokenPlugin,
+    PluginLoadError,
+    SinkRegistry,
+    make_plugin_manager,
+    notify,
+)
+from collector.sink import Sink
+from collector.testing import FailingSink, RecordingSink, testing_sinks
+
+SINK_MODULE = '''
+from collector.hookspecs import hookimpl
+from collector.sink import Sink, SinkConfig
+
+
+class {cls}Config(SinkConfig):
+    type: str = "{type_name}"
+    colour: str = "blue"
+
+
+class {cls}(Sink):
+    """{cls} stores nothing, for tests."""
+
+    type_name = "{type_name}"
+    Config = {cls}Config
+
+    async def write(self, batch):
+        pass
+
+
+@hookimpl
+def collector_register_sinks():
+    return [{cls}]
+'''
+
+Installer = Callable[..., str]
+
+
+@pytest.fixture
+def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Installer:
+    """Install a distribution into a fresh site directory on sys.path; returns its unique suffix."""
+    site = tmp_path / "site"
+    site.mkdir()
+    monkeypatch.syspath_prepend(str(site))
+
+    def make(
+        name: str,
+        modules: dict[str, str],
+        entry_points: dict[str, str],
+        extras: dict[str, list[str]] | None = None,
+        version: str = "1.2.3",
+    ) -> None:
+        dist_info = site / f"{name.replace('-', '_')}-{version}.dist-info"
+        dist_info.mkdir()
+        lines = ["Metadata-Version: 2.1", f"Name: {name}", f"Version: {version}"]
+        for extra, requirements in (extras or {}).items():
+            lines.append(f"Provides-Extra: {extra}")
+            lines += [f'Requires-Dist: {req}; extra == "{extra}"' for req in requirements]
+        (dist_info / "METADATA").write_text("\n".join(lines) + "\n", encoding="utf-8")
+        eps = "\n".join(f"{k} = {v}" for k, v in entry_points.items())
+        (dist_info / "entry_points.txt").write_text(f"[collector.sinks]\n{eps}\n", encoding="utf-8")
+        for module, source in modules.items():
+            (site / f"{module}.py").write_text(textwrap.dedent(source), encoding="utf-8")
+
+    return make
+
+
+def unique() -> str:
+    """A suffix that keeps module names of different tests apart in sys.modules."""
+    return uuid.uuid4().hex[:8]
+
+
+def test_first_party_sinks_come_through_entry_points() -> None:
+    """sqlite, sql and csv are registered from the collector.sinks group with their origin."""
+    pm = make_plugin_manager()
+    registry = SinkRegistry.from_plugin_manager(pm)
+    types = registry.types()
+    assert types["sqlite"] is SqliteSink
+    assert types["sql"] is SqlSink
+    assert types["csv"] is CsvSink
+    assert registry.config_types()["csv"] is CsvSinkConfig
+    info = {i.type_name: i for i in registry.describe()}["csv"]
+    assert (info.plugin, info.distribution) == ("csv", "zencoder-collector")
+    assert info.version
+    assert "path" in info.config_schema["properties"]
+    assert pm.origins["sqlite"].entry_point == "collector_sinks.sqlite"
+
+
+def test_third_party_plugin_is_loaded_like_first_party(install: Installer) -> None:
+    """An installed third-party distribution's sink is registered with its name and version."""
+    module = f"acme_sink_{unique()}"
+    install(
+        "acme-collector-sink",
+        {module: SINK_MODULE.format(cls="AcmeSink", type_name="acme")},
+        {"acme": module},
+    )
+    registry = SinkRegistry.from_plugin_manager(make_plugin_manager())
+    info = {i.type_name: i for i in registry.describe()}["acme"]
+    assert (info.distribution, info.version) == ("acme-collector-sink", "1.2.3")
+    assert info.summary == "AcmeSink stores nothing, for tests."
+    assert info.config_schema["properties"]["colour"]["default"] == "blue"
+    assert "csv" in registry.types()  # first-party sinks are still there
+
+
+def test_failed_import_is_recorded_with_the_extra_to_install(
+    install: Installer, tmp_path: Path
+) -> None:
+    """A plugin whose dependency is missing is recorded with its extra, not raised."""
+    lake, other = f"lake_sink_{unique()}", f"ok_sink_{unique()}"
+    install(
+        "lake-collector-sink",
+        {
+            lake: "import notarealpkg_zz_collector  # the optional dependency\n",
+            other: SINK_MODULE.format(cls="OkSink", type_name="oksink"),
+        },
+        {"lake": lake, "oksink": other},
+        extras={"lake": ["notarealpkg-zz-collector>=1"], "all": ["notarealpkg-zz-collector", "x"]},
+    )
+    pm = make_plugin_manager()
+    registry = SinkRegistry.from_plugin_manager(pm)
+    assert "oksink" in registry.types()
+    broken = [b for b in registry.broken() if b.name == "lake"]
+    assert broken == [
+        BrokenPlugin(
+            name="lake",
+            distribution="lake-collector-sink",
+            version="1.2.3",
+            error="ModuleNotFoundError: No module named 'notarealpkg_zz_collector'",
+            hint="pip install 'lake-collector-sink[lake]'",
+        )
+    ]
+    with pytest.raises(PluginLoadError, match=r"pip install 'lake-collector-sink\[lake\]'"):
+        registry.require("lake")
+
+
+def test_broken_type_is_fatal_only_when_configured(install: Installer, tmp_path: Path) -> None:
+    """A config using the broken type fails with the install hint; one that does not, loads."""
+    lake = f"lake_sink_{unique()}"
+    install(
+        "lake-collector-sink",
+        {lake: "import notarealpkg_zz_collector\n"},
+        {"lake": lake},
+        extras={"full": ["notarealpkg_zz_collector"]},
+    )
+    registry = SinkRegistry.from_plugin_manager(make_plugin_manager())
+    with pytest.raises(ValidationError, match="not available"):
+        registry.config_types()["lake"].model_validate({"type": "lake"})
+    tenants = "tenants:\n  - id: acme\n    api_key: zak_test\n"
+    using = tmp_path / "using.yaml"
+    using.write_text(f"sinks:\n  dl: {{type: lake, bucket: b}}\n{tenants}", encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(using, sink_types=registry.config_types())
+    message = str(caught.value)
+    assert "using.yaml:2: sinks.dl" in message
+    assert "pip install 'lake-collector-sink[full]'" in message
+    fine = tmp_path / "fine.yaml"
+    fine.write_text(f"sinks:\n  db: {{type: sqlite, path: '{tmp_path}/u.db'}}\n{tenants}", encoding="utf-8")
+    assert list(load_config(fine, sink_types=registry.config_types()).sinks) == ["db"]
+
+
+def test_entry_point_to_a_missing_module_suggests_reinstalling(install: Installer) -> None:
+    """An entry point naming a module its distribution lacks says to reinstall that distribution."""
+    install("halfway-sink", {}, {"halfway": f"halfway_sink_{unique()}.sub"})
+    broken = {b.name: b for b in make_plugin_manager().broken}["halfway"]
+    assert broken.hint == "pip install --force-reinstall 'halfway-sink'"
+    assert broken.error.startswith("ModuleNotFoundError")
+
+
+def test_import_error_of_another_kind_is_recorded(install: Installer) -> None:
+    """A plugin raising at import (not a missing module) is recorded with an upgrade hint."""
+    module = f"crashy_{unique()}"
+    install("crashy-sink", {module: "raise RuntimeError('bad import-time code')\n"}, {"crashy": module})
+    broken = {b.name: b for b in make_plugin_manager().broken}["crashy"]
+    assert broken.error == "RuntimeError: bad import-time code"
+    assert broken.hint is not None
+    assert "crashy-sink" in broken.hint
+    assert "crashy-sink" in broken.message()
+
+
+def test_misspelt_hookimpl_fails_at_start_up(install: Installer) -> None:
+    """A hookimpl whose name matches no hook stops make_plugin_manager, naming the plugin."""
+    module = f"typo_sink_{unique()}"
+    install(
+        "typo-sink",
+        {
+            module: """
+            from collector.hookspecs import hookimpl
+
+            @hookimpl
+            def collector_register_sink():
+                return []
+            """
+        },
+        {"typo": module},
+    )
+    with pytest.raises(PluginLoadError, match="typo") as caught:
+        make_plugin_manager()
+    assert "collector_register_sink" in str(caught.value)
+
+
+def test_hookimpl_with_unknown_argument_fails_at_start_up(install: Installer) -> None:
+    """A hookimpl asking for an argument its hook does not have stops start-up."""
+    module = f"argy_{unique()}"
+    install(
+        "argy-sink",
+        {
+            module: """
+            from collector.hookspecs import hookimpl
+
+            @hookimpl
+            def collector_tenant_failed(tenant, reason):
+                pass
+            """
+        },
+        {"argy": module},
+    )
+    with pytest.raises(PluginLoadError, match="argy"):
+        make_plugin_manager()
+
+
+def test_without_entry_points_only_explicit_plugins_count() -> None:
+    """load_entrypoints=False gives an empty manager to which plugins can be added by hand."""
+    pm = make_plugin_manager(load_entrypoints=False)
+    assert SinkRegistry.from_plugin_manager(pm).types() == {}
+    pm.register(testing_sinks, name="testing")
+    registry = SinkRegistry.from_plugin_manager(pm)
+    assert registry.types() == {"failing": FailingSink, "recording": RecordingSink}
+    assert {i.distribution for i in registry.describe()} == {"zencoder-collector"}
+
+
+class _Plugin:
+    def __init__(self, *classes: object) -> None:
+        self.classes = list(classes)
+
+    @hookimpl
+    def collector_register_sinks(self) -> list[object]:
+        return self.classes
+
+
+class _Raising:
+    @hookimpl
+    def collector_register_sinks(self) -> list[object]:
+        raise RuntimeError("plugin bug")
+
+
+def test_conflicts_and_invalid_classes_are_reported_not_raised() -> None:
+    """Two claims of one type, invalid classes and a raising hook become broken entries."""
+
+    class Dup1(RecordingSink):
+        type_name = "dup"
+
+    class Dup2(RecordingSink):
+        type_name = "dup"
+
+    class BadName(RecordingSink):
+        type_name = "Bad Name"
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(_Plugin(Dup1, RecordingSink, RecordingSink), name="one")
+    pm.register(_Plugin(Dup2, BadName, "not a class"), name="two")
+    pm.register(_Raising(), name="three")
+    registry = SinkRegistry.from_plugin_manager(pm)
+    assert registry.types() == {"recording": RecordingSink}
+    broken = {b.name: b.error for b in registry.broken()}
+    assert "claimed by" in broken["dup"]
+    assert "Dup1" in broken["dup"]
+    assert "Dup2" in broken["dup"]
+    assert "must be lower-case" in broken["Bad Name"]
+    assert "not a subclass" in broken["two"]
+    assert broken["three"] == "RuntimeError: plugin bug"
+    with pytest.raises(PluginLoadError, match="claimed by"):
+        registry.require("dup")
+    with pytest.raises(PluginLoadError, match="unknown sink type 'nope' .installed: recording"):
+        registry.require("nope")
+
+
+def test_create_and_render(tmp_path: Path) -> None:
+    """create() builds an instance from its config; render() lists types, origins and breakage."""
+    pm = make_plugin_manager()
+    registry = SinkRegistry.from_plugin_manager(pm)
+    sink = registry.create("sheets", CsvSinkConfig(type="csv", path=tmp_path))
+    assert isinstance(sink, CsvSink)
+    assert sink.name == "sheets"
+    text = registry.render()
+    assert any(line.startswith("csv ") and "zencoder-collector" in line for line in text.splitlines())
+    payload = json.loads(registry.render(as_json=True))
+    csv_entry = next(s for s in payload["sinks"] if s["type"] == "csv")
+    assert csv_entry["class"] == "collector_sinks.csv.CsvSink"
+    assert csv_entry["config_schema"]["required"] == ["path"]
+    assert "broken" in payload
+    assert '"properties"' in registry.render(schemas=True)
+
+
+def test_notify_isolates_a_raising_plugin() -> None:
+    """A raising hookimpl is logged and skipped; the implementations around it still run."""
+    seen: list[str] = []
+
+    class Recorder:
+        def __init__(self, label: str) -> None:
+            self.label = label
+
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str, error: str) -> None:
+            seen.append(f"{self.label}:{tenant}:{error}")
+
+    class Broken:
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str) -> None:
+            raise ValueError(f"cannot alert about {tenant}")
+
+    class TenantOnly:
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str) -> None:
+            seen.append(f"tenant-only:{tenant}")
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Recorder("first"), name="first")
+    pm.register(Broken(), name="broken")
+    pm.register(TenantOnly(), name="tenant-only")
+    pm.register(Recorder("last"), name="last")
+    failures = notify(pm, "collector_tenant_failed", tenant="acme", error="AuthError")
+    assert failures == 1
+    assert seen == ["first:acme:AuthError", "tenant-only:acme", "last:acme:AuthError"]
+
+
+def test_notify_rejects_wrong_arguments_and_skips_wrappers() -> None:
+    """notify checks the argument names against the spec and never runs wrapper hookimpls."""
+    ran: list[str] = []
+
+    class Wrapper:
+        @hookimpl(wrapper=True)
+        def collector_tenant_day_collected(self, tenant: str):  # type: ignore[no-untyped-def]
+            ran.append("wrapper")
+            return (yield)
+
+    class Plain:
+        @hookimpl
+        def collector_tenant_day_collected(self, tenant: str, day: dt.date, changed: bool) -> None:
+            ran.append(f"{tenant} {day} {changed}")
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Wrapper(), name="wrapper")
+    pm.register(Plain(), name="plain")
+    with pytest.raises(TypeError, match="takes"):
+        notify(pm, "collector_tenant_day_collected", tenant="acme")
+    with pytest.raises(ValueError, match="not a collector hook"):
+        notify(pm, "collector_no_such_hook", tenant="acme")
+    day = dt.date(2025, 1, 1)
+    assert notify(pm, "collector_tenant_day_collected", tenant="acme", day=day, changed=False) == 0
+    assert ran == ["acme 2025-01-01 False"]
+
+
+def test_sink_class_reaches_registry_only_through_the_hook() -> None:
+    """A Sink subclass that no plugin returns is not a registered type."""
+
+    class Orphan(Sink):
+        type_name = "orphan"
+
+    pm = make_plugin_manager()
+    assert "orphan" not in SinkRegistry.from_plugin_manager(pm).types()
+    assert Orphan.type_name == "orphan"

@@ -1,0 +1,318 @@
+"""The SQL sink against a real SQLite file and (with COLLECTOR_TEST_POSTGRES_URL) a real PostgreSQL."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
+from pydantic import SecretStr, ValidationError
+
+from collector.errors import SinkPermanentError, SinkTransientError
+from collector.models import TenantDay, UserDayRecord
+from collector.testing import make_batch, make_tenant_day, refetched
+
+TABLE_KEYS = {
+    "usage_daily": ("tenant", "day"),
+    "usage_daily_ide": ("tenant", "day", "ide_name"),
+    "usage_daily_language": ("tenant", "day", "language_name"),
+    "usage_user_daily": ("tenant", "day", "user"),
+}
+
+
+def _text(value: Any) -> Any:
+    """Dates and timestamps as ISO text (UTC), whatever the driver returned."""
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is not None:
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
+        return value.isoformat(sep=" ")
+    if isinstance(value, dt.date):
+        return value.isoformat()
+    return value
+
+
+def read_tables(url: str) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the four tables through plain SQL, ordered by primary key."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            tables: dict[str, list[tuple[Any, ...]]] = {}
+            for table, keys in TABLE_KEYS.items():
+                order = ", ".join(f'"{k}"' for k in keys)
+                result = conn.execute(sa.text(f"SELECT * FROM {table} ORDER BY {order}"))  # noqa: S608 - fixed table names
+                tables[table] = [tuple(_text(v) for v in row) for row in result]
+            return tables
+    finally:
+        engine.dispose()
+
+
+def expected_tables(tenant_days: list[TenantDay]) -> dict[str, list[tuple[Any, ...]]]:
+    """What the four tables must hold for these tenant-days, in read_tables' form."""
+    daily, ides, languages, users = [], [], [], []
+    for td in tenant_days:
+        day = td.day.isoformat()
+        stamp = td.fetched_at.astimezone(dt.UTC).replace(tzinfo=None).isoformat(sep=" ")
+        daily.append((td.tenant, day, td.daily.active_users, td.daily.messages, stamp, True))
+        ides += [(td.tenant, day, i.ide_name, i.engaged_users) for i in td.ides]
+        languages += [(td.tenant, day, x.language_name, x.engaged_users) for x in td.languages]
+        users += [
+            (
+                td.tenant,
+                day,
+                u.user,
+                u.messages,
+                u.last_active.isoformat() if u.last_active else None,
+                u.ides,
+                u.languages,
+            )
+            for u in td.users
+        ]
+    return {
+        "usage_daily": sorted(daily),
+        "usage_daily_ide": sorted(ides),
+        "usage_daily_language": sorted(languages),
+        "usage_user_daily": sorted(users),
+    }
+
+
+def comparable(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple[Any, ...]]]:
+    """Decode the JSON arrays of user rows and booleans, so rows compare with expected_tables."""
+    result = dict(tables)
+    result["usage_daily"] = sorted(
+        row[:4] + (_text(dt.datetime.fromisoformat(str(row[4]))), bool(row[5]))
+        for row in tables["usage_daily"]
+    )
+    result["usage_user_daily"] = sorted(
+        row[:5] + (tuple(json.loads(row[5])), tuple(json.loads(row[6])))
+        for row in tables["usage_user_daily"]
+    )
+    for name in ("usage_daily_ide", "usage_daily_language"):
+        result[name] = sorted(tables[name])
+    return result
+
+
+@pytest.fixture
+def postgres_schema_url(postgres_url: str) -> Iterator[str]:
+    """A fresh schema in the test PostgreSQL database, dropped afterwards."""
+    schema = f"sink_test_{uuid.uuid4().hex[:12]}"
+    admin = sa.create_engine(postgres_url)
+    with admin.begin() as conn:
+        conn.execute(sa.text(f'CREATE SCHEMA "{schema}"'))
+    url = sa.make_url(postgres_url).update_query_dict({"options": f"-csearch_path={schema}"})
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with admin.begin() as conn:
+            conn.execute(sa.text(f'DROP SCHEMA "{schema}" CASCADE'))
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def target_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A database URL: a SQLite file in tmp_path, or a fresh PostgreSQL schema."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'usage.db'}"
+    url: str = request.getfixturevalue("postgres_schema_url")
+    return url
+
+
+@pytest.fixture
+async def sink(target_url: str) -> AsyncIterator[SqliteSink]:
+    """An opened SQL sink on target_url, closed after the test."""
+    sink = SqlSink("warehouse", SqliteSinkConfig(type="sql", url=SecretStr(target_url)))
+    await sink.open()
+    yield sink
+    await sink.aclose()
+
+
+async def test_write_stores_the_four_tables_exactly(sink: SqliteSink, target_url: str) -> None:
+    """Every daily, IDE, language and user row of a batch is stored with its exact values."""
+    batch = make_batch(("acme", "globex"), 3, users=5)
+    await sink.write(batch)
+    assert comparable(read_tables(target_url)) == expected_tables(batch)
+
+
+async def test_redelivery_replaces_and_never_duplicates(sink: SqliteSink, target_url: str) -> None:
+    """Writing a batch again, then a changed re-fetch, leaves exactly the latest version once."""
+    first = make_batch(("acme",), 2, users=6)
+    await sink.write(first)
+    await sink.write(first)
+    assert comparable(read_tables(target_url)) == expected_tables(first)
+    second = [refetched(first[0], drop_users=2), refetched(first[1], drop_users=99)]
+    await sink.write(second)
+    stored = comparable(read_tables(target_url))
+    assert stored == expected_tables(second)
+    assert len(stored["usage_user_daily"]) == 4  # two users of day 1 and all of day 2 are gone
+    assert stored["usage_daily"][1][2:4] == (0, 0)
+
+
+async def test_duplicate_tenant_day_in_one_batch_keeps_the_last(
+    sink: SqliteSink, target_url: str
+) -> None:
+    """A tenant-day given twice in one batch is stored once, as its later version."""
+    old = make_tenant_day("acme", dt.date(2025, 3, 1), 4)
+    new = refetched(old)
+    await sink.write([old, new])
+    assert comparable(read_tables(target_url)) == expected_tables([new])
+
+
+async def test_unicode_round_trip(sink: SqliteSink, target_url: str) -> None:
+    """Non-ASCII emails, IDE and language names are stored unchanged (JSON arrays unescaped)."""
+    batch = make_batch(("acme",), 1, users=4, unicode=True)
+    await sink.write(batch)
+    assert comparable(read_tables(target_url)) == expected_tables(batch)
+
+
+async def test_naive_and_offset_timestamps_are_stored_in_utc(
+    sink: SqliteSink, target_url: str
+) -> None:
+    """fetched_at with any UTC offset is stored as the same instant in UTC."""
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    aware = make_tenant_day("acme", fetched_at=dt.datetime(2025, 1, 16, 8, 30, tzinfo=plus_two))
+    naive = make_tenant_day("globex", fetched_at=dt.datetime(2025, 1, 16, 7, 45))
+    await sink.write([aware, naive])
+    stamps = [row[4] for row in comparable(read_tables(target_url))["usage_daily"]]
+    assert stamps == ["2025-01-16 06:30:00", "2025-01-16 07:45:00"]
+
+
+async def test_data_error_is_permanent_and_hides_values(sink: SqliteSink) -> None:
+    """A row the database rejects raises SinkPermanentError without any row value in the message."""
+    td = make_tenant_day("acme", users=["secret.person@example.com"])
+    broken = UserDayRecord("acme", td.day, "secret.person@example.com", None, None, (), ())  # type: ignore[arg-type]
+    with pytest.raises(SinkPermanentError) as caught:
+        await sink.write([td.with_users([broken])])
+    assert "secret.person" not in str(caught.value)
+    assert "warehouse" in str(caught.value)
+
+
+async def test_failed_batch_leaves_nothing_behind(sink: SqliteSink, target_url: str) -> None:
+    """One transaction per batch: a batch failing at its last row stores none of its rows."""
+    good = make_batch(("acme",), 2)
+    bad_user = UserDayRecord("acme", good[1].day, "x@example.com", None, None, (), ())  # type: ignore[arg-type]
+    with pytest.raises(SinkPermanentError):
+        await sink.write([good[0], good[1].with_users([bad_user])])
+    assert all(not rows for rows in read_tables(target_url).values())
+
+
+async def test_locked_sqlite_is_transient(tmp_path: Path) -> None:
+    """A database locked by another writer past busy_timeout raises SinkTransientError."""
+    path = tmp_path / "usage.db"
+    sink = SqliteSink(
+        "w", SqliteSinkConfig(type="sqlite", path=path, busy_timeout=dt.timedelta(milliseconds=200))
+    )
+    await sink.open()
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        with pytest.raises(SinkTransientError, match="locked"):
+            await sink.write(make_batch(("acme",), 1))
+        assert time.monotonic() - started >= 0.15
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    await sink.write(make_batch(("acme",), 1))  # the lock is gone: the same write succeeds
+    await sink.aclose()
+
+
+async def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
+    """The SQLite file is created (directories included) in WAL journal mode."""
+    path = tmp_path / "nested" / "dir" / "usage.db"
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=path))
+    await sink.write(make_batch(("acme",), 1))
+    await sink.aclose()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+async def test_unusable_sqlite_path_is_a_sink_error(tmp_path: Path) -> None:
+    """A path that is a directory fails open() with SinkTransientError, not a driver error."""
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=tmp_path))
+    with pytest.raises(SinkTransientError, match="sink w"):
+        await sink.open()
+    await sink.aclose()
+
+
+async def test_unreachable_server_is_transient_and_hides_password() -> None:
+    """A PostgreSQL URL nobody listens on raises SinkTransientError without the password."""
+    config = SqliteSinkConfig(
+        type="sql",
+        url=SecretStr("postgresql+psycopg://user@127.0.0.1:1/db?connect_timeout=2"),
+        password=SecretStr("hunter2-canary"),
+    )
+    sink = SqlSink("dwh", config)
+    with pytest.raises(SinkTransientError) as caught:
+        await sink.ping()
+    assert "hunter2-canary" not in str(caught.value)
+    assert "hunter2-canary" not in repr(config)
+    assert "hunter2-canary" not in config.redacted_url()
+    assert "hunter2-canary" in config.sqlalchemy_url().render_as_string(hide_password=False)
+    await sink.aclose()
+
+
+async def test_ping_and_double_close(sink: SqliteSink) -> None:
+    """ping() succeeds on a reachable database and aclose() may be called twice."""
+    await sink.ping()
+    await sink.aclose()
+    await sink.aclose()
+
+
+async def test_existing_tables_without_create(tmp_path: Path) -> None:
+    """create_tables: false works against tables created earlier and fails cleanly without them."""
+    path = tmp_path / "usage.db"
+    creator = SqliteSink("a", SqliteSinkConfig(type="sqlite", path=path))
+    await creator.open()
+    await creator.aclose()
+    reuser = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
+    await reuser.write(make_batch(("acme",), 1))
+    await reuser.aclose()
+    empty = SqliteSink("c", SqliteSinkConfig(type="sqlite", path=tmp_path / "empty.db", create_tables=False))
+    with pytest.raises(SinkTransientError, match="no such table"):
+        await empty.write(make_batch(("acme",), 1))
+    await empty.aclose()
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({}, "exactly one of path"),
+        ({"path": "a.db", "url": "sqlite:///b.db"}, "exactly one of path"),
+        ({"url": "not a url"}, "not a valid SQLAlchemy URL"),
+        ({"url": "nosuchdb://host/db"}, "unknown database dialect"),
+        ({"url": "mysql+nosuchdriver://host/db"}, "unknown database dialect"),
+        ({"path": "a.db", "pii": "pseudonymize"}, "pii_key"),
+        ({"path": "a.db", "bogus": 1}, "Extra inputs are not permitted"),
+    ],
+)
+def test_config_validation(settings: dict[str, Any], message: str) -> None:
+    """Invalid settings are rejected at config time with a message naming the problem."""
+    with pytest.raises(ValidationError, match=message):
+        SqliteSinkConfig.model_validate({"type": "sqlite", **settings})
+
+
+def test_config_errors_never_echo_the_url() -> None:
+    """A rejected URL is not repeated in the error (it may hold a password)."""
+    with pytest.raises(ValidationError) as caught:
+        SqliteSinkConfig.model_validate({"type": "sql", "url": "nosuchdb://u:topsecret@h/db"})
+    assert "topsecret" not in str(caught.value)
+
+
+async def test_write_cost_per_tenant_day(tmp_path: Path) -> None:
+    """Writing a tenant-day of 30 users costs well under a millisecond of CPU (target 0.3 ms)."""
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=tmp_path / "usage.db"))
+    await sink.open()
+    batches = [make_batch(20, 10, users=30, seed=k) for k in range(2)]
+    started = time.process_time()
+    for batch in batches:
+        await sink.write(batch)
+    per_tenant_day = (time.process_time() - started) / sum(len(b) for b in batches)
+    await sink.aclose()
+    assert per_tenant_day < 0.001, f"{per_tenant_day * 1000:.3f} ms per tenant-day"
