@@ -27,6 +27,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -136,24 +137,35 @@ class SimulatorProcess:
 
 
 def run_measured(
-    cmd: list[str], log: Path, env: dict[str, str], timeout: float
+    cmd: list[str], out: Path, env: dict[str, str], timeout: float
 ) -> tuple[int, float, float, float]:
-    """Run a child to the end: exit code, wall s, CPU s (with its reaped children), peak RSS MiB."""
-    with log.open("w") as out:
+    """Run a runner through the small launcher: exit code, wall s, CPU s, peak RSS MiB."""
+    measured = out / "measure.json"
+    launcher = [sys.executable, str(BENCH_DIR / "_measure.py"), str(measured), "--", *cmd]
+    with (out / "run.log").open("w") as log:
         started = time.perf_counter()
-        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, env=env)
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.perf_counter() - started > timeout:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            time.sleep(0.005)
-        wall = time.perf_counter() - started
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped by wait4, not by Popen
-    return proc.returncode, wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss / 1024
+        # A session of its own, so a timeout can stop the launcher and the runner together.
+        proc = subprocess.Popen(
+            launcher,
+            cwd=ROOT,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            return -1, time.perf_counter() - started, 0.0, 0.0
+    figures = json.loads(measured.read_text())
+    return (
+        int(figures["exit_code"]),
+        float(figures["wall"]),
+        float(figures["cpu"]),
+        figures["max_rss_kib"] / 1024,
+    )
 
 
 def write_tenants_json(path: Path, count: int) -> None:
@@ -261,6 +273,11 @@ def expected_rows(tenants: int, days: int, today: dt.date) -> Rows:
     return expected
 
 
+def demo_number(tenant_id: str) -> int:
+    """1 for tenant-01: demo tenants are numbered, and a sample is the first k of them."""
+    return int(tenant_id.rsplit("-", 1)[1])
+
+
 def check_rows(name: str, out: Path, expected: Rows) -> tuple[bool, str]:
     db = out / "usage.db"
     if not db.exists():
@@ -345,7 +362,6 @@ def run_one(
     tenants: int,
     workdir: Path,
     args: argparse.Namespace,
-    expected: Rows,
 ) -> Result:
     out = workdir / name
     shutil.rmtree(out, ignore_errors=True)
@@ -357,7 +373,7 @@ def run_one(
         before = sim.stats()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "RUNTIME__DLTHUB_TELEMETRY": "false"}
         code, result.wall, result.cpu, result.max_rss_mib = run_measured(
-            cmd, out / "run.log", env, args.timeout
+            cmd, out, env, args.timeout
         )
         after = sim.stats()
     finally:
@@ -372,12 +388,6 @@ def run_one(
     if code != 0:
         tail = (out / "run.log").read_text(errors="replace").strip().splitlines()[-1:] or [""]
         result.note = f"exit {code}: {tail[0][:80]} (log: {out / 'run.log'})"
-    ok, why = check_rows(
-        name, out, {k: v for k, v in expected.items() if int(k[0].rsplit("-", 1)[1]) <= tenants}
-    )
-    result.rows_ok = ok
-    if why:
-        result.note = (result.note + "; " if result.note else "") + why
     if name == "dlt" and args.dlt_workers is None:
         result.note = (result.note + "; " if result.note else "") + "dlt default workers (5)"
     return result
@@ -417,7 +427,6 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="zc-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     today = dt.datetime.now(dt.UTC).date()
-    expected = expected_rows(scenario.tenants, scenario.days, today)
 
     results = []
     for name in runners:
@@ -427,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
-        result = run_one(name, scenario, tenants, workdir, args, expected)
+        result = run_one(name, scenario, tenants, workdir, args)
         print(
             f"  {result.wall:.2f} s wall, {result.cpu:.2f} s CPU, responses {result.responses}",
             file=sys.stderr,
@@ -435,6 +444,13 @@ def main(argv: list[str] | None = None) -> int:
         results.append(result)
     if dt.datetime.now(dt.UTC).date() != today:
         print("warning: the UTC date changed during the run; row checks may fail", file=sys.stderr)
+    # Computed after the runs: a big parent process would inflate the runners' peak RSS.
+    expected = expected_rows(max((r.tenants_run for r in results), default=0), scenario.days, today)
+    for r in results:
+        wanted = {k: v for k, v in expected.items() if demo_number(k[0]) <= r.tenants_run}
+        r.rows_ok, why = check_rows(r.runner, workdir / r.runner, wanted)
+        if why:
+            r.note = f"{why}; {r.note}" if r.note else why
 
     print_table(args.scenario, scenario, results)
     print(f"outputs: {workdir}")

@@ -87,7 +87,6 @@ def build_deliverer(
     store: Store,
     *,
     only_sinks: set[str] | None = None,
-    metrics: Metrics | None = None,
 ) -> tuple[dict[str, Sink], Deliverer | None]:
     """Create the configured sink instances (no I/O yet) and the deliverer that drains them."""
     sinks: dict[str, Sink] = {}
@@ -103,7 +102,6 @@ def build_deliverer(
         {name: config.sinks[name] for name in sinks},
         {name: routes[name] for name in sinks},
         notify=plugins.notify,
-        metrics=metrics,
     )
     return sinks, deliverer
 
@@ -120,18 +118,21 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the store, create the sinks and the client; close all of them on exit."""
     configure_plugins(plugins.pm, config)
-    store = await Store.open(config.state.url)
+    store = await Store.open(config.state.connection_url())
     try:
         sinks: dict[str, Sink] = {}
         deliverer: Deliverer | None = None
         if with_sinks:
-            sinks, deliverer = build_deliverer(
-                config, plugins, store, only_sinks=only_sinks, metrics=metrics
-            )
+            sinks, deliverer = build_deliverer(config, plugins, store, only_sinks=only_sinks)
         async with ApiClient(config.api) as client:
             runtime = Runtime(config, plugins, store, client, sinks, deliverer)
             async with Collector(
-                config, client, store, deliverer, notify=plugins.notify, today=today,
+                config,
+                client,
+                store,
+                deliverer,
+                notify=plugins.notify,
+                today=today,
                 metrics=metrics,
             ) as collector:
                 runtime.collector = collector

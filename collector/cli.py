@@ -32,7 +32,9 @@ def parse_day(value: str) -> dt.date:
 
 
 def _bad_day(value: str) -> dt.date:
-    raise argparse.ArgumentTypeError(f"invalid date {value!r}: expected YYYY-MM-DD, e.g. 2026-01-31")
+    raise argparse.ArgumentTypeError(
+        f"invalid date {value!r}: expected YYYY-MM-DD, e.g. 2026-01-31"
+    )
 
 
 def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
@@ -53,27 +55,46 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collect Zencoder usage analytics for many organizations and deliver it to sinks.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL", "info"))
     parser.add_argument(
-        "--log-format", choices=["auto", "json", "console"], default="auto",
+        "--log-level",
+        default=os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL"),
+        help="debug, info (default), warning, error; the demo defaults to warning",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default="auto",
         help="auto: console on a terminal, JSON otherwise",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the daemon (or one cycle with --once)")
     _config_arg(run)
-    run.add_argument("--once", action="store_true", help="one cycle, then exit; exit code 0 only if every tenant succeeded")
+    run.add_argument(
+        "--once",
+        action="store_true",
+        help="one cycle, then exit; exit code 0 only if every tenant succeeded",
+    )
     run.add_argument("--tenant", action="append", help="limit to these tenant ids (repeatable)")
 
-    validate = sub.add_parser("validate", help="check the config (and with --check-credentials, each tenant's credentials)")
+    validate = sub.add_parser(
+        "validate",
+        help="check the config (and with --check-credentials, each tenant's credentials)",
+    )
     _config_arg(validate)
-    validate.add_argument("--check-credentials", action="store_true", help="ask the API for a token (or one day) per tenant")
+    validate.add_argument(
+        "--check-credentials",
+        action="store_true",
+        help="ask the API for a token (or one day) per tenant",
+    )
 
     backfill = sub.add_parser("backfill", help="fetch an explicit date range for one tenant or all")
     _config_arg(backfill)
     backfill.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all")
     backfill.add_argument("--since", type=parse_day, required=True, help="first day, YYYY-MM-DD")
-    backfill.add_argument("--until", type=parse_day, help="last day, YYYY-MM-DD (default: today UTC)")
+    backfill.add_argument(
+        "--until", type=parse_day, help="last day, YYYY-MM-DD (default: today UTC)"
+    )
     backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     status = sub.add_parser("status", help="per-tenant and per-sink state from the state store")
@@ -83,21 +104,31 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="cross-tenant usage summary from a SQL sink")
     _config_arg(report, required=False)
     report.add_argument("--db", help="SQLAlchemy URL or SQLite path of a SQL sink's database")
-    report.add_argument("--sink", help="name of a sqlite/sql sink in the config (default: the first)")
+    report.add_argument(
+        "--sink", help="name of a sqlite/sql sink in the config (default: the first)"
+    )
     report.add_argument("--days", type=int, default=30, help="window ending today (default 30)")
-    report.add_argument("--until", type=parse_day, help="last day of the window (default: today UTC)")
+    report.add_argument(
+        "--until", type=parse_day, help="last day of the window (default: today UTC)"
+    )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    replay = sub.add_parser("replay", help="redeliver stored history to a sink without calling the API")
+    replay = sub.add_parser(
+        "replay", help="redeliver stored history to a sink without calling the API"
+    )
     _config_arg(replay)
     replay.add_argument("--sink", required=True, help="sink instance name")
-    replay.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all routed")
+    replay.add_argument(
+        "--tenant", action="append", help="tenant id (repeatable); default: all routed"
+    )
     replay.add_argument("--since", type=parse_day, help="first day to redeliver")
     replay.add_argument("--dead-letters", action="store_true", help="only dead-lettered days")
 
     plugins = sub.add_parser("plugins", help="list discovered sink types, origin and config schema")
     plugins.add_argument("--json", action="store_true")
-    plugins.add_argument("--schemas", action="store_true", help="include each sink's config JSON Schema")
+    plugins.add_argument(
+        "--schemas", action="store_true", help="include each sink's config JSON Schema"
+    )
 
     schema = sub.add_parser("schema", help="print the config JSON Schema")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
@@ -105,15 +136,18 @@ def build_parser() -> argparse.ArgumentParser:
     simulate = sub.add_parser("simulate", help="serve the built-in Zencoder API simulator")
     add_simulate_arguments(simulate)
 
-    demo = sub.add_parser("demo", help="simulator + collection into SQLite and CSV + report, in one go")
+    demo = sub.add_parser(
+        "demo", help="simulator + collection into SQLite and CSV + report, in one go"
+    )
     demo.add_argument("--output", default="demo-output", help="directory for the demo's files")
-    demo.add_argument("--tenants", type=int, default=5)
 
     export = sub.add_parser("export", help="export stored data")
     export_sub = export.add_subparsers(dest="export_format", required=True)
     from collector.export import add_export_arguments
 
-    add_export_arguments(export_sub.add_parser("csv", help="concatenate CSV partitions into one file per table"))
+    add_export_arguments(
+        export_sub.add_parser("csv", help="concatenate CSV partitions into one file per table")
+    )
     return parser
 
 
@@ -123,7 +157,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from collector.log import configure_logging
 
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
-    configure_logging(args.log_level, json=fmt)
+    level = args.log_level or ("warning" if args.command in {"demo", "report"} else "info")
+    configure_logging(level, json=fmt)
     try:
         return _dispatch(args)
     except ConfigError as exc:

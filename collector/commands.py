@@ -77,7 +77,9 @@ async def validate(args: argparse.Namespace) -> int:
     return EXIT_OK if failures == 0 else EXIT_INCOMPLETE
 
 
-async def _cycle(config: AppConfig, loaded: Plugins, tenants: list[object] | None, days: object = None) -> tuple[CycleResult, bool]:
+async def _cycle(
+    config: AppConfig, loaded: Plugins, tenants: list[object] | None, days: object = None
+) -> tuple[CycleResult, bool]:
     async with open_runtime(config, loaded) as runtime:
         assert runtime.collector is not None
         deliver = (
@@ -102,7 +104,10 @@ async def run(args: argparse.Namespace) -> int:
     result, delivered = await _cycle(config, loaded, tenants)
     print(cycle_summary(result))
     if not delivered:
-        print("some sinks still have undelivered days: see `zencoder-collector status`", file=sys.stderr)
+        print(
+            "some sinks still have undelivered days: see `zencoder-collector status`",
+            file=sys.stderr,
+        )
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
 
 
@@ -125,7 +130,7 @@ async def status(args: argparse.Namespace) -> int:
     from collector.status import render_status, status_snapshot
     from collector.store import Store
 
-    store = await Store.open(config.state.url)
+    store = await Store.open(config.state.connection_url())
     try:
         snapshot = await status_snapshot(config, store)
     finally:
@@ -137,7 +142,10 @@ async def status(args: argparse.Namespace) -> int:
 async def replay(args: argparse.Namespace) -> int:
     config, loaded = _load(args)
     if args.sink not in config.sinks:
-        print(f"error: no sink named {args.sink!r} (configured: {', '.join(config.sinks)})", file=sys.stderr)
+        print(
+            f"error: no sink named {args.sink!r} (configured: {', '.join(config.sinks)})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
     async with open_runtime(config, loaded, only_sinks={args.sink}) as runtime:
         reset = 0
@@ -191,7 +199,7 @@ async def demo(args: argparse.Namespace) -> int:
 
     output = Path(args.output)
     output.mkdir(parents=True, exist_ok=True)
-    settings = SimulatorSettings(tenants=demo_tenants(args.tenants), latency=0.005)
+    settings = SimulatorSettings(tenants=demo_tenants(5), latency=0.005)
     async with running_simulator(settings) as sim:
         environ = {
             **os.environ,
@@ -201,7 +209,7 @@ async def demo(args: argparse.Namespace) -> int:
         }
         plugins_ = load_plugins()
         config = load(_demo_config_path(), plugins_, environ=environ)
-        print(f"simulator on {sim.base_url} with {args.tenants} demo tenants; collecting 30 days...\n")
+        print(f"simulator on {sim.base_url} with 5 demo organizations; collecting 30 days...\n")
         result, delivered = await _cycle(config, plugins_, None)
     print(cycle_summary(result))
     url = _sql_sink_url(config, None)
@@ -211,7 +219,7 @@ async def demo(args: argparse.Namespace) -> int:
         print()
         print(render_usage(usage_report(url, since, until), "table", since, until))
     print(f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state)")
-    print("next: `zencoder-collector report --db demo-output/usage.db --format csv`")
+    print(f"next: zencoder-collector report --db {output}/usage.db --format csv")
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
 
 

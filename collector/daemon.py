@@ -28,9 +28,10 @@ import structlog
 
 from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime
 from collector.config import AppConfig, TenantConfig
-from collector.errors import ConfigError
+from collector.errors import CollectorError, ConfigError
 from collector.metrics import Metrics
 from collector.pipeline import CycleResult
+from collector.plugin_manager import configure_plugins
 from collector.server import make_app, serving
 from collector.status import status_snapshot
 
@@ -39,7 +40,9 @@ log = structlog.get_logger("collector.daemon")
 DEFAULT_GRACE = 20.0
 
 
-def next_run_after(config: AppConfig, tenant: TenantConfig, after: dt.datetime, rng: random.Random) -> dt.datetime:
+def next_run_after(
+    config: AppConfig, tenant: TenantConfig, after: dt.datetime, rng: random.Random
+) -> dt.datetime:
     """When the tenant's next cycle starts: its interval or cron time, plus a random jitter."""
     schedule = config.tenant_schedule(tenant)
     jitter = rng.uniform(0, schedule.jitter.total_seconds()) if schedule.jitter else 0.0
@@ -101,7 +104,8 @@ class Daemon:
 
     def _tenants(self, config: AppConfig) -> list[TenantConfig]:
         return [
-            t for t in config.tenants
+            t
+            for t in config.tenants
             if t.enabled and (self.tenant_filter is None or t.id in self.tenant_filter)
         ]
 
@@ -135,7 +139,9 @@ class Daemon:
         runtime = self._runtime
         assert runtime is not None
         if runtime.deliverer is not None:
-            self._deliver_task = asyncio.create_task(runtime.deliverer.run_forever(), name="deliverer")
+            self._deliver_task = asyncio.create_task(
+                runtime.deliverer.run_forever(), name="deliverer"
+            )
 
     async def _loop(self) -> None:
         runtime = self._runtime
@@ -169,7 +175,7 @@ class Daemon:
         try:
             result = await runtime.collector.run_cycle([tenant])
             self._record(result)
-        except Exception:  # noqa: BLE001 - a crashed cycle must not stop the schedule
+        except Exception:
             log.exception("cycle crashed", tenant=tenant.id)
         finally:
             self.running.pop(tenant.id, None)
@@ -180,8 +186,12 @@ class Daemon:
     def _record(self, result: CycleResult) -> None:
         for tenant_id, r in result.tenants.items():
             self.last_results[tenant_id] = {
-                "planned": r.planned, "fetched": r.fetched, "changed": r.changed,
-                "failed": r.failed, "error": r.error, "skipped": r.skipped,
+                "planned": r.planned,
+                "fetched": r.fetched,
+                "changed": r.changed,
+                "failed": r.failed,
+                "error": r.error,
+                "skipped": r.skipped,
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             }
             if r.ok:
@@ -200,13 +210,21 @@ class Daemon:
                 problems=[str(p) for p in exc.problems],
             )
             return
+        try:
+            configure_plugins(self.plugins.pm, new)
+        except CollectorError as exc:
+            log.error(
+                "config reload rejected by a plugin; keeping the running config", error=str(exc)
+            )
+            return
         old = runtime.config
         old_tenants = {t.id: t for t in self._tenants(old)}
         new_tenants = {t.id: t for t in self._tenants(new)}
         removed = sorted(old_tenants.keys() - new_tenants.keys())
         added = sorted(new_tenants.keys() - old_tenants.keys())
         changed = sorted(
-            k for k in old_tenants.keys() & new_tenants.keys()
+            k
+            for k in old_tenants.keys() & new_tenants.keys()
             if old_tenants[k].credentials_fingerprint != new_tenants[k].credentials_fingerprint
         )
         for tenant_id in removed:
@@ -225,7 +243,10 @@ class Daemon:
         if sinks_changed:
             await self._restart_deliverer(new)
         log.info(
-            "config reloaded", added=added, removed=removed, credentials_changed=changed,
+            "config reloaded",
+            added=added,
+            removed=removed,
+            credentials_changed=changed,
             sinks_restarted=sinks_changed,
         )
 
@@ -236,9 +257,7 @@ class Daemon:
             await runtime.deliverer.stop(grace=self.grace)
         if self._deliver_task is not None:
             await asyncio.gather(self._deliver_task, return_exceptions=True)
-        runtime.sinks, runtime.deliverer = build_deliverer(
-            config, self.plugins, runtime.store, metrics=self.metrics
-        )
+        runtime.sinks, runtime.deliverer = build_deliverer(config, self.plugins, runtime.store)
         runtime.collector.deliverer = runtime.deliverer
         self._start_deliverer()
 
@@ -269,7 +288,7 @@ class Daemon:
             return "starting"
         try:
             await runtime.store.ping()
-        except Exception as exc:  # noqa: BLE001 - readiness reports any store failure
+        except Exception as exc:
             return f"state store unreachable: {type(exc).__name__}"
         return None
 
@@ -277,7 +296,10 @@ class Daemon:
         runtime = self._runtime
         assert runtime is not None
         return await status_snapshot(
-            runtime.config, runtime.store, next_run=self.next_run, last_results=self.last_results,
+            runtime.config,
+            runtime.store,
+            next_run=self.next_run,
+            last_results=self.last_results,
             parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
         )
 
@@ -289,10 +311,16 @@ class Daemon:
             self.metrics.rate_limit_wait.set(seconds, tenant=tenant_id)
         for tenant_id, count in dict(client.token_refreshes).items():
             self.metrics.token_refreshes.set(count, tenant=tenant_id)
+        if runtime.deliverer is not None:
+            for name, stats in runtime.deliverer.stats().items():
+                self.metrics.sink_delivered.set(stats.delivered, sink=name)
+                self.metrics.sink_failures.set(stats.failed, sink=name)
         snapshot = await self.status()
         for tenant in snapshot["tenants"]:
             self.metrics.days_complete.set(tenant["days_complete"], tenant=tenant["tenant"])
-            self.metrics.tenant_auth_failed.set(1 if tenant.get("auth_failed_until") else 0, tenant=tenant["tenant"])
+            self.metrics.tenant_auth_failed.set(
+                1 if tenant.get("auth_failed_until") else 0, tenant=tenant["tenant"]
+            )
         for sink in snapshot["sinks"]:
             self.metrics.sink_backlog.set(sink["backlog"], sink=sink["sink"])
             self.metrics.sink_dead_letters.set(sink["dead_letters"], sink=sink["sink"])
@@ -303,6 +331,8 @@ def _routes(config: AppConfig) -> dict[str, list[str]]:
     return {t.id: sorted(config.tenant_sinks(t)) for t in config.tenants}
 
 
-async def run_daemon(config_path: str | Path, plugins: Plugins, *, tenants: list[str] | None = None) -> int:
+async def run_daemon(
+    config_path: str | Path, plugins: Plugins, *, tenants: list[str] | None = None
+) -> int:
     """Entry point of ``zencoder-collector run``."""
     return await Daemon(config_path, plugins, tenant_filter=tenants).run()

@@ -62,7 +62,9 @@ class ConfigError(CollectorError):
 class ApiError(CollectorError):
     """Something went wrong talking to the Zencoder API on behalf of one tenant."""
 
-    def __init__(self, message: str, *, tenant: str | None = None, status: int | None = None) -> None:
+    def __init__(
+        self, message: str, *, tenant: str | None = None, status: int | None = None
+    ) -> None:
         self.tenant = tenant
         self.status = status
         super().__init__(message)

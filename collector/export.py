@@ -22,9 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from collector_sinks.csv import COLUMNS, fsync_directory, safe_segment
-
 from collector.errors import CollectorError
+from collector_sinks.csv import COLUMNS, fsync_directory, safe_segment
 
 
 class ExportError(CollectorError):
@@ -143,7 +142,12 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--root", help="root directory of a csv sink (its path: setting)")
     source.add_argument("--sink", help="name of a csv sink in the config given with -c")
-    parser.add_argument("-c", "--config", help="config file, to find --sink's directory")
+    parser.add_argument(
+        "-c",
+        "--config",
+        default=os.environ.get("ZENCODER_COLLECTOR_CONFIG"),
+        help="config file, to find --sink's directory; default: $ZENCODER_COLLECTOR_CONFIG",
+    )
     parser.add_argument("-o", "--out", required=True, help="directory for the joined files")
     parser.add_argument("--since", type=_day, required=True, help="first day, YYYY-MM-DD")
     parser.add_argument(

@@ -133,7 +133,7 @@ class _StoreWriter:
     ) -> None:
         try:
             changed = await self._store.record_fetched([(item, data) for item, data, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - every waiter must learn the commit failed
+        except Exception as exc:
             for _, _, future in batch:
                 if not future.done():
                     future.set_exception(exc)

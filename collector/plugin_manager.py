@@ -40,6 +40,7 @@ if TYPE_CHECKING:
     from collector.config import AppConfig
 
 ENTRY_POINT_GROUP = "collector.sinks"
+OWN_DISTRIBUTION = "zencoder-collector"
 
 log = structlog.get_logger("collector.plugins")
 
@@ -348,7 +349,7 @@ class SinkRegistry:
 def _contract_problem(sink_class: object) -> str | None:
     if not isinstance(sink_class, type) or not issubclass(sink_class, Sink):
         return f"{sink_class!r} is not a subclass of collector.sink.Sink"
-    if not _TYPE_NAME.match(sink_class.type_name or ""):
+    if not isinstance(sink_class.type_name, str) or not _TYPE_NAME.match(sink_class.type_name):
         return (
             f"{sink_class.__qualname__}.type_name {sink_class.type_name!r} must be lower-case "
             "letters, digits, '-' or '_', starting with a letter"
@@ -356,6 +357,10 @@ def _contract_problem(sink_class: object) -> str | None:
     config = sink_class.Config
     if not isinstance(config, type) or not issubclass(config, SinkConfig):
         return f"{sink_class.__qualname__}.Config must subclass collector.sink.SinkConfig"
+    try:
+        config.model_json_schema()
+    except Exception as exc:  # the config schema is part of the contract (plugins, schema)
+        return f"{sink_class.__qualname__}.Config has no JSON schema: {_describe(exc)}"
     return None
 
 
@@ -363,7 +368,16 @@ def _origin_of(plugin: object) -> PluginOrigin:
     """Find the distribution of a plugin registered without an entry point (e.g. in tests)."""
     module = getattr(plugin, "__module__", None) or getattr(plugin, "__name__", "")
     top = str(module).split(".")[0]
-    dists = metadata.packages_distributions().get(top, [])
+    dists = list(metadata.packages_distributions().get(top, []))
+    if not dists:
+        # Editable installs do not list their packages; the entry points still tell.
+        dists = [
+            ep.dist.name
+            for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+            if ep.dist is not None and ep.value.split(".")[0].split(":")[0] == top
+        ]
+    if not dists and top == "collector":
+        dists = [OWN_DISTRIBUTION]
     if not dists:
         return PluginOrigin(None, None, None)
     try:

@@ -58,7 +58,9 @@ class UsageRow:
     top_language: str | None
 
 
-def _top(conn: sa.Connection, table: str, column: str, since: dt.date, until: dt.date) -> dict[str, str]:
+def _top(
+    conn: sa.Connection, table: str, column: str, since: dt.date, until: dt.date
+) -> dict[str, str]:
     query = sa.text(
         f"SELECT tenant, {column}, SUM(engaged_users) AS n FROM {table} "  # noqa: S608 - fixed identifiers
         "WHERE day BETWEEN :since AND :until GROUP BY tenant, "
@@ -116,7 +118,11 @@ def render_usage(rows: list[UsageRow], fmt: str, since: dt.date, until: dt.date)
     """Render the usage report as an aligned table, CSV or JSON."""
     if fmt == "json":
         return json.dumps(
-            {"since": since.isoformat(), "until": until.isoformat(), "tenants": [asdict(r) for r in rows]},
+            {
+                "since": since.isoformat(),
+                "until": until.isoformat(),
+                "tenants": [asdict(r) for r in rows],
+            },
             indent=2,
         )
     headers = list(UsageRow.__dataclass_fields__)

@@ -40,7 +40,9 @@ class SinkConfig(BaseModel):
     # Errors never echo their input: a sink config holds secrets (pii_key, URLs, webhook secrets).
     model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
-    type: str = Field(description="The sink type, as registered by a plugin (sqlite, csv, s3, webhook, ...).")
+    type: str = Field(
+        description="The sink type, as registered by a plugin (sqlite, csv, s3, webhook, ...)."
+    )
     pii: PiiMode = Field(
         default="keep",
         description="keep: emails as the API gives them; pseudonymize: keyed HMAC-SHA256 pseudonyms; "
@@ -51,7 +53,9 @@ class SinkConfig(BaseModel):
     )
     batch_size: int = Field(default=100, ge=1, le=10_000, description="Tenant-days per write call.")
     max_attempts: int = Field(
-        default=8, ge=1, description="Failed deliveries of one tenant-day before it is dead-lettered."
+        default=8,
+        ge=1,
+        description="Failed deliveries of one tenant-day before it is dead-lettered.",
     )
     pii_key: SecretStr | None = Field(
         default=None,
@@ -80,17 +84,17 @@ class Sink:
         self.name = name
         self.config = config
 
-    async def open(self) -> None:  # noqa: B027 - optional hook, empty by design
+    async def open(self) -> None:
         """Prepare the target (connect, create tables). Called once before the first write."""
 
     async def write(self, batch: Batch) -> None:
         """Store every tenant-day of ``batch``; a redelivery must replace, never duplicate."""
         raise NotImplementedError
 
-    async def aclose(self) -> None:  # noqa: B027 - optional hook, empty by design
+    async def aclose(self) -> None:
         """Release connections and files."""
 
-    async def ping(self) -> None:  # noqa: B027 - optional hook, empty by design
+    async def ping(self) -> None:
         """Raise a SinkError if the target is unreachable."""
 
 

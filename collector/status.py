@@ -31,8 +31,14 @@ async def status_snapshot(
     for name in sorted(configured - known):
         backlog = await store.backlog(name)
         snapshot["sinks"].append(
-            {"sink": name, "backlog": backlog, "dead_letters": 0, "lag_seconds": 0.0,
-             "last_success_at": None, "last_error": None}
+            {
+                "sink": name,
+                "backlog": backlog,
+                "dead_letters": 0,
+                "lag_seconds": 0.0,
+                "last_success_at": None,
+                "last_error": None,
+            }
         )
     for tenant in snapshot["tenants"]:
         tenant_id = tenant["tenant"]
@@ -89,11 +95,22 @@ def render_status(snapshot: Mapping[str, Any]) -> str:
     ]
     return (
         render_table(
-            ["tenant", "state", "days", "failed", "last day", "last success", "next run", "last error"],
+            [
+                "tenant",
+                "state",
+                "days",
+                "failed",
+                "last day",
+                "last success",
+                "next run",
+                "last error",
+            ],
             tenants,
         )
         + "\n\n"
-        + render_table(["sink", "backlog", "dead letters", "lag", "last success", "last error"], sinks)
+        + render_table(
+            ["sink", "backlog", "dead letters", "lag", "last success", "last error"], sinks
+        )
     )
 
 

@@ -1,27 +1,14 @@
 """Test helpers for the collector and for sink plugin authors (a pytest plugin named ``collector``).
 
-Installed with zencoder-collector through the ``pytest11`` entry point, so in any project that
-has the collector installed these are available without imports:
+Loaded by pytest through the ``pytest11`` entry point wherever the collector is installed:
 
-fixtures
-    ``simulator`` (a running fake Zencoder API with three demo tenants; change them by overriding
-    the ``simulator_settings`` fixture).
-
-and importable from ``collector.testing``:
-
-sinks
-    :class:`RecordingSink` keeps every batch in memory; :class:`FailingSink` raises
-    :class:`~collector.errors.SinkTransientError`, :class:`~collector.errors.SinkPermanentError`,
-    an unexpected ``RuntimeError``, or hangs, for the first ``failures`` writes (or forever).
-    :data:`testing_sinks` is a plugin that registers both (types ``recording`` and ``failing``).
-batches
-    :func:`make_tenant_day`, :func:`make_batch` and :func:`refetched` build consistent
-    tenant-days (ASCII or unicode names), the way the collector hands them to sinks.
-conformance
-    :class:`SinkConformance`: subclass it in your plugin's tests, provide a ``sink_factory``
-    fixture (and ``broken_sink_factory``) and a ``read_back`` method, and it runs the sink contract
-    against your sink: idempotent redelivery, re-fetch replaces, independent partitions, empty
-    batch, idle day, unicode, error classification, clean close. See docs/plugins.md.
+- fixture ``simulator``: a running fake Zencoder API (override ``simulator_settings`` to change it);
+- :class:`RecordingSink`, :class:`FailingSink` (transient, permanent, crash or hang) and the
+  :data:`testing_sinks` plugin registering both;
+- :func:`make_tenant_day`, :func:`make_batch`, :func:`refetched`: consistent tenant-days;
+- :class:`SinkConformance`: the sink contract as tests, to subclass in a plugin's own tests
+  (idempotent redelivery, re-fetch replaces, independent partitions, empty batch, idle day,
+  unicode, error classification, clean close). docs/plugins.md describes all of it.
 """
 
 from __future__ import annotations
@@ -68,6 +55,7 @@ __all__ = [
     "RecordingSinkConfig",
     "SinkConformance",
     "SinkFactory",
+    "canonical",
     "make_batch",
     "make_tenant_day",
     "refetched",
@@ -92,8 +80,11 @@ DEFAULT_DAY = dt.date(2025, 1, 15)
 DEFAULT_FETCHED_AT = dt.datetime(2025, 1, 16, 6, 30, tzinfo=dt.UTC)
 
 
-def _user_count(users: int | Sequence[str]) -> list[str] | int:
-    return users if isinstance(users, int) else list(users)
+def _emails(tenant: str, count: int, unicode: bool) -> list[str]:
+    if not unicode:
+        return [f"user{i:02d}@{tenant}.example" for i in range(count)]
+    pool = UNICODE_EMAILS
+    return [pool[i] if i < len(pool) else f"\u00fc{i}.{pool[i % len(pool)]}" for i in range(count)]
 
 
 def make_tenant_day(
@@ -119,17 +110,7 @@ def make_tenant_day(
         languages = languages if languages is not None else UNICODE_LANGUAGES
     ides = tuple(ides if ides is not None else ASCII_IDES)
     languages = tuple(languages if languages is not None else ASCII_LANGUAGES)
-    wanted = _user_count(users)
-    if isinstance(wanted, int):
-        if unicode:
-            pool = list(UNICODE_EMAILS)
-            emails = [
-                pool[i] if i < len(pool) else f"ü{i}.{pool[i % len(pool)]}" for i in range(wanted)
-            ]
-        else:
-            emails = [f"user{i:02d}@{tenant}.example" for i in range(wanted)]
-    else:
-        emails = wanted
+    emails = _emails(tenant, users, unicode) if isinstance(users, int) else list(users)
     fetched_at = fetched_at or DEFAULT_FETCHED_AT
     salt = sum(map(ord, tenant)) + day.toordinal() + seed * 7919
     records: list[UserDayRecord] = []
@@ -419,8 +400,6 @@ def _leaves(value: Any) -> Iterable[str]:
         yield from _leaves(dataclasses.asdict(value))
     elif isinstance(value, dt.date):
         yield value.isoformat()
-    elif isinstance(value, bytes):
-        yield value.decode("utf-8", "replace")
     else:
         yield str(value)
 
@@ -479,11 +458,15 @@ class SinkConformance:
         except TimeoutError:
             pytest.fail(f"{what} did not finish within {self.operation_timeout} s")
 
-    async def _new(self, factory: SinkFactory) -> Sink:
+    async def _build(self, factory: SinkFactory) -> Sink:
         made = factory()
         sink = await made if inspect.isawaitable(made) else made
         if not isinstance(sink, Sink):
             pytest.fail(f"the factory returned {sink!r}, not a collector.sink.Sink")
+        return sink
+
+    async def _new(self, factory: SinkFactory) -> Sink:
+        sink = await self._build(factory)
         await self._call(sink.open(), "open()")
         return sink
 
@@ -507,8 +490,7 @@ class SinkConformance:
     @pytest.mark.asyncio
     async def test_conformance_declares_the_contract(self, sink_factory: SinkFactory) -> None:
         """The sink class has a valid type name and a SinkConfig model with a JSON schema."""
-        made = sink_factory()
-        sink = await made if inspect.isawaitable(made) else made
+        sink = await self._build(sink_factory)
         sink_class = type(sink)
         assert _TYPE_NAME.match(sink_class.type_name), f"bad type_name {sink_class.type_name!r}"
         assert issubclass(sink_class.Config, SinkConfig)
@@ -591,8 +573,7 @@ class SinkConformance:
         if not self.supports_broken_target:
             pytest.skip(f"{type(self).__name__} declares no broken target")
         factory: SinkFactory = request.getfixturevalue("broken_sink_factory")
-        made = factory()
-        sink = await made if inspect.isawaitable(made) else made
+        sink = await self._build(factory)
 
         async def use() -> None:
             await self._call(sink.open(), "open()")
@@ -611,6 +592,5 @@ class SinkConformance:
         await self._call(sink.write(make_batch(("acme",), 1)), "write()")
         await self._call(sink.aclose(), "aclose()")
         await self._call(sink.aclose(), "second aclose()")
-        made = sink_factory()
-        unopened = await made if inspect.isawaitable(made) else made
+        unopened = await self._build(sink_factory)
         await self._call(unopened.aclose(), "aclose() of a sink never opened")

@@ -589,6 +589,29 @@ def test_sink_keys_are_checked_by_the_sink_type(tmp_path: Path) -> None:
     ]
 
 
+def test_anchors_merge_keys_and_x_keys(tmp_path: Path) -> None:
+    """Top-level x-* keys hold anchors; merged keys are defaults the tenant's own keys override."""
+    path = write(
+        tmp_path,
+        """\
+        x-oauth: &oauth
+          client_id: shared-client
+          rate_limit: {per_second: 1}
+        tenants:
+          - <<: *oauth
+            id: a
+            client_secret: s1
+            rate_limit: {per_second: 3}
+          - {<<: *oauth, id: b, client_secret: s2}
+        """,
+    )
+    a, b = load(path).tenants
+    assert (a.client_id, b.client_id) == ("shared-client", "shared-client")
+    assert a.rate_limit is not None
+    assert b.rate_limit is not None
+    assert (a.rate_limit.per_second, b.rate_limit.per_second) == (3.0, 1.0)
+
+
 def test_duplicate_yaml_key(tmp_path: Path) -> None:
     """A key written twice in one mapping is an error, not a silent override."""
     path = write(tmp_path, f"api:\n  timeout: 1s\n  timeout: 2s\n{TENANT}")

@@ -8,11 +8,11 @@ import datetime as dt
 from pathlib import Path
 
 import pytest
-from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
 
 from collector.errors import SinkPermanentError
 from collector.export import ExportError, add_export_arguments, export_csv, run_export
 from collector.testing import make_batch, make_tenant_day
+from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
 
 START = dt.date(2025, 1, 15)
 
@@ -59,7 +59,11 @@ def test_export_limits_tenants_and_tolerates_gaps(csv_root: Path, tmp_path: Path
     """--tenant limits the export; days without partitions and unknown tenants are just absent."""
     out = tmp_path / "out"
     result = export_csv(
-        csv_root, out, START - dt.timedelta(days=10), START + dt.timedelta(days=1), ["initech", "nobody"]
+        csv_root,
+        out,
+        START - dt.timedelta(days=10),
+        START + dt.timedelta(days=1),
+        ["initech", "nobody"],
     )
     daily = read_csv(out / "usage_daily.csv")
     assert [(r[0], r[1]) for r in daily[1:]] == [
@@ -122,8 +126,18 @@ def test_cli_arguments_and_run(
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
     args = parser.parse_args(
-        ["--root", str(csv_root), "-o", str(tmp_path / "out"), "--since", "2025-01-15", "--until",
-         "2025-01-16", "--tenant", "acme"]
+        [
+            "--root",
+            str(csv_root),
+            "-o",
+            str(tmp_path / "out"),
+            "--since",
+            "2025-01-15",
+            "--until",
+            "2025-01-16",
+            "--tenant",
+            "acme",
+        ]
     )
     assert run_export(args) == 0
     printed = capsys.readouterr().out
@@ -147,9 +161,13 @@ async def test_cli_finds_the_root_through_the_config(tmp_path: Path) -> None:
     parser = argparse.ArgumentParser()
     add_export_arguments(parser)
     out = tmp_path / "out"
-    args = parser.parse_args(["--sink", "sheets", "-c", str(config), "-o", str(out), "--since", "2025-01-15"])
+    args = parser.parse_args(
+        ["--sink", "sheets", "-c", str(config), "-o", str(out), "--since", "2025-01-15"]
+    )
     assert run_export(args) == 0
     assert len(read_csv(out / "usage_user_daily.csv")) == 1 + 2
-    missing = parser.parse_args(["--sink", "nope", "-c", str(config), "-o", str(out), "--since", "2025-01-15"])
+    missing = parser.parse_args(
+        ["--sink", "nope", "-c", str(config), "-o", str(out), "--since", "2025-01-15"]
+    )
     with pytest.raises(ExportError, match="no sink named"):
         run_export(missing)

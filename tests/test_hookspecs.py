@@ -138,6 +138,12 @@ def test_notification_hooks_receive_their_arguments() -> None:
         ("failed", {"tenant": "globex", "error": "AuthError: HTTP 401: Unauthorized"}),
         (
             "delivery_failed",
-            {"sink": "lake", "tenant": "acme", "day": day, "error": "SinkTransientError: 503", "dl": False},
+            {
+                "sink": "lake",
+                "tenant": "acme",
+                "day": day,
+                "error": "SinkTransientError: 503",
+                "dl": False,
+            },
         ),
     ]

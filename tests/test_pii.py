@@ -9,8 +9,6 @@ import hmac
 from pathlib import Path
 
 import pytest
-from collector_sinks.csv import CsvSink, CsvSinkConfig
-from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig
 from pydantic import SecretStr, ValidationError
 
 from collector.config import load_config
@@ -19,6 +17,8 @@ from collector.pii import Pseudonymizer, apply_pii, apply_sink_policy
 from collector.plugin_manager import SinkRegistry, make_plugin_manager
 from collector.sink import SinkConfig
 from collector.testing import UNICODE_EMAILS, make_batch, make_tenant_day
+from collector_sinks.csv import CsvSink, CsvSinkConfig
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig
 
 KEY = b"a-test-key-of-reasonable-length!"
 
@@ -56,7 +56,9 @@ def test_case_variants_of_one_mailbox_are_merged() -> None:
     ann, ann_upper, _bob = td.users
     td = td.with_users(
         [
-            dataclasses.replace(ann, ides=("VS Code",), languages=("Go",), last_active=dt.date(2025, 1, 14)),
+            dataclasses.replace(
+                ann, ides=("VS Code",), languages=("Go",), last_active=dt.date(2025, 1, 14)
+            ),
             dataclasses.replace(ann_upper, ides=("PyCharm", "VS Code"), languages=("Python",)),
             _bob,
         ]

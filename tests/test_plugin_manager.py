@@ -14,8 +14,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from collector_sinks.csv import CsvSink, CsvSinkConfig
-from collector_sinks.sqlite import SqliteSink, SqlSink
 from pydantic import ValidationError
 
 from collector.config import load_config
@@ -29,7 +27,9 @@ from collector.plugin_manager import (
     notify,
 )
 from collector.sink import Sink
-from collector.testing import FailingSink, RecordingSink, testing_sinks
+from collector.testing import FailingSink, RecordingSink, RecordingSinkConfig, testing_sinks
+from collector_sinks.csv import CsvSink, CsvSinkConfig
+from collector_sinks.sqlite import SqliteSink, SqlSink
 
 SINK_MODULE = '''
 from collector.hookspecs import hookimpl
@@ -56,12 +56,12 @@ def collector_register_sinks():
     return [{cls}]
 '''
 
-Installer = Callable[..., str]
+Installer = Callable[..., None]
 
 
 @pytest.fixture
 def install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Installer:
-    """Install a distribution into a fresh site directory on sys.path; returns its unique suffix."""
+    """Install distributions into a fresh site directory that is on sys.path for the test."""
     site = tmp_path / "site"
     site.mkdir()
     monkeypatch.syspath_prepend(str(site))
@@ -177,7 +177,9 @@ def test_broken_type_is_fatal_only_when_configured(install: Installer, tmp_path:
     assert "using.yaml:2: sinks.dl" in message
     assert "pip install 'lake-collector-sink[full]'" in message
     fine = tmp_path / "fine.yaml"
-    fine.write_text(f"sinks:\n  db: {{type: sqlite, path: '{tmp_path}/u.db'}}\n{tenants}", encoding="utf-8")
+    fine.write_text(
+        f"sinks:\n  db: {{type: sqlite, path: '{tmp_path}/u.db'}}\n{tenants}", encoding="utf-8"
+    )
     assert list(load_config(fine, sink_types=registry.config_types()).sinks) == ["db"]
 
 
@@ -192,7 +194,9 @@ def test_entry_point_to_a_missing_module_suggests_reinstalling(install: Installe
 def test_import_error_of_another_kind_is_recorded(install: Installer) -> None:
     """A plugin raising at import (not a missing module) is recorded with an upgrade hint."""
     module = f"crashy_{unique()}"
-    install("crashy-sink", {module: "raise RuntimeError('bad import-time code')\n"}, {"crashy": module})
+    install(
+        "crashy-sink", {module: "raise RuntimeError('bad import-time code')\n"}, {"crashy": module}
+    )
     broken = {b.name: b for b in make_plugin_manager().broken}["crashy"]
     assert broken.error == "RuntimeError: bad import-time code"
     assert broken.hint is not None
@@ -278,9 +282,16 @@ def test_conflicts_and_invalid_classes_are_reported_not_raised() -> None:
     class BadName(RecordingSink):
         type_name = "Bad Name"
 
+    class OpaqueConfig(RecordingSinkConfig):
+        handle: Callable[[], None] = print
+
+    class NoSchema(RecordingSink):
+        type_name = "noschema"
+        Config = OpaqueConfig
+
     pm = make_plugin_manager(load_entrypoints=False)
     pm.register(_Plugin(Dup1, RecordingSink, RecordingSink), name="one")
-    pm.register(_Plugin(Dup2, BadName, "not a class"), name="two")
+    pm.register(_Plugin(Dup2, BadName, "not a class", NoSchema), name="two")
     pm.register(_Raising(), name="three")
     registry = SinkRegistry.from_plugin_manager(pm)
     assert registry.types() == {"recording": RecordingSink}
@@ -290,10 +301,11 @@ def test_conflicts_and_invalid_classes_are_reported_not_raised() -> None:
     assert "Dup2" in broken["dup"]
     assert "must be lower-case" in broken["Bad Name"]
     assert "not a subclass" in broken["two"]
+    assert "NoSchema.Config has no JSON schema" in broken["noschema"]
     assert broken["three"] == "RuntimeError: plugin bug"
     with pytest.raises(PluginLoadError, match="claimed by"):
         registry.require("dup")
-    with pytest.raises(PluginLoadError, match="unknown sink type 'nope' .installed: recording"):
+    with pytest.raises(PluginLoadError, match=r"unknown sink type 'nope' \(installed: recording"):
         registry.require("nope")
 
 
@@ -305,7 +317,9 @@ def test_create_and_render(tmp_path: Path) -> None:
     assert isinstance(sink, CsvSink)
     assert sink.name == "sheets"
     text = registry.render()
-    assert any(line.startswith("csv ") and "zencoder-collector" in line for line in text.splitlines())
+    assert any(
+        line.startswith("csv ") and "zencoder-collector" in line for line in text.splitlines()
+    )
     payload = json.loads(registry.render(as_json=True))
     csv_entry = next(s for s in payload["sinks"] if s["type"] == "csv")
     assert csv_entry["class"] == "collector_sinks.csv.CsvSink"
@@ -343,7 +357,8 @@ def test_notify_isolates_a_raising_plugin() -> None:
     pm.register(Recorder("last"), name="last")
     failures = notify(pm, "collector_tenant_failed", tenant="acme", error="AuthError")
     assert failures == 1
-    assert seen == ["first:acme:AuthError", "tenant-only:acme", "last:acme:AuthError"]
+    # pluggy's order (the last registered first) is kept; "broken" sat in the middle.
+    assert seen == ["last:acme:AuthError", "tenant-only:acme", "first:acme:AuthError"]
 
 
 def test_notify_rejects_wrong_arguments_and_skips_wrappers() -> None:

@@ -11,12 +11,12 @@ import threading
 from pathlib import Path
 
 import pytest
-from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
 from pydantic import ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay
 from collector.testing import make_batch, make_tenant_day, refetched
+from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
 
 
 def read_csv(path: Path) -> list[list[str]]:

@@ -12,15 +12,15 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Any, ClassVar
 
 import pytest
-from collector_sinks import s3 as s3_module
-from collector_sinks.csv import render_tables
-from collector_sinks.s3 import S3Sink, S3SinkConfig, partition_value
 from pydantic import ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.plugin_manager import SinkRegistry, make_plugin_manager
 from collector.sink import Sink
 from collector.testing import SinkConformance
+from collector_sinks import s3 as s3_module
+from collector_sinks.csv import render_tables
+from collector_sinks.s3 import S3Sink, S3SinkConfig, partition_value
 from tests.servers import (
     MOTO_CREDENTIALS,
     S3ErrorServer,

@@ -1,4 +1,4 @@
-"""The SQL sink against a real SQLite file and (with COLLECTOR_TEST_POSTGRES_URL) a real PostgreSQL."""
+"""The SQL sink against a real SQLite file and, given COLLECTOR_TEST_POSTGRES_URL, PostgreSQL."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
 from pydantic import SecretStr, ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay, UserDayRecord
 from collector.testing import make_batch, make_tenant_day, refetched
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
 
 TABLE_KEYS = {
     "usage_daily": ("tenant", "day"),
@@ -87,11 +87,11 @@ def comparable(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple
     """Decode the JSON arrays of user rows and booleans, so rows compare with expected_tables."""
     result = dict(tables)
     result["usage_daily"] = sorted(
-        row[:4] + (_text(dt.datetime.fromisoformat(str(row[4]))), bool(row[5]))
+        (*row[:4], _text(dt.datetime.fromisoformat(str(row[4]))), bool(row[5]))
         for row in tables["usage_daily"]
     )
     result["usage_user_daily"] = sorted(
-        row[:5] + (tuple(json.loads(row[5])), tuple(json.loads(row[6])))
+        (*row[:5], tuple(json.loads(row[5])), tuple(json.loads(row[6])))
         for row in tables["usage_user_daily"]
     )
     for name in ("usage_daily_ide", "usage_daily_language"):
@@ -233,6 +233,27 @@ async def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
+@pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
+async def test_sqlite_connection_settings(tmp_path: Path, synchronous: str, level: int) -> None:
+    """Every connection of the sink has the configured synchronous level and busy timeout."""
+    config = SqliteSinkConfig.model_validate(
+        {
+            "type": "sqlite",
+            "path": tmp_path / "u.db",
+            "synchronous": synchronous,
+            "busy_timeout": 3,
+        }
+    )
+    sink = SqliteSink("w", config)
+    await sink.open()
+    engine = sink._engine
+    assert engine is not None
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == level
+        assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 3000
+    await sink.aclose()
+
+
 async def test_unusable_sqlite_path_is_a_sink_error(tmp_path: Path) -> None:
     """A path that is a directory fails open() with SinkTransientError, not a driver error."""
     sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=tmp_path))
@@ -274,7 +295,9 @@ async def test_existing_tables_without_create(tmp_path: Path) -> None:
     reuser = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
     await reuser.write(make_batch(("acme",), 1))
     await reuser.aclose()
-    empty = SqliteSink("c", SqliteSinkConfig(type="sqlite", path=tmp_path / "empty.db", create_tables=False))
+    empty = SqliteSink(
+        "c", SqliteSinkConfig(type="sqlite", path=tmp_path / "empty.db", create_tables=False)
+    )
     with pytest.raises(SinkTransientError, match="no such table"):
         await empty.write(make_batch(("acme",), 1))
     await empty.aclose()

@@ -11,6 +11,12 @@ from collections.abc import AsyncIterator
 from typing import Any, ClassVar
 
 import pytest
+from pydantic import ValidationError
+
+from collector.errors import SinkPermanentError, SinkTransientError
+from collector.plugin_manager import SinkRegistry, make_plugin_manager
+from collector.sink import Sink
+from collector.testing import SinkConformance
 from collector_sinks import webhook as webhook_module
 from collector_sinks.webhook import (
     WebhookSink,
@@ -20,12 +26,6 @@ from collector_sinks.webhook import (
     sign,
     signing_key,
 )
-from pydantic import ValidationError
-
-from collector.errors import SinkPermanentError, SinkTransientError
-from collector.plugin_manager import SinkRegistry, make_plugin_manager
-from collector.sink import Sink
-from collector.testing import SinkConformance
 from tests.servers import WebhookReceiver, closed_port_url, sample_day
 
 SECRET = "whsec_" + base64.b64encode(b"canary-key-0123456789-abcdefghij").decode()

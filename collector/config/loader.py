@@ -87,7 +87,8 @@ def parse_config(
     source = parse_source(text, source_name, os.environ if environ is None else environ)
     if not isinstance(source.data, dict):
         raise ConfigError(_sorted(source.problems))
-    data = dict(source.data)
+    # top-level x-* keys hold YAML anchors for reuse (as in docker compose); they are not settings
+    data = {k: v for k, v in source.data.items() if not k.startswith("x-")}
     raw_sinks = data.pop("sinks", None)
     if raw_sinks is None:
         raw_sinks = {}

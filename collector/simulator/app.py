@@ -194,6 +194,10 @@ class Simulator:
         self.stats.tokens_issued[tenant.id] += 1
         return token
 
+    def issued_tokens(self) -> list[str]:
+        """Every access token still remembered (for leak canaries: none may appear anywhere)."""
+        return list(self._tokens)
+
     def _prune_tokens(self) -> None:
         now = time.monotonic()
         self._tokens = {k: v for k, v in self._tokens.items() if v.expires_at > now}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -175,34 +176,31 @@ def make_people(seed: int, tenant_id: str, size: int) -> tuple[Person, ...]:
     return tuple(people)
 
 
-def _subset(rng: random.Random, options: tuple[str, ...], keep: float) -> tuple[str, ...]:
-    """The first option always, each later one with chance ``keep``, in preference order."""
-    if len(options) == 1:
-        return options
-    return options[:1] + tuple(o for o in options[1:] if rng.random() < keep)
-
-
 def draw_day(
     seed: int, tenant_id: str, people: tuple[Person, ...], day: dt.date, revision: int
 ) -> list[UserDay]:
-    """The active users of one day (no date checks: the caller decides whether the day has data)."""
-    rng = random.Random(stable_int(seed, "day", tenant_id, day.toordinal(), revision))
+    """The active users of one day (no date checks: the caller decides whether the day has data).
+
+    This is the simulator's hot path (one call per fresh ``day=`` request), hence the local names.
+    """
+    rand = random.Random(stable_int(seed, "day", tenant_id, day.toordinal(), revision)).random
     factor = WEEKEND_FACTOR if day.weekday() >= 5 else 1.0
     # A day-wide mood (releases, holidays) so consecutive weekdays are not identical in shape.
-    factor *= 0.75 + 0.5 * rng.random()
+    factor *= 0.75 + 0.5 * rand()
+    log = math.log
     active: list[UserDay] = []
     for index, person in enumerate(people):
-        if rng.random() >= person.activity * factor:
+        if rand() >= person.activity * factor:
             continue
-        messages = 1 + int(rng.gammavariate(2.0, person.mean_messages / 2.0))
-        active.append(
-            (
-                index,
-                messages,
-                _subset(rng, person.ides, 0.3),
-                _subset(rng, person.languages, 0.6),
-            )
-        )
+        # Exponentially distributed around the person's mean: most days light, a few heavy.
+        messages = 1 + int(-person.mean_messages * log(1.0 - rand()))
+        ides, languages = person.ides, person.languages
+        # The first preference is always used; each other one only on some days.
+        if len(ides) > 1:
+            ides = ides[:1] + tuple([x for x in ides[1:] if rand() < 0.3])
+        if len(languages) > 1:
+            languages = languages[:1] + tuple([x for x in languages[1:] if rand() < 0.6])
+        active.append((index, messages, ides, languages))
     return active
 
 
@@ -280,6 +278,31 @@ def usage_data(
     }
 
 
+def single_day_data(
+    people: tuple[Person, ...], day: dt.date, active: list[UserDay]
+) -> dict[str, Any]:
+    """``usage_data`` for one day, without the aggregation a window needs (the hot path)."""
+    iso = day.isoformat()
+    users: list[dict[str, Any]] = [
+        {
+            "email": people[index].email,
+            "messages": messages,
+            "last_active": iso,
+            "ides": list(ides),
+            "languages": list(languages),
+        }
+        for index, messages, ides, languages in active
+    ]
+    users.sort(key=lambda u: (-u["messages"], u["email"]))
+    total = sum(a[1] for a in active)
+    return {
+        "period": {"start": iso, "end": iso, "days": 1},
+        "summary": {"total_active_users": len(users), "total_messages": total},
+        "users": users,
+        "daily": [daily_entry(day, active)] if active else [],
+    }
+
+
 def success_body(data: dict[str, Any]) -> bytes:
     """The 200 envelope, compact."""
     return json.dumps({"status": "success", "data": data}, separators=(",", ":")).encode()
@@ -319,14 +342,14 @@ class UsageGenerator:
         """The ``data`` object of a ``day=`` response."""
         people = self.people(tenant_id, users)
         active = self.activity(tenant_id, users, day, revision) if has_data else []
-        return usage_data(people, day, day, 1, [(day, active)])
+        return single_day_data(people, day, active)
 
     def day_body(
         self, tenant_id: str, users: int | None, day: dt.date, revision: int, has_data: bool
     ) -> bytes:
         """The serialized 200 body of a ``day=`` response (cached)."""
         if not has_data:
-            return success_body(usage_data((), day, day, 1, []))
+            return success_body(single_day_data((), day, []))
         key = (tenant_id, users if users is not None else -1, day.toordinal(), revision)
         body = self._bodies.get(key)
         if body is None:

@@ -9,7 +9,9 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    and_,
     bindparam,
+    case,
     exists,
     func,
     not_,
@@ -26,6 +28,7 @@ from collector.store.outbox import OutboxStore
 from collector.store.schema import (
     UtcDateTime,
     delivery,
+    dialect_insert,
     store_meta,
     tenant_day,
     upsert,
@@ -152,6 +155,49 @@ class DaysStore(OutboxStore):
         )
         top = conn.execute(select(store_meta.c.value).where(store_meta.c.key == "seq")).scalar_one()
         return int(top) - count + 1
+
+    def _queue(self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
+        """Queue new versions for every sink routed to their tenant (unless it has them)."""
+        entries = []
+        for name, routed in self._registered(conn).items():
+            for row in rows:
+                if routed is None or row["tenant"] in routed:
+                    entries.append(
+                        {
+                            "sink": name,
+                            "tenant": row["tenant"],
+                            "day": row["day"],
+                            "queued_seq": row["seq"],
+                            "queued_version": row["version"],
+                            "queued_at": now,
+                            "attempts": 0,
+                            "dead_letter": False,
+                            "updated_at": now,
+                        }
+                    )
+        if not entries:
+            return
+        statement = dialect_insert(conn, delivery)
+        new = statement.excluded
+        # The sink already has this version (content went back to what it holds), or gave up on
+        # exactly this version: leave the row alone instead of queueing it again.
+        has_it = or_(
+            delivery.c.delivered_version == new.queued_version,
+            and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
+        )
+        set_ = {
+            "queued_seq": case((has_it, None), else_=new.queued_seq),
+            "queued_version": case((has_it, None), else_=new.queued_version),
+            "queued_at": case((has_it, None), else_=new.queued_at),
+            "attempts": case((has_it, delivery.c.attempts), else_=0),
+            "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
+            "dead_version": case((has_it, delivery.c.dead_version), else_=None),
+            "updated_at": new.updated_at,
+        }
+        conn.execute(
+            statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_),
+            entries,
+        )
 
     async def record_failed(self, tenant: str, day: dt.date, reason: str) -> None:
         """Record a failed fetch; an earlier good payload is kept, so the day stays deliverable."""

@@ -14,7 +14,7 @@ import datetime as dt
 import json
 import threading
 from collections import OrderedDict
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Sequence
 from typing import Any
 
 import structlog
@@ -40,6 +40,7 @@ from collector.errors import BadResponse
 from collector.models import TenantDay, normalize, parse_usage
 from collector.store.base import Key, Registered, Routes, StoreBase, chunks, short, tenants_in
 from collector.store.schema import (
+    IS_DEAD,
     DeadLetter,
     PendingBatch,
     UtcDateTime,
@@ -227,49 +228,6 @@ class OutboxStore(StoreBase):
             )
         return count
 
-    def _queue(self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
-        """Queue new versions for every sink routed to their tenant (unless it has them)."""
-        entries = []
-        for name, routed in self._registered(conn).items():
-            for row in rows:
-                if routed is None or row["tenant"] in routed:
-                    entries.append(
-                        {
-                            "sink": name,
-                            "tenant": row["tenant"],
-                            "day": row["day"],
-                            "queued_seq": row["seq"],
-                            "queued_version": row["version"],
-                            "queued_at": now,
-                            "attempts": 0,
-                            "dead_letter": False,
-                            "updated_at": now,
-                        }
-                    )
-        if not entries:
-            return
-        statement = dialect_insert(conn, delivery)
-        new = statement.excluded
-        # The sink already has this version (content went back to what it holds), or gave up on
-        # exactly this version: leave the row alone instead of queueing it again.
-        has_it = or_(
-            delivery.c.delivered_version == new.queued_version,
-            and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
-        )
-        set_ = {
-            "queued_seq": case((has_it, None), else_=new.queued_seq),
-            "queued_version": case((has_it, None), else_=new.queued_version),
-            "queued_at": case((has_it, None), else_=new.queued_at),
-            "attempts": case((has_it, delivery.c.attempts), else_=0),
-            "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
-            "dead_version": case((has_it, delivery.c.dead_version), else_=None),
-            "updated_at": new.updated_at,
-        }
-        conn.execute(
-            statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_),
-            entries,
-        )
-
     async def pending(
         self,
         sink: str,
@@ -287,22 +245,10 @@ class OutboxStore(StoreBase):
         """
         if tenants is not None and not tenants:
             return PendingBatch()
-        query = (
-            select(
-                delivery.c.queued_seq,
-                tenant_day.c.tenant,
-                tenant_day.c.day,
-                tenant_day.c.fetched_at,
-                tenant_day.c.updated_at,
-                tenant_day.c.final,
-                tenant_day.c.content_hash,
-                tenant_day.c.payload,
-            )
-            .join_from(
-                delivery,
-                tenant_day,
-                and_(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day),
-            )
+        # The next keys first (an index range on the outbox), then their payloads: the sort
+        # never sees more than `limit` rows, however long the queue.
+        queue = (
+            select(delivery.c.queued_seq, delivery.c.tenant, delivery.c.day)
             .where(
                 delivery.c.sink == sink,
                 delivery.c.queued_seq.is_not(None)
@@ -312,6 +258,25 @@ class OutboxStore(StoreBase):
             )
             .order_by(delivery.c.queued_seq)
             .limit(limit)
+            .subquery()
+        )
+        query = (
+            select(
+                queue.c.queued_seq,
+                tenant_day.c.tenant,
+                tenant_day.c.day,
+                tenant_day.c.fetched_at,
+                tenant_day.c.updated_at,
+                tenant_day.c.final,
+                tenant_day.c.content_hash,
+                tenant_day.c.payload,
+            )
+            .join_from(
+                queue,
+                tenant_day,
+                and_(tenant_day.c.tenant == queue.c.tenant, tenant_day.c.day == queue.c.day),
+            )
+            .order_by(queue.c.queued_seq)
         )
 
         def work(conn: Connection) -> tuple[PendingBatch, list[tuple[Key, str]]]:
@@ -521,7 +486,7 @@ class OutboxStore(StoreBase):
                 tenant_day,
                 and_(tenant_day.c.tenant == delivery.c.tenant, tenant_day.c.day == delivery.c.day),
             )
-            .where(delivery.c.sink == sink, delivery.c.dead_letter.is_(True))
+            .where(delivery.c.sink == sink, IS_DEAD)
             .order_by(delivery.c.day, delivery.c.tenant)
         )
         if tenant is not None:
@@ -586,7 +551,7 @@ class OutboxStore(StoreBase):
             )
             result = conn.execute(
                 update(delivery)
-                .where(delivery.c.sink == sink, delivery.c.dead_letter.is_(True), replayable)
+                .where(delivery.c.sink == sink, IS_DEAD, replayable)
                 .values(
                     queued_seq=stored,
                     queued_version=stored_version,

@@ -31,6 +31,7 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 
@@ -131,13 +132,11 @@ delivery = Table(
     ),
     Index("ix_delivery_outbox", "sink", "queued_seq"),
 )
+IS_DEAD = delivery.c.dead_letter == true()
+"""The dead-letter condition, spelled exactly as the partial index below so SQLite uses it."""
+
 # Dead letters are few: a partial index keeps `status` from scanning every delivery row.
-Index(
-    "ix_delivery_dead",
-    delivery.c.sink,
-    sqlite_where=delivery.c.dead_letter,
-    postgresql_where=delivery.c.dead_letter,
-)
+Index("ix_delivery_dead", delivery.c.sink, sqlite_where=IS_DEAD, postgresql_where=IS_DEAD)
 
 tenant_status = Table(
     "tenant_status",

@@ -16,6 +16,7 @@ from sqlalchemy import (
 
 from collector.store.base import StoreBase, short, tenants_in
 from collector.store.schema import (
+    IS_DEAD,
     SinkState,
     StatusSnapshot,
     TenantState,
@@ -140,36 +141,26 @@ class StatusStore(StoreBase):
                     next_run_at=status.next_run_at,
                 )
             )
-        queued = {
-            row.sink: row
-            for row in conn.execute(
-                select(
-                    delivery.c.sink,
-                    func.count().label("backlog"),
-                    func.min(delivery.c.queued_at).label("oldest"),
-                )
-                .where(delivery.c.queued_seq.is_not(None))
-                .group_by(delivery.c.sink)
-            )
-        }
         dead: dict[str, int] = {
             name: int(count)
             for name, count in conn.execute(
-                select(delivery.c.sink, func.count())
-                .where(delivery.c.dead_letter.is_(True))
-                .group_by(delivery.c.sink)
+                select(delivery.c.sink, func.count()).where(IS_DEAD).group_by(delivery.c.sink)
             )
         }
         sink_states = []
         for row in conn.execute(select(sink_table).order_by(sink_table.c.name)):
-            waiting = queued.get(row.name)
-            oldest = waiting.oldest if waiting else None
+            # Per sink, so each count is an index range over that sink's queue only.
+            backlog, oldest = conn.execute(
+                select(func.count(), func.min(delivery.c.queued_at)).where(
+                    delivery.c.sink == row.name, delivery.c.queued_seq.is_not(None)
+                )
+            ).one()
             sink_states.append(
                 SinkState(
                     sink=row.name,
                     routes=None if row.routes is None else json.loads(row.routes),
-                    backlog=int(waiting.backlog) if waiting else 0,
-                    dead_letters=int(dead.get(row.name, 0)),
+                    backlog=int(backlog),
+                    dead_letters=dead.get(row.name, 0),
                     lag_seconds=max(0.0, (now - oldest).total_seconds()) if oldest else 0.0,
                     oldest_queued_at=oldest,
                     last_success_at=row.last_success_at,

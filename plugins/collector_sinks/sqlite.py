@@ -11,8 +11,10 @@ language and user rows and upserts the daily row, then inserts the new child row
 replaces (a user missing from the new version disappears) and a redelivery never duplicates.
 Inserts are bulk ``executemany`` calls; the work runs in a worker thread.
 
-SQLite files run in WAL mode with ``synchronous=NORMAL`` (durable at every checkpoint, readers
-never block the writer) and a busy timeout, and write transactions start with ``BEGIN IMMEDIATE``
+SQLite files run in WAL mode (readers never block the writer) with a busy timeout and, by
+default, ``synchronous=NORMAL``: a crash of the process loses nothing, a power cut may lose the
+last commits (a ``replay`` restores them; ``synchronous: full`` avoids it at the cost of an fsync
+per transaction). Write transactions start with ``BEGIN IMMEDIATE``
 so two writers queue instead of failing half-way. Errors leave as
 :class:`~collector.errors.SinkTransientError` (locked, connection lost, disk full) or
 :class:`~collector.errors.SinkPermanentError` (integrity and data errors); their messages carry
@@ -122,6 +124,11 @@ class SqliteSinkConfig(SinkConfig):
         default=dt.timedelta(seconds=10),
         description="SQLite only: how long a write waits for another writer's lock.",
     )
+    synchronous: Literal["normal", "full"] = PydanticField(
+        default="normal",
+        description="SQLite only: normal survives process crashes; full also survives power loss "
+        "at the cost of an fsync per transaction.",
+    )
     create_tables: bool = PydanticField(
         default=True, description="Create the four tables if they do not exist."
     )
@@ -210,7 +217,7 @@ class SqliteSink(Sink):
             is_sqlite = url.get_backend_name() == "sqlite"
             if is_sqlite and url.database not in (None, "", ":memory:"):
                 Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
-            engine = _create_engine(url, self.config.busy_timeout)
+            engine = _create_engine(url, self.config.busy_timeout, self.config.synchronous)
             if self.config.create_tables:
                 METADATA.create_all(engine)
             else:
@@ -272,7 +279,7 @@ def _first_line(error: BaseException) -> str:
     return text.splitlines()[0][:300] if text else "(no message)"
 
 
-def _create_engine(url: URL, busy_timeout: dt.timedelta) -> Engine:
+def _create_engine(url: URL, busy_timeout: dt.timedelta, synchronous: str) -> Engine:
     if url.get_backend_name() != "sqlite":
         return sa.create_engine(url, hide_parameters=True, pool_pre_ping=True)
     engine = sa.create_engine(
@@ -289,7 +296,7 @@ def _create_engine(url: URL, busy_timeout: dt.timedelta) -> Engine:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous.upper()}")
         cursor.execute(f"PRAGMA busy_timeout={busy_ms}")
         cursor.close()
 

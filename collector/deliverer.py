@@ -1,0 +1,511 @@
+"""Per-sink delivery from the store's outbox: own task, own retries, own timeout, own dead-letter.
+
+Each sink instance is a *lane*: one asyncio task that drains that sink's queue
+(:meth:`collector.store.Store.pending`) in passes. A pass walks the queue from its start in
+batches of ``batch_size``; every batch gets the sink's PII policy, one ``write`` under the sink's
+``timeout``, and on success is acknowledged (:meth:`~collector.store.Store.mark_delivered`). Lanes
+share nothing but the store, so a slow, failing or hanging sink never delays another sink, and the
+fetcher never waits for any of them (it only calls :meth:`Deliverer.notify_new_data`).
+
+Failures, decided by the exception's class:
+
+- :class:`~collector.errors.SinkPermanentError`: a one-day batch is dead-lettered at once; a larger
+  batch is retried day by day, so only the poison day is dead-lettered and the rest arrive.
+- :class:`~collector.errors.SinkTransientError`, a timeout, or any other exception: a larger batch
+  is also split into single days (to find a poison day); each failed day waits its own backoff
+  (full jitter, doubling per failure, or the sink's ``retry_after``) while later days go on, and
+  after ``max_attempts`` failures it is dead-lettered and the sink carries on with the rest.
+- A sink *outage* is not the data's fault: when three writes in a row fail, the pass stops and the
+  lane backs off as a whole (growing to ``backoff_max``). A failed attempt is only counted against
+  a day (towards ``max_attempts``) when the same pass also delivered something, i.e. the sink was
+  demonstrably working; so a webhook that is down for a day loses nothing to the dead-letter, and
+  everything arrives when it is back. A pass in which every write failed also paces the lane
+  (same backoff, but new data may end the wait early).
+
+Order: days go out in queue order (the order their current versions were stored, see
+:mod:`collector.store.outbox`); a day waiting for its retry is skipped by later passes until its
+time comes, so it never holds back the days behind it.
+
+``COLLECTOR_TESTING_NO_WAIT=1`` (or :func:`collector.retry.no_wait`) makes every backoff zero; a
+lane in an outage still pauses 50 ms between passes so a test does not spin.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from collector.errors import SinkPermanentError, SinkTransientError, StoreError
+from collector.log import get_logger
+from collector.models import TenantDay
+from collector.pii import apply_sink_policy
+from collector.retry import waits_disabled
+from collector.sink import Sink, SinkConfig
+from collector.store import Store
+
+log = get_logger("collector.deliverer")
+
+Notify = Callable[[str, dict[str, Any]], None]
+"""``notify(hook_name, kwargs)``: calls a notification hook (pluggy); must not raise."""
+
+Key = tuple[str, dt.date]
+
+OUTAGE_AFTER = 3
+"""Consecutive failed writes after which a pass stops and the whole lane backs off."""
+
+_OUTAGE_PAUSE_FLOOR = 0.05
+_ERROR_MAX = 500
+
+
+def _no_notify(hook: str, kwargs: dict[str, Any]) -> None:
+    return None
+
+
+def _error_text(exc: BaseException, timeout: float) -> str:
+    if isinstance(exc, TimeoutError):
+        return f"timeout: no answer within {timeout:g}s"
+    text = f"{type(exc).__name__}: {exc}"
+    return text if len(text) <= _ERROR_MAX else text[: _ERROR_MAX - 1] + "…"
+
+
+@dataclass
+class SinkStats:
+    """Counters of one sink instance, for ``/metrics`` and logs (a copy; never live)."""
+
+    sink: str
+    delivered: int = 0  # tenant-days acknowledged by the sink
+    failed: int = 0  # failed deliveries of a tenant-day (every attempt counts)
+    dead_lettered: int = 0  # tenant-days given up on
+    batches: int = 0  # successful write calls
+    backlog: int = 0  # tenant-days waiting, as of the end of the last pass
+    state: str = "idle"  # idle | delivering | backing_off | down | stopped
+    last_error: str | None = None
+    last_error_at: dt.datetime | None = None
+    last_success_at: dt.datetime | None = None
+
+
+@dataclass
+class _PassResult:
+    attempted: int = 0  # tenant-days written (a day retried alone after its batch failed: once)
+    delivered: int = 0
+    failed: int = 0
+    in_a_row: int = 0  # consecutive failed writes
+    outage: bool = False
+    retry_after: float | None = None
+
+
+@dataclass(frozen=True)
+class _Held:
+    """A failed write of some days: why, and how long the sink asked us to wait."""
+
+    items: list[TenantDay]
+    reason: str
+    retry_after: float
+
+
+@dataclass
+class _Lane:
+    name: str
+    sink: Sink
+    config: SinkConfig
+    stats: SinkStats
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
+    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    opened: bool = False
+    outages: int = 0  # consecutive passes that ended in an outage
+    failures: dict[Key, int] = field(default_factory=dict)  # per day, since its last success
+    retry_at: dict[Key, float] = field(default_factory=dict)  # monotonic time a day may go again
+    task: asyncio.Task[None] | None = None
+
+    @property
+    def timeout(self) -> float:
+        return self.config.timeout.total_seconds()
+
+
+class Deliverer:
+    """Drains every sink's outbox in its own task. One instance per process.
+
+    ``sinks`` and ``configs`` are keyed by sink instance name; ``routes`` gives the tenants routed
+    to each sink (None or a missing name: every tenant). With ``complete_routes`` the routes are
+    the whole config and sinks not in them are unregistered in the store (the daemon and ``run``
+    pass it; ``replay`` of one sink must not).
+    """
+
+    def __init__(
+        self,
+        store: Store,
+        sinks: Mapping[str, Sink],
+        configs: Mapping[str, SinkConfig],
+        routes: Mapping[str, Collection[str] | None] | None = None,
+        *,
+        notify: Notify = _no_notify,
+        complete_routes: bool = False,
+        poll_interval: float = 30.0,
+        backoff_initial: float = 1.0,
+        backoff_max: float = 300.0,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._store = store
+        self._routes = {name: (routes or {}).get(name) for name in sinks}
+        self._complete_routes = complete_routes
+        self._notify = notify
+        self._poll_interval = poll_interval
+        self._backoff_initial = backoff_initial
+        self._backoff_max = backoff_max
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not security
+        self._lanes = {
+            name: _Lane(name, sink, configs[name], SinkStats(sink=name))
+            for name, sink in sinks.items()
+        }
+        self._stopping = asyncio.Event()
+        self._synced = False
+
+    # --- public surface ---------------------------------------------------------------------------
+
+    def notify_new_data(self) -> None:
+        """New versions were committed: every idle lane starts a pass now."""
+        for lane in self._lanes.values():
+            lane.wake.set()
+
+    def stats(self) -> dict[str, SinkStats]:
+        """A snapshot of every sink's counters."""
+        return {name: replace(lane.stats) for name, lane in self._lanes.items()}
+
+    async def run_forever(self) -> None:
+        """Deliver until :meth:`stop`: each sink in its own task, woken by new data or a poll."""
+        self._stopping.clear()
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                await self._sync()
+                break
+            except StoreError as exc:  # the state database may be back in a moment
+                failures += 1
+                log.warning("sink registration failed; retrying", error=str(exc))
+                await self._sleep_unless_stopped(self._jitter(failures) + _OUTAGE_PAUSE_FLOOR)
+        for lane in self._lanes.values():
+            lane.task = asyncio.create_task(self._lane_forever(lane), name=f"sink:{lane.name}")
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        try:
+            await asyncio.gather(*tasks, return_exceptions=True)
+        finally:
+            for lane in self._lanes.values():
+                lane.task = None
+                lane.stats.state = "stopped"
+
+    async def stop(self, grace: float = 30.0) -> None:
+        """Start no new write; let writes in flight finish for ``grace`` seconds, then cancel them.
+
+        A cancelled write was not acknowledged, so that batch is delivered again later
+        (at-least-once). The sinks stay open: :meth:`aclose` closes them.
+        """
+        self._stopping.set()
+        self.notify_new_data()
+        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=max(0.0, grace))
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+    async def run_until_drained(self, *, failed_passes: int = 1) -> bool:
+        """Deliver what is queued now (for ``run --once`` and ``replay``); True when all arrived.
+
+        Returns when every sink's queue is empty, or its remaining days all failed in this run
+        (after ``failed_passes`` passes with failures, backoff between them), or :meth:`stop`.
+        True means every queue is empty and nothing was dead-lettered during this call.
+        """
+        self._stopping.clear()
+        await self._sync()
+        results = await asyncio.gather(
+            *(self._lane_drain(lane, failed_passes) for lane in self._lanes.values())
+        )
+        return all(results)
+
+    async def aclose(self) -> None:
+        """Close every sink that was opened (each under its timeout; errors are logged)."""
+        for lane in self._lanes.values():
+            if not lane.opened:
+                continue
+            lane.opened = False
+            try:
+                async with asyncio.timeout(lane.timeout):
+                    await lane.sink.aclose()
+            except Exception as exc:  # closing one sink must not stop the others
+                log.warning(
+                    "sink close failed", sink=lane.name, error=_error_text(exc, lane.timeout)
+                )
+
+    async def __aenter__(self) -> Deliverer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop(grace=0)
+        await self.aclose()
+
+    # --- lanes ------------------------------------------------------------------------------------
+
+    async def _sync(self) -> None:
+        queued = await self._store.sync_sinks(self._routes, remove_missing=self._complete_routes)
+        for name, count in queued.items():
+            if count:
+                log.info("history queued for sink", sink=name, tenant_days=count)
+
+    async def _lane_forever(self, lane: _Lane) -> None:
+        while not self._stopping.is_set():
+            lane.wake.clear()
+            try:
+                if not await self._ensure_open(lane):
+                    await self._pause(lane, self._lane_backoff(lane, None), wakeable=False)
+                    continue
+                result = await self._pass(lane)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a lane never dies; the store may be back soon
+                self._record_error(lane, _error_text(exc, lane.timeout))
+                log.exception("delivery pass failed", sink=lane.name)
+                result = _PassResult(outage=True)
+            if result.outage or (result.failed and not result.delivered):
+                # Nothing got through: pace the whole lane, so a failing sink is not hammered.
+                lane.outages += 1
+                if lane.outages == 1:
+                    log.warning("sink failing", sink=lane.name, error=lane.stats.last_error)
+                lane.stats.state = "down" if result.outage else "backing_off"
+                wait = self._lane_backoff(lane, result.retry_after)
+                await self._pause(lane, wait, wakeable=not result.outage)
+                continue
+            if result.delivered:
+                if lane.outages:
+                    log.info("sink delivering again", sink=lane.name)
+                lane.outages = 0
+            lane.stats.state = "idle" if not lane.retry_at else "backing_off"
+            await self._pause(lane, min(self._poll_interval, self._next_retry(lane)), wakeable=True)
+
+    async def _lane_drain(self, lane: _Lane, failed_passes: int) -> bool:
+        failed = 0
+        dead_before = lane.stats.dead_lettered
+        while not self._stopping.is_set():
+            if await self._ensure_open(lane):
+                result = await self._pass(lane)
+                if not result.failed and not result.outage:
+                    if result.attempted == 0:
+                        break
+                    continue
+            failed += 1
+            if failed >= failed_passes:
+                break
+            await self._pause(lane, self._lane_backoff(lane, None), wakeable=False)
+        lane.stats.backlog = await self._store.backlog(lane.name)
+        lane.stats.state = "idle"
+        return lane.stats.backlog == 0 and lane.stats.dead_lettered == dead_before
+
+    async def _ensure_open(self, lane: _Lane) -> bool:
+        if lane.opened:
+            return True
+        try:
+            async with asyncio.timeout(lane.timeout):
+                await lane.sink.open()
+        except Exception as exc:  # an open failure is a transient sink failure
+            self._record_error(lane, "open failed: " + _error_text(exc, lane.timeout))
+            log.warning("sink open failed", sink=lane.name, error=lane.stats.last_error)
+            lane.outages += 1
+            lane.stats.state = "down"
+            return False
+        lane.opened = True
+        return True
+
+    async def _pass(self, lane: _Lane) -> _PassResult:
+        """One walk over the sink's queue; see the module docstring for the failure rules."""
+        async with lane.busy:  # never two writes on one sink instance
+            lane.stats.state = "delivering"
+            result = _PassResult()
+            held: list[_Held] = []  # failures not (yet) counted against their days
+            seen: set[Key] = set()
+            cursor: int | None = None
+            while not self._stopping.is_set() and not result.outage:
+                page = await self._store.pending(
+                    lane.name, None, lane.config.batch_size, after=cursor
+                )
+                if not page:
+                    # A complete walk: forget retry state of days that left the queue otherwise.
+                    for key in set(lane.retry_at) - seen:
+                        lane.retry_at.pop(key, None)
+                        lane.failures.pop(key, None)
+                    break
+                cursor = page.cursor
+                seen.update((td.tenant, td.day) for td in page)
+                now = time.monotonic()
+                ready = [td for td in page if lane.retry_at.get((td.tenant, td.day), 0.0) <= now]
+                if ready:
+                    await self._deliver_page(lane, ready, result, held)
+            for failure in held:  # nothing was delivered: an outage, not bad data
+                self._uncharged(lane, failure)
+            lane.stats.backlog = await self._store.backlog(lane.name)
+            if result.attempted:
+                await self._store.record_sink_outcome(
+                    lane.name, lane.stats.last_error if result.failed else None
+                )
+            return result
+
+    async def _deliver_page(
+        self, lane: _Lane, ready: list[TenantDay], result: _PassResult, held: list[_Held]
+    ) -> None:
+        units: list[list[TenantDay]] = [ready]
+        while units and not self._stopping.is_set():
+            unit = units.pop(0)
+            error = await self._write(lane, unit)
+            if error is None:
+                result.in_a_row = 0
+                result.attempted += len(unit)
+                result.delivered += len(unit)
+                await self._delivered(lane, unit)
+                for failure in held:  # the sink works, so those failures were the days' own
+                    await self._charge(lane, failure)
+                held.clear()
+                continue
+            exc, reason = error
+            if len(unit) > 1:
+                # Find the poison day: the same days again, one write each.
+                units = [[td] for td in unit] + units
+            else:
+                result.attempted += 1
+            if isinstance(exc, SinkPermanentError):
+                if len(unit) == 1:
+                    result.failed += 1
+                    await self._charge(lane, _Held(unit, reason, 0.0), permanent=True)
+                continue
+            wait = (exc.retry_after or 0.0) if isinstance(exc, SinkTransientError) else 0.0
+            if wait:
+                result.retry_after = max(result.retry_after or 0.0, wait)
+            if len(unit) == 1:
+                result.failed += 1
+                failure = _Held(unit, reason, wait)
+                if result.delivered:
+                    await self._charge(lane, failure)
+                else:
+                    held.append(failure)
+            result.in_a_row += 1
+            if result.in_a_row >= OUTAGE_AFTER:
+                result.outage = True
+                return
+
+    async def _write(self, lane: _Lane, unit: Sequence[TenantDay]) -> tuple[Exception, str] | None:
+        try:
+            prepared = apply_sink_policy(unit, lane.config)
+            async with asyncio.timeout(lane.timeout):
+                await lane.sink.write(prepared)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # any sink exception is a delivery failure
+            reason = _error_text(exc, lane.timeout)
+            self._record_error(lane, reason)
+            return exc, reason
+        return None
+
+    async def _delivered(self, lane: _Lane, unit: Sequence[TenantDay]) -> None:
+        await self._store.mark_delivered(lane.name, unit)
+        for td in unit:
+            lane.failures.pop((td.tenant, td.day), None)
+            lane.retry_at.pop((td.tenant, td.day), None)
+        lane.stats.delivered += len(unit)
+        lane.stats.batches += 1
+        lane.stats.last_success_at = dt.datetime.now(dt.UTC)
+
+    async def _charge(self, lane: _Lane, failure: _Held, *, permanent: bool = False) -> None:
+        """Count a failed attempt against each day; dead-letter those out of attempts."""
+        unit, reason = failure.items, failure.reason
+        attempts = 1 if permanent else lane.config.max_attempts
+        dead = await self._store.mark_failed(lane.name, unit, reason, attempts)
+        dead_keys = {(td.tenant, td.day) for td in dead}
+        for td in unit:
+            key = (td.tenant, td.day)
+            if key in dead_keys:
+                lane.failures.pop(key, None)
+                lane.retry_at.pop(key, None)
+            else:
+                self._schedule_retry(lane, key, failure.retry_after)
+            self._tell(lane, td, reason, dead_lettered=key in dead_keys)
+        lane.stats.failed += len(unit)
+        lane.stats.dead_lettered += len(dead)
+        if dead:
+            log.error(
+                "dead-lettered",
+                sink=lane.name,
+                tenant_days=[f"{td.tenant}/{td.day.isoformat()}" for td in dead],
+                error=reason,
+            )
+
+    def _uncharged(self, lane: _Lane, failure: _Held) -> None:
+        for td in failure.items:
+            self._schedule_retry(lane, (td.tenant, td.day), failure.retry_after)
+            self._tell(lane, td, failure.reason, dead_lettered=False)
+        lane.stats.failed += len(failure.items)
+
+    def _schedule_retry(self, lane: _Lane, key: Key, retry_after: float) -> None:
+        count = lane.failures.get(key, 0) + 1
+        lane.failures[key] = count
+        wait = 0.0 if waits_disabled() else max(self._jitter(count), retry_after)
+        lane.retry_at[key] = time.monotonic() + min(wait, self._backoff_max)
+
+    def _tell(self, lane: _Lane, td: TenantDay, reason: str, *, dead_lettered: bool) -> None:
+        try:
+            self._notify(
+                "collector_sink_delivery_failed",
+                {
+                    "sink": lane.name,
+                    "tenant": td.tenant,
+                    "day": td.day,
+                    "error": reason,
+                    "dead_lettered": dead_lettered,
+                },
+            )
+        except Exception:  # a broken notification hook must not stop delivery
+            log.exception("delivery notification failed", sink=lane.name)
+
+    def _record_error(self, lane: _Lane, reason: str) -> None:
+        lane.stats.last_error = reason
+        lane.stats.last_error_at = dt.datetime.now(dt.UTC)
+
+    # --- waiting ----------------------------------------------------------------------------------
+
+    def _jitter(self, failures: int) -> float:
+        if waits_disabled():
+            return 0.0
+        ceiling = min(self._backoff_max, self._backoff_initial * 2 ** max(0, failures - 1))
+        return self._rng.uniform(0.0, ceiling)
+
+    def _lane_backoff(self, lane: _Lane, retry_after: float | None) -> float:
+        if waits_disabled():
+            return _OUTAGE_PAUSE_FLOOR
+        if retry_after is not None:
+            return max(_OUTAGE_PAUSE_FLOOR, min(retry_after, self._backoff_max))
+        return max(_OUTAGE_PAUSE_FLOOR, self._jitter(max(1, lane.outages)))
+
+    def _next_retry(self, lane: _Lane) -> float:
+        if not lane.retry_at:
+            return self._poll_interval
+        return max(0.0, min(lane.retry_at.values()) - time.monotonic())
+
+    async def _sleep_unless_stopped(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+
+    async def _pause(self, lane: _Lane, seconds: float, *, wakeable: bool) -> None:
+        """Sleep ``seconds``, ending early on stop (and on new data when ``wakeable``)."""
+        waiters = [asyncio.ensure_future(self._stopping.wait())]
+        if wakeable:
+            waiters.append(asyncio.ensure_future(lane.wake.wait()))
+        try:
+            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.gather(*waiters, return_exceptions=True)

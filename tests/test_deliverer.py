@@ -1,0 +1,427 @@
+"""The deliverer: per-sink lanes over a real SQLite store, with small real sinks defined here.
+
+The sinks below implement the sink contract (open/write/aclose) for real: they keep what they
+receive, raise the contract's errors, or hang. Nothing of the collector is replaced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import SecretStr
+
+from collector.deliverer import Deliverer
+from collector.errors import SinkPermanentError, SinkTransientError
+from collector.models import Batch, TenantDay, normalize, parse_usage
+from collector.retry import no_wait
+from collector.sink import Sink, SinkConfig
+from collector.store import Store
+
+DAY = dt.date(2025, 1, 10)
+EMAIL = "ada@acme.example"
+
+
+def fetched(tenant: str, day: dt.date, messages: int = 5) -> tuple[TenantDay, dict[str, Any]]:
+    """One fetched tenant-day as the pipeline stores it: normalized record plus raw ``data``."""
+    data = {
+        "period": {"start": day.isoformat(), "end": day.isoformat(), "days": 1},
+        "summary": {"total_active_users": 1, "total_messages": messages},
+        "users": [{"email": EMAIL, "messages": messages, "ides": ["VS Code"], "languages": ["Go"]}],
+        "daily": [{"day": day.isoformat(), "active_users": 1, "messages": messages}],
+    }
+    response = parse_usage(json.dumps({"status": "success", "data": data}))
+    fetched_at = dt.datetime(2025, 1, 20, tzinfo=dt.UTC)
+    return normalize(tenant, day, response, fetched_at=fetched_at, final=True), data
+
+
+def history(tenants: Sequence[str], count: int) -> list[tuple[TenantDay, dict[str, Any]]]:
+    return [fetched(t, DAY + dt.timedelta(days=i)) for t in tenants for i in range(count)]
+
+
+def config(**overrides: Any) -> SinkConfig:
+    settings: dict[str, Any] = {"type": "test", "timeout": dt.timedelta(seconds=5)}
+    settings.update(overrides)
+    return SinkConfig(**settings)
+
+
+class RecordingSink(Sink):
+    """Keeps every batch it is given, in memory and as JSON lines in a file."""
+
+    type_name = "recording"
+
+    def __init__(self, name: str, path: Path | None = None) -> None:
+        super().__init__(name, config())
+        self.batches: list[list[TenantDay]] = []
+        self.path = path
+        self.opened = 0
+        self.closed = 0
+
+    async def open(self) -> None:
+        self.opened += 1
+
+    async def write(self, batch: Batch) -> None:
+        self.batches.append(list(batch))
+        if self.path is not None:
+            with self.path.open("a") as out:
+                for td in batch:
+                    out.write(json.dumps({"tenant": td.tenant, "day": td.day.isoformat()}) + "\n")
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+    @property
+    def received(self) -> list[tuple[str, dt.date]]:
+        return [(td.tenant, td.day) for batch in self.batches for td in batch]
+
+
+class RaisingSink(RecordingSink):
+    """Raises the given error on every write while ``failing`` is true, then records."""
+
+    def __init__(self, name: str, error: Callable[[], Exception]) -> None:
+        super().__init__(name)
+        self.error = error
+        self.failing = True
+        self.calls = 0
+
+    async def write(self, batch: Batch) -> None:
+        self.calls += 1
+        if self.failing:
+            raise self.error()
+        await super().write(batch)
+
+
+class HangingSink(RecordingSink):
+    """Never finishes a write (a target that accepted the connection and went silent)."""
+
+    async def write(self, batch: Batch) -> None:
+        await asyncio.Event().wait()
+
+
+class PoisonSink(RecordingSink):
+    """Refuses every batch that contains the poison tenant-day, with the given error class."""
+
+    def __init__(self, name: str, poison: tuple[str, dt.date], error: type[Exception]) -> None:
+        super().__init__(name)
+        self.poison = poison
+        self.error = error
+        self.refused = 0
+
+    async def write(self, batch: Batch) -> None:
+        if any((td.tenant, td.day) == self.poison for td in batch):
+            self.refused += 1
+            raise self.error("row rejected: bad day")
+        await super().write(batch)
+
+
+class OpenFailsSink(RecordingSink):
+    """Cannot connect for its first ``failures`` opens."""
+
+    def __init__(self, name: str, failures: int) -> None:
+        super().__init__(name)
+        self.failures = failures
+
+    async def open(self) -> None:
+        await super().open()
+        if self.opened <= self.failures:
+            raise SinkTransientError("connection refused")
+
+
+@pytest.fixture
+async def store(tmp_path: Path) -> AsyncIterator[Store]:
+    """A real SQLite state store in tmp_path."""
+    opened = await Store.open(f"sqlite:///{tmp_path / 'state.db'}")
+    yield opened
+    await opened.aclose()
+
+
+@pytest.fixture
+def instant() -> Iterator[None]:
+    """Backoff waits are zero (the collector's testing switch), attempts still count."""
+    with no_wait():
+        yield
+
+
+def deliverer(
+    store: Store, sinks: dict[str, Sink], configs: dict[str, SinkConfig] | None = None, **kw: Any
+) -> Deliverer:
+    configs = {name: (configs or {}).get(name, config()) for name in sinks}
+    return Deliverer(store, sinks, configs, **kw)
+
+
+async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
+    """Poll ``condition`` on the event loop; returns the seconds it took."""
+    started = time.monotonic()
+    while not condition():
+        if time.monotonic() - started > limit:
+            raise AssertionError("condition not met in time")
+        await asyncio.sleep(0.01)
+    return time.monotonic() - started
+
+
+async def test_every_stored_day_reaches_the_sink_once_in_batches(
+    store: Store, tmp_path: Path
+) -> None:
+    """run_until_drained delivers every stored day in batch_size batches, then reports done."""
+    sink = RecordingSink("warehouse", tmp_path / "out.jsonl")
+    items = history(["acme", "globex"], 5)
+    delivery = deliverer(store, {"warehouse": sink}, {"warehouse": config(batch_size=4)})
+    await store.record_fetched(items)
+    assert await delivery.run_until_drained() is True
+    assert sorted(sink.received) == sorted((td.tenant, td.day) for td, _ in items)
+    assert [len(b) for b in sink.batches] == [4, 4, 2]
+    assert [b for batch in sink.batches for b in batch] == [td for td, _ in items]
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 10
+    assert await store.backlog("warehouse") == 0
+    assert await delivery.run_until_drained() is True  # nothing new: nothing sent again
+    assert len(sink.batches) == 3
+    stats = delivery.stats()["warehouse"]
+    assert (stats.delivered, stats.batches, stats.backlog, stats.failed) == (10, 3, 0, 0)
+    await delivery.aclose()
+    assert (sink.opened, sink.closed) == (1, 1)
+
+
+async def test_broken_sinks_do_not_delay_a_healthy_one(store: Store, instant: None) -> None:
+    """A raising, a hanging and a permanently failing sink leave the healthy sink's output whole."""
+    healthy = RecordingSink("warehouse")
+    sinks: dict[str, Sink] = {
+        "warehouse": healthy,
+        "down": RaisingSink("down", lambda: SinkTransientError("HTTP 503")),
+        "crashing": RaisingSink("crashing", lambda: RuntimeError("bug in plugin")),
+        "hanging": HangingSink("hanging"),
+        "refusing": RaisingSink("refusing", lambda: SinkPermanentError("HTTP 400")),
+    }
+    configs = {name: config(batch_size=5, timeout=dt.timedelta(seconds=30)) for name in sinks}
+    delivery = deliverer(store, sinks, configs, poll_interval=60)
+    runner = asyncio.create_task(delivery.run_forever())
+    items = history(["acme", "globex", "initech"], 10)
+    try:
+        for start in range(0, len(items), 6):  # data keeps arriving while the others struggle
+            await store.record_fetched(items[start : start + 6])
+            delivery.notify_new_data()
+        took = await wait_until(lambda: len(healthy.received) == len(items), limit=5.0)
+        await wait_until(lambda: delivery.stats()["refusing"].dead_lettered == len(items))
+    finally:
+        await delivery.stop(grace=0.1)
+        await runner
+        await delivery.aclose()
+    assert took < 5.0  # far below the hanging sink's 30 s timeout
+    assert sorted(healthy.received) == sorted((td.tenant, td.day) for td, _ in items)
+    assert await store.backlog("warehouse") == 0
+    assert await store.backlog("hanging") > 0  # never acknowledged, so it will be redelivered
+    assert len(await store.dead_letters("refusing")) == len(items)
+    assert await store.dead_letters("down") == []  # an outage dead-letters nothing
+
+
+async def test_a_poison_day_is_isolated_from_its_batch(store: Store) -> None:
+    """A permanent refusal of a batch retries its days one by one; only the bad day is dead."""
+    poison = ("acme", DAY + dt.timedelta(days=2))
+    sink = PoisonSink("hook", poison, SinkPermanentError)
+    events: list[tuple[str, dict[str, Any]]] = []
+    delivery = deliverer(
+        store,
+        {"hook": sink},
+        {"hook": config(batch_size=5)},
+        notify=lambda hook, kwargs: events.append((hook, kwargs)),
+    )
+    await store.record_fetched(history(["acme"], 5))
+    assert await delivery.run_until_drained() is False
+    assert sorted(sink.received) == sorted(
+        ("acme", DAY + dt.timedelta(days=i)) for i in (0, 1, 3, 4)
+    )
+    [dead] = await store.dead_letters("hook")
+    assert ((dead.tenant, dead.day), dead.attempts) == (poison, 1)
+    assert dead.error == "SinkPermanentError: row rejected: bad day"
+    assert events == [
+        (
+            "collector_sink_delivery_failed",
+            {
+                "sink": "hook",
+                "tenant": "acme",
+                "day": poison[1],
+                "error": "SinkPermanentError: row rejected: bad day",
+                "dead_lettered": True,
+            },
+        )
+    ]
+    assert await store.backlog("hook") == 0
+    assert delivery.stats()["hook"].dead_lettered == 1
+
+
+async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
+    store: Store, instant: None
+) -> None:
+    """A day the sink keeps refusing while accepting others is given up after max_attempts."""
+    poison = ("globex", DAY)
+    sink = PoisonSink("hook", poison, SinkTransientError)
+    notified: list[bool] = []
+    delivery = deliverer(
+        store,
+        {"hook": sink},
+        {"hook": config(batch_size=3, max_attempts=4)},
+        notify=lambda hook, kwargs: notified.append(kwargs["dead_lettered"]),
+        poll_interval=60,
+    )
+    runner = asyncio.create_task(delivery.run_forever())
+    try:
+        for i in range(6):  # new data keeps the sink demonstrably healthy between attempts
+            await store.record_fetched(
+                [fetched("globex", DAY), fetched("acme", DAY + dt.timedelta(i))]
+            )
+            delivery.notify_new_data()
+            await wait_until(lambda: delivery.stats()["hook"].state != "delivering")
+            await asyncio.sleep(0.05)
+        await wait_until(lambda: delivery.stats()["hook"].dead_lettered == 1)
+    finally:
+        await delivery.stop(grace=1)
+        await runner
+    [dead] = await store.dead_letters("hook")
+    assert ((dead.tenant, dead.day), dead.attempts) == (poison, 4)
+    # Three counted failures, then the fourth dead-letters it (plus uncounted retries in between).
+    assert notified.count(True) == 1
+    assert notified[-1] is True
+    assert sorted(sink.received) == [("acme", DAY + dt.timedelta(i)) for i in range(6)]
+    assert await store.backlog("hook") == 0
+
+
+async def test_a_sink_outage_dead_letters_nothing_and_recovers(store: Store, instant: None) -> None:
+    """While a sink is down its backlog grows without dead letters; back up, everything arrives."""
+    sink = RaisingSink("hook", lambda: SinkTransientError("HTTP 503", retry_after=0.01))
+    delivery = deliverer(store, {"hook": sink}, {"hook": config(batch_size=4, max_attempts=2)})
+    runner = asyncio.create_task(delivery.run_forever())
+    items = history(["acme", "globex"], 6)
+    try:
+        await store.record_fetched(items)
+        delivery.notify_new_data()
+        await wait_until(lambda: sink.calls >= 20)  # many passes, far beyond max_attempts
+        stats = delivery.stats()["hook"]
+        assert stats.state in {"down", "delivering"}
+        assert stats.last_error == "SinkTransientError: HTTP 503"
+        assert (await store.status_snapshot()).sinks[0].backlog == len(items)
+        assert await store.dead_letters("hook") == []
+        sink.failing = False
+        await wait_until(lambda: len(sink.received) == len(items))
+    finally:
+        await delivery.stop(grace=1)
+        await runner
+    assert await store.backlog("hook") == 0
+    assert await store.dead_letters("hook") == []
+
+
+async def test_open_failures_are_retried(store: Store, instant: None) -> None:
+    """A sink that cannot connect at first is opened again with backoff and then delivered to."""
+    sink = OpenFailsSink("warehouse", failures=2)
+    delivery = deliverer(store, {"warehouse": sink})
+    await store.record_fetched(history(["acme"], 3))
+    assert await delivery.run_until_drained(failed_passes=5) is True
+    assert sink.opened == 3
+    assert len(sink.received) == 3
+
+
+async def test_run_until_drained_gives_up_quickly_on_a_dead_sink(store: Store) -> None:
+    """run --once does not wait for a down sink: one failed pass, and it reports not drained."""
+    sink = RaisingSink("hook", lambda: SinkTransientError("HTTP 502"))
+    healthy = RecordingSink("warehouse")
+    delivery = deliverer(store, {"hook": sink, "warehouse": healthy})
+    await store.record_fetched(history(["acme"], 3))
+    started = time.monotonic()
+    assert await delivery.run_until_drained() is False
+    assert time.monotonic() - started < 2.0
+    assert len(healthy.received) == 3
+    assert delivery.stats()["hook"].backlog == 3
+
+
+async def test_a_hanging_write_times_out_and_stays_pending(store: Store) -> None:
+    """A write that never returns is cut off by the sink's timeout and is not acknowledged."""
+    sink = HangingSink("slow")
+    delivery = deliverer(store, {"slow": sink}, {"slow": config(timeout=dt.timedelta(seconds=0.2))})
+    await store.record_fetched(history(["acme"], 1))
+    started = time.monotonic()
+    assert await delivery.run_until_drained() is False
+    assert time.monotonic() - started < 2.0
+    assert delivery.stats()["slow"].last_error == "timeout: no answer within 0.2s"
+    assert await store.backlog("slow") == 1
+
+
+async def test_stop_cuts_off_writes_in_flight_after_the_grace_period(store: Store) -> None:
+    """stop(grace) returns within about grace even when a write hangs, losing nothing."""
+    sink = HangingSink("slow")
+    delivery = deliverer(store, {"slow": sink}, {"slow": config(timeout=dt.timedelta(hours=1))})
+    runner = asyncio.create_task(delivery.run_forever())
+    await store.record_fetched(history(["acme"], 2))
+    delivery.notify_new_data()
+    await wait_until(lambda: delivery.stats()["slow"].state == "delivering")
+    started = time.monotonic()
+    await delivery.stop(grace=0.3)
+    await runner
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert await store.backlog("slow") == 2
+    assert delivery.stats()["slow"].state == "stopped"
+
+
+async def test_new_data_wakes_an_idle_sink_at_once(store: Store) -> None:
+    """notify_new_data makes an idle lane deliver immediately, not at the next poll."""
+    sink = RecordingSink("warehouse")
+    delivery = deliverer(store, {"warehouse": sink}, poll_interval=3600)
+    runner = asyncio.create_task(delivery.run_forever())
+    try:
+        await wait_until(lambda: delivery.stats()["warehouse"].state == "idle")
+        await store.record_fetched(history(["acme"], 2))
+        delivery.notify_new_data()
+        took = await wait_until(lambda: len(sink.received) == 2, limit=3.0)
+    finally:
+        await delivery.stop(grace=1)
+        await runner
+    assert took < 1.0
+
+
+async def test_each_sink_gets_its_pii_policy(store: Store) -> None:
+    """The deliverer applies each sink's PII policy: emails kept, pseudonymized or dropped."""
+    sinks: dict[str, Sink] = {
+        "keep": RecordingSink("keep"),
+        "pseudo": RecordingSink("pseudo"),
+        "drop": RecordingSink("drop"),
+    }
+    configs = {
+        "keep": config(),
+        "pseudo": config(pii="pseudonymize", pii_key=SecretStr("k3y-for-tests")),
+        "drop": config(pii="drop"),
+    }
+    await store.record_fetched(history(["acme"], 1))
+    assert await deliverer(store, sinks, configs).run_until_drained() is True
+    received = {name: sink.batches[0][0] for name, sink in sinks.items()}  # type: ignore[attr-defined]
+    assert [u.user for u in received["keep"].users] == [EMAIL]
+    [pseudonym] = [u.user for u in received["pseudo"].users]
+    assert pseudonym.startswith("u_")
+    assert "acme.example" not in pseudonym
+    assert received["drop"].users == ()
+    assert received["drop"].daily == received["keep"].daily
+
+
+async def test_routes_limit_what_a_sink_receives(store: Store) -> None:
+    """A sink routed to some tenants receives only theirs; the other sink receives everyone."""
+    narrow, wide = RecordingSink("narrow"), RecordingSink("wide")
+    delivery = deliverer(
+        store, {"narrow": narrow, "wide": wide}, routes={"narrow": ["globex"], "wide": None}
+    )
+    await store.record_fetched(history(["acme", "globex"], 2))
+    assert await delivery.run_until_drained() is True
+    assert {t for t, _ in narrow.received} == {"globex"}
+    assert len(wide.received) == 4
+
+
+async def test_complete_routes_unregister_sinks_no_longer_configured(store: Store) -> None:
+    """With complete_routes, a sink removed from the config stops holding a queue in the store."""
+    await store.sync_sinks({"old": None})
+    await store.record_fetched(history(["acme"], 2))
+    assert await store.backlog("old") == 2
+    delivery = deliverer(store, {"new": RecordingSink("new")}, complete_routes=True)
+    assert await delivery.run_until_drained() is True
+    assert set(await store.registered_sinks()) == {"new"}
+    assert await store.backlog("old") == 0

@@ -1,0 +1,549 @@
+"""The state store against real databases: SQLite files in tmp_path, PostgreSQL when configured."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import signal
+import sqlite3
+import sys
+import uuid
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import sqlalchemy
+
+from collector.errors import StoreError
+from collector.models import TenantDay, normalize, parse_usage
+from collector.store import Store
+
+DAY = dt.date(2025, 1, 10)
+FETCHED_AT = dt.datetime(2025, 1, 11, 6, 0, tzinfo=dt.UTC)
+
+
+def usage_data(day: dt.date, users: int = 3, messages: int = 7) -> dict[str, Any]:
+    """A ``data`` object as the API returns it for ``day=``."""
+    emails = [f"user{i}@acme.example" for i in range(users)]
+    return {
+        "period": {"start": day.isoformat(), "end": day.isoformat(), "days": 1},
+        "summary": {"total_active_users": users, "total_messages": messages * users},
+        "users": [
+            {
+                "email": email,
+                "messages": messages,
+                "last_active": day.isoformat(),
+                "ides": ["VS Code"],
+                "languages": ["Python", "Go"],
+            }
+            for email in emails
+        ],
+        "daily": [
+            {
+                "day": day.isoformat(),
+                "active_users": users,
+                "messages": messages * users,
+                "ides": [{"ide_name": "VS Code", "engaged_users": users}],
+                "languages": [{"language_name": "Python", "engaged_users": users}],
+            }
+        ],
+        "lines_of_code": 12,  # an unknown field, as the API has added before
+    }
+
+
+def fetched(
+    tenant: str, day: dt.date = DAY, *, final: bool = False, **kwargs: int
+) -> tuple[TenantDay, dict[str, Any]]:
+    """A fetched tenant-day exactly as the pipeline builds it: parsed, normalized, raw data kept."""
+    data = usage_data(day, **kwargs)
+    response = parse_usage(json.dumps({"status": "success", "data": data}))
+    return normalize(tenant, day, response, fetched_at=FETCHED_AT, final=final), data
+
+
+def days(tenant: str, count: int, *, final: bool = False) -> list[tuple[TenantDay, dict[str, Any]]]:
+    return [fetched(tenant, DAY + dt.timedelta(days=i), final=final) for i in range(count)]
+
+
+def keys(items: list[TenantDay]) -> list[tuple[str, dt.date]]:
+    return [(td.tenant, td.day) for td in items]
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A fresh, empty state database URL: a SQLite file, or a new schema in the test PostgreSQL."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'state' / 'state.db'}"
+        return
+    base = sqlalchemy.make_url(request.getfixturevalue("postgres_url"))
+    schema = f"t_{uuid.uuid4().hex[:12]}"
+    admin = sqlalchemy.create_engine(base)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
+    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
+    yield url.render_as_string(hide_password=False)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
+    admin.dispose()
+
+
+@pytest.fixture
+async def store(store_url: str) -> AsyncIterator[Store]:
+    """An open store on the fresh database, closed after the test."""
+    opened = await Store.open(store_url)
+    yield opened
+    await opened.aclose()
+
+
+async def test_recorded_days_survive_close_and_reopen(store_url: str) -> None:
+    """A committed tenant-day is there, payload and all, after the store is closed and reopened."""
+    first = await Store.open(store_url)
+    await first.sync_sinks({"warehouse": None})
+    item, _ = fetched("acme")
+    assert await first.record_fetched([fetched("acme")]) == [True]
+    await first.aclose()
+
+    second = await Store.open(store_url)
+    try:
+        await second.ping()
+        state = (await second.days_state("acme"))[DAY]
+        assert (state.status, state.final, state.content_hash) == (
+            "fetched",
+            False,
+            item.content_hash,
+        )
+        assert list(await second.pending("warehouse")) == [item]
+    finally:
+        await second.aclose()
+
+
+async def test_content_change_is_reported_and_an_unchanged_refetch_is_not(store: Store) -> None:
+    """record_fetched says True for new or different figures and False for an identical re-fetch."""
+    assert await store.record_fetched([fetched("acme"), fetched("globex")]) == [True, True]
+    assert await store.record_fetched([fetched("acme"), fetched("globex")]) == [False, False]
+    assert await store.record_fetched([fetched("acme", messages=8), fetched("globex")]) == [
+        True,
+        False,
+    ]
+
+
+async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
+    """Same figures but now final counts as a change, so sinks learn final = true."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme")])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    assert await store.record_fetched([fetched("acme", final=True)]) == [True]
+    [again] = await store.pending("warehouse")
+    assert again.final
+    assert again.daily.final
+    assert (await store.days_state("acme"))[DAY].status == "final"
+
+
+async def test_duplicates_within_one_batch_are_reported_in_sequence(store: Store) -> None:
+    """The same tenant-day twice in one batch: the first is new, the identical second is not."""
+    assert await store.record_fetched([fetched("acme"), fetched("acme")]) == [True, False]
+    assert len(await store.days_state("acme")) == 1
+
+
+async def test_failed_refetch_keeps_the_earlier_payload_deliverable(store: Store) -> None:
+    """A failed re-fetch marks the day failed but keeps its payload, still pending for sinks."""
+    await store.sync_sinks({"warehouse": None})
+    item, _ = fetched("acme")
+    await store.record_fetched([fetched("acme")])
+    await store.record_failed("acme", DAY, "ServerError: HTTP 500: Failed to fetch data")
+    await store.record_failed("acme", DAY, "ServerError: HTTP 500: Failed to fetch data")
+    state = (await store.days_state("acme"))[DAY]
+    assert (state.status, state.attempts, state.content_hash) == ("failed", 2, item.content_hash)
+    assert list(await store.pending("warehouse")) == [item]
+
+
+async def test_a_failed_day_without_data_is_not_pending_and_a_success_clears_it(
+    store: Store,
+) -> None:
+    """A never-fetched failed day has nothing to deliver; a later success resets the attempts."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_failed("acme", DAY, "RateLimited: HTTP 429")
+    assert await store.backlog("warehouse") == 0
+    assert (await store.days_state("acme"))[DAY].status == "failed"
+    await store.record_fetched([fetched("acme")])
+    state = (await store.days_state("acme"))[DAY]
+    assert (state.status, state.attempts) == ("fetched", 0)
+    assert await store.backlog("warehouse") == 1
+
+
+async def test_pending_skips_what_the_sink_has_and_returns_changes(store: Store) -> None:
+    """A sink that has a version gets nothing more until the figures change."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched(days("acme", 3))
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    assert list(await store.pending("warehouse")) == []
+    await store.record_fetched(days("acme", 3))  # unchanged re-fetch
+    assert list(await store.pending("warehouse")) == []
+    changed, _ = fetched("acme", DAY + dt.timedelta(days=1), messages=99)
+    await store.record_fetched([(changed, usage_data(changed.day, messages=99))])
+    assert list(await store.pending("warehouse")) == [changed]
+
+
+async def test_pending_is_in_storage_order_and_pages_with_the_cursor(store: Store) -> None:
+    """Days come in the order their versions were stored; ``after`` continues past a page."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched(days("globex", 3))
+    await store.record_fetched(days("acme", 3))
+    first = await store.pending("warehouse", limit=4)
+    rest = await store.pending("warehouse", limit=4, after=first.cursor)
+    expected = [("globex", DAY + dt.timedelta(days=i)) for i in range(3)]
+    expected += [("acme", DAY + dt.timedelta(days=i)) for i in range(3)]
+    assert keys(first) + keys(rest) == expected
+    assert list(await store.pending("warehouse", limit=4, after=rest.cursor)) == []
+    assert keys(await store.pending("warehouse", tenants=["acme"])) == expected[3:]
+
+
+async def test_a_delivery_of_an_outdated_version_leaves_the_new_one_queued(store: Store) -> None:
+    """If new figures arrive while a sink writes the old ones, the new ones stay pending."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme")])
+    [old] = await store.pending("warehouse")
+    newer, data = fetched("acme", messages=50)
+    await store.record_fetched([(newer, data)])
+    await store.mark_delivered("warehouse", [old])
+    assert list(await store.pending("warehouse")) == [newer]
+
+
+async def test_dead_letter_after_max_attempts_until_the_data_changes(store: Store) -> None:
+    """A day failing max_attempts times becomes a dead letter; new figures queue it again."""
+    await store.sync_sinks({"hook": None})
+    await store.record_fetched([fetched("acme")])
+    [item] = await store.pending("hook")
+    assert await store.mark_failed("hook", [item], "SinkTransientError: 503", 3) == []
+    assert await store.mark_failed("hook", [item], "SinkTransientError: 503", 3) == []
+    assert list(await store.pending("hook")) == [item]
+    assert await store.mark_failed("hook", [item], "SinkTransientError: 503", 3) == [item]
+    assert list(await store.pending("hook")) == []
+    [dead] = await store.dead_letters("hook")
+    assert (dead.tenant, dead.day, dead.attempts, dead.current) == ("acme", DAY, 3, True)
+    assert dead.error == "SinkTransientError: 503"
+
+    await store.record_fetched([fetched("acme")])  # same figures: stays dead
+    assert await store.backlog("hook") == 0
+    changed, data = fetched("acme", messages=9)
+    await store.record_fetched([(changed, data)])
+    assert list(await store.pending("hook")) == [changed]
+    await store.mark_delivered("hook", [changed])
+    assert await store.dead_letters("hook") == []
+
+
+async def test_replay_queues_history_again(store: Store) -> None:
+    """replay re-queues delivered days, filtered by tenant and since, without touching the API."""
+    await store.sync_sinks({"lake": None})
+    await store.record_fetched(days("acme", 4) + days("globex", 2))
+    await store.mark_delivered("lake", await store.pending("lake"))
+    assert await store.backlog("lake") == 0
+
+    since = DAY + dt.timedelta(days=2)
+    assert await store.replay("lake", tenant="acme", since=since) == 2
+    assert keys(await store.pending("lake")) == [("acme", since), ("acme", since + dt.timedelta(1))]
+    assert await store.replay("lake") == 6
+    assert await store.backlog("lake") == 6
+
+
+async def test_replay_only_dead_letters(store: Store) -> None:
+    """replay --dead-letters re-queues only the dead letters, with fresh attempts."""
+    await store.sync_sinks({"hook": None})
+    await store.record_fetched(days("acme", 3))
+    batch = list(await store.pending("hook"))
+    await store.mark_delivered("hook", batch[1:])
+    assert await store.mark_failed("hook", batch[:1], "SinkPermanentError: 400", 1) == batch[:1]
+    assert await store.replay("hook", only_dead=True) == 1
+    assert list(await store.pending("hook")) == batch[:1]
+    assert await store.dead_letters("hook") == []
+    assert await store.mark_failed("hook", batch[:1], "again", 2) == []  # attempts were reset
+
+
+async def test_new_sink_gets_full_history_and_routes_are_honoured(store: Store) -> None:
+    """A sink added later has every stored day queued; tenants not routed to it are not."""
+    await store.record_fetched(days("acme", 2) + days("globex", 2))
+    queued = await store.sync_sinks({"warehouse": None, "hook": ["acme"]})
+    assert queued == {"warehouse": 4, "hook": 2}
+    assert {t for t, _ in keys(await store.pending("hook"))} == {"acme"}
+
+    await store.record_fetched([fetched("initech")])
+    assert await store.backlog("warehouse") == 5
+    assert await store.backlog("hook") == 2
+
+    # Re-routing: globex joins hook (its history is queued), acme leaves (its queue is dropped).
+    assert (await store.sync_sinks({"warehouse": None, "hook": ["globex"]}))["hook"] == 2
+    assert {t for t, _ in keys(await store.pending("hook"))} == {"globex"}
+    assert await store.sync_sinks({"warehouse": None, "hook": ["globex"]}) == {
+        "warehouse": 0,
+        "hook": 0,
+    }
+
+
+async def test_a_removed_sink_that_returns_gets_only_what_it_lacks(store: Store) -> None:
+    """Unregistering keeps delivery records, so re-adding a sink does not resend what it has."""
+    await store.sync_sinks({"warehouse": None, "hook": None})
+    await store.record_fetched(days("acme", 3))
+    await store.mark_delivered("hook", (await store.pending("hook"))[:2])
+    await store.sync_sinks({"warehouse": None}, remove_missing=True)
+    assert set(await store.registered_sinks()) == {"warehouse"}
+    assert await store.backlog("hook") == 0
+    assert await store.sync_sinks({"warehouse": None, "hook": None}) == {"warehouse": 0, "hook": 1}
+
+
+async def test_prune_keeps_payloads_a_sink_still_needs(store: Store) -> None:
+    """Retention drops old final payloads only after every routed sink has them."""
+    await store.sync_sinks({"warehouse": None, "hook": ["acme"]})
+    old = days("acme", 2, final=True) + days("globex", 1, final=True)
+    await store.record_fetched(old)
+    recent, data = fetched("acme", DAY + dt.timedelta(days=30), final=False)
+    await store.record_fetched([(recent, data)])
+    today = DAY + dt.timedelta(days=31)
+
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    # hook has not received acme's days yet; globex is not routed to hook.
+    assert await store.prune_payloads(7, today=today) == 1
+    await store.mark_delivered("hook", await store.pending("hook"))
+    assert await store.prune_payloads(7, today=today) == 2
+    assert await store.prune_payloads(7, today=today) == 0
+
+    states = await store.days_state("acme")
+    assert states[DAY].status == "final"
+    assert states[DAY].content_hash is not None
+    # Replay can only reach what retention kept: the recent day.
+    assert await store.replay("warehouse") == 1
+    assert keys(await store.pending("warehouse")) == [("acme", recent.day)]
+
+
+async def test_prune_keeps_dead_letters_and_everything_without_sinks(store: Store) -> None:
+    """Dead-lettered days keep their payload (for replay), and with no sinks nothing is pruned."""
+    await store.record_fetched(days("acme", 2, final=True))
+    today = DAY + dt.timedelta(days=60)
+    assert await store.prune_payloads(7, today=today) == 0
+    await store.sync_sinks({"hook": None})
+    first, second = await store.pending("hook")
+    await store.mark_delivered("hook", [first])
+    await store.mark_failed("hook", [second], "SinkPermanentError: 422", 1)
+    assert await store.prune_payloads(7, today=today) == 1
+    assert await store.replay("hook", only_dead=True) == 1
+
+
+async def test_status_snapshot_reports_tenants_and_sinks(store: Store) -> None:
+    """status_snapshot gives days complete, failures, outcomes, backlog, dead letters and lag."""
+    await store.sync_sinks({"warehouse": None, "hook": ["acme"]})
+    await store.record_fetched(days("acme", 3, final=True) + days("globex", 1))
+    await store.record_failed("globex", DAY + dt.timedelta(days=1), "ServerError: HTTP 500")
+    await store.set_tenant_success("acme")
+    later = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    await store.set_tenant_error("globex", "AuthError: HTTP 401", auth_failed_until=later)
+    await store.set_tenant_next_run("globex", later)
+    batch = await store.pending("hook")
+    await store.mark_failed("hook", batch[:1], "SinkPermanentError: 400", 1)
+    await store.record_sink_outcome("hook", "SinkPermanentError: 400")
+
+    snapshot = await store.status_snapshot(tenants=["acme", "globex", "initech"])
+    tenants = {t.tenant: t for t in snapshot.tenants}
+    assert (tenants["acme"].days_complete, tenants["acme"].days_final) == (3, 3)
+    assert tenants["acme"].last_success_at is not None
+    assert (tenants["globex"].days_complete, tenants["globex"].days_failed) == (1, 1)
+    assert tenants["globex"].auth_failed_until == later
+    assert tenants["globex"].next_run_at == later
+    assert tenants["initech"].days_complete == 0
+    sinks = {s.sink: s for s in snapshot.sinks}
+    assert (sinks["warehouse"].backlog, sinks["warehouse"].dead_letters) == (4, 0)
+    assert (sinks["hook"].backlog, sinks["hook"].dead_letters) == (2, 1)
+    assert sinks["hook"].routes == ["acme"]
+    assert sinks["hook"].last_error == "SinkPermanentError: 400"
+    assert sinks["warehouse"].lag_seconds >= 0.0
+    assert json.loads(json.dumps(snapshot.to_dict()))["sinks"][0]["sink"] == "hook"
+
+
+async def test_lag_is_the_age_of_the_oldest_queued_day(store_url: str) -> None:
+    """A sink's lag grows with the time its oldest queued tenant-day has waited."""
+    now = [dt.datetime(2025, 2, 1, 12, 0, tzinfo=dt.UTC)]
+    clocked = await Store.open(store_url, clock=lambda: now[0])
+    try:
+        await clocked.sync_sinks({"hook": None})
+        await clocked.record_fetched([fetched("acme")])
+        now[0] += dt.timedelta(minutes=5)
+        [hook] = (await clocked.status_snapshot()).sinks
+        assert hook.lag_seconds == 300.0
+        await clocked.mark_delivered("hook", await clocked.pending("hook"))
+        [hook] = (await clocked.status_snapshot()).sinks
+        assert (hook.backlog, hook.lag_seconds) == (0, 0.0)
+    finally:
+        await clocked.aclose()
+
+
+async def test_concurrent_writers_do_not_conflict(store_url: str) -> None:
+    """Many concurrent writes from two store instances (daemon and CLI) all commit."""
+    daemon, cli = await Store.open(store_url), await Store.open(store_url)
+    try:
+        await daemon.sync_sinks({"warehouse": None})
+        tenants = [f"tenant-{i:02d}" for i in range(12)]
+        await asyncio.gather(
+            *(daemon.record_fetched(days(t, 5)) for t in tenants[:6]),
+            *(cli.record_fetched(days(t, 5)) for t in tenants[6:]),
+            *(cli.record_failed(t, DAY - dt.timedelta(days=1), "x") for t in tenants),
+        )
+        assert await cli.backlog("warehouse") == 60
+        pages = await asyncio.gather(daemon.pending("warehouse", limit=60), cli.replay("warehouse"))
+        await daemon.mark_delivered("warehouse", pages[0])
+        assert await daemon.backlog("warehouse") == 0
+    finally:
+        await daemon.aclose()
+        await cli.aclose()
+
+
+async def test_unreadable_stored_payload_is_dead_lettered_not_stuck(tmp_path: Path) -> None:
+    """A stored payload this version cannot parse goes to the dead-letter instead of blocking."""
+    path = tmp_path / "state.db"
+    store = await Store.open(f"sqlite:///{path}")
+    try:
+        await store.sync_sinks({"hook": None})
+        await store.record_fetched(days("acme", 2))
+        with sqlite3.connect(path) as raw:  # as a damaged or future-format row would look
+            raw.execute("UPDATE tenant_day SET payload = '{\"daily\": 5}' WHERE day = ?", (DAY,))
+        batch = await store.pending("hook")
+        assert keys(batch) == [("acme", DAY + dt.timedelta(days=1))]
+        [dead] = await store.dead_letters("hook")
+        assert dead.day == DAY
+        assert dead.error is not None
+        assert "unreadable" in dead.error
+        assert await store.backlog("hook") == 1
+    finally:
+        await store.aclose()
+
+
+async def test_sqlite_file_is_in_wal_mode_with_the_chosen_durability(tmp_path: Path) -> None:
+    """The SQLite state file uses WAL; synchronous can be raised to FULL from the URL."""
+    path = tmp_path / "deep" / "dir" / "state.db"
+    store = await Store.open(f"sqlite:///{path}?synchronous=full")
+    try:
+        await store.record_fetched([fetched("acme")])
+        with sqlite3.connect(path) as raw:
+            assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+            assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+            version = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
+            assert version == 1
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.parametrize(
+    ("make_url", "message"),
+    [
+        (lambda tmp: "not a url", "not a database URL"),
+        (lambda tmp: "mysql://u:p@localhost/db", "unsupported database"),
+        (lambda tmp: "sqlite://", "needs a file path"),
+        (lambda tmp: f"sqlite:///{tmp}/x.db?synchronous=sometimes", "synchronous must be"),
+        (lambda tmp: f"sqlite:///{tmp}/a-file/state.db", "state database"),
+    ],
+)
+async def test_bad_urls_raise_store_error(
+    tmp_path: Path, make_url: Callable[[Path], str], message: str
+) -> None:
+    """Every way of giving a bad state URL ends in a StoreError saying what is wrong."""
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.raises(StoreError, match=message):
+        await Store.open(make_url(tmp_path))
+
+
+async def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+    """A state database written by a newer collector is refused instead of being damaged."""
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    await (await Store.open(url)).aclose()
+    with sqlite3.connect(tmp_path / "state.db") as raw:
+        raw.execute("INSERT INTO schema_version VALUES (99, '2030-01-01 00:00:00')")
+    with pytest.raises(StoreError, match="schema version 99"):
+        await Store.open(url)
+
+
+async def test_database_errors_become_store_errors_without_payloads(tmp_path: Path) -> None:
+    """A failing statement raises StoreError, and its message holds no SQL parameters (emails)."""
+    path = tmp_path / "state.db"
+    store = await Store.open(f"sqlite:///{path}")
+    try:
+        await store.sync_sinks({"hook": None})
+        with sqlite3.connect(path) as raw:
+            raw.execute("DROP TABLE delivery")
+        with pytest.raises(StoreError) as caught:
+            await store.record_fetched([fetched("acme")])
+        assert "acme.example" not in str(caught.value)
+        assert await store.days_state("acme") == {}  # the failed transaction left nothing behind
+        await store.aclose()
+        with pytest.raises(StoreError, match="closed"):
+            await store.days_state("acme")
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.postgres
+async def test_postgres_password_never_appears(postgres_url: str) -> None:
+    """The PostgreSQL password is masked in the store's repr and absent from connection errors."""
+    url = sqlalchemy.make_url(postgres_url)
+    store = await Store.open(postgres_url)
+    try:
+        if url.password is not None:
+            assert f":{url.password}@" not in repr(store)
+            assert ":***@" in repr(store)
+    finally:
+        await store.aclose()
+    wrong = url.set(password="Canary-Pw-7f3a9").render_as_string(hide_password=False)
+    with pytest.raises(StoreError) as caught:
+        await Store.open(wrong)
+    assert "Canary-Pw-7f3a9" not in str(caught.value)
+
+
+_WRITER = """
+import asyncio, datetime as dt, json, sys
+from collector.models import normalize, parse_usage
+from collector.store import Store
+
+async def main(url):
+    store = await Store.open(url)
+    await store.sync_sinks({"warehouse": None})
+    day = dt.date(2024, 1, 1)
+    for n in range(100000):
+        data = {"period": {"start": str(day), "end": str(day), "days": 1},
+                "summary": {"total_active_users": 1, "total_messages": n},
+                "users": [], "daily": [{"day": str(day), "active_users": 1, "messages": n}]}
+        response = parse_usage(json.dumps({"status": "success", "data": data}))
+        item = normalize(f"t{n % 7}", day, response, fetched_at=dt.datetime.now(dt.UTC), final=True)
+        await store.record_fetched([(item, data)])
+        print(item.tenant, day.isoformat(), flush=True)  # only after the commit returned
+        day += dt.timedelta(days=1) if n % 7 == 6 else dt.timedelta(0)
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+async def test_every_acknowledged_commit_survives_kill_9(tmp_path: Path) -> None:
+    """Days whose record_fetched returned are all there after the process is killed with SIGKILL."""
+    path = tmp_path / "state.db"
+    script = tmp_path / "writer.py"
+    script.write_text(_WRITER)
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(script), f"sqlite:///{path}", stdout=asyncio.subprocess.PIPE
+    )
+    assert process.stdout is not None
+    acknowledged: list[tuple[str, dt.date]] = []
+    while len(acknowledged) < 60:
+        line = (await asyncio.wait_for(process.stdout.readline(), 20)).decode().split()
+        acknowledged.append((line[0], dt.date.fromisoformat(line[1])))
+    process.send_signal(signal.SIGKILL)
+    await process.wait()
+
+    with sqlite3.connect(path) as raw:
+        assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+    store = await Store.open(f"sqlite:///{path}")
+    try:
+        stored = {
+            (tenant, day)
+            for tenant in {t for t, _ in acknowledged}
+            for day in await store.days_state(tenant)
+        }
+        assert set(acknowledged) <= stored
+        assert await store.backlog("warehouse") == len(stored)
+    finally:
+        await store.aclose()
