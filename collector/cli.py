@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(
         prog="zencoder-collector",
-        description="Collect Zencoder usage analytics for many organizations and deliver it to sinks.",
+        description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument(

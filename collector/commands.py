@@ -52,7 +52,7 @@ def plugins(args: argparse.Namespace) -> int:
 
 
 async def validate(args: argparse.Namespace) -> int:
-    config, loaded = _load(args)
+    config, _ = _load(args)
     print(summarize(config))
     if not args.check_credentials:
         return EXIT_OK
@@ -198,7 +198,7 @@ async def demo(args: argparse.Namespace) -> int:
     from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 
     output = Path(args.output)
-    output.mkdir(parents=True, exist_ok=True)
+    await asyncio.to_thread(output.mkdir, parents=True, exist_ok=True)
     settings = SimulatorSettings(tenants=demo_tenants(5), latency=0.005)
     async with running_simulator(settings) as sim:
         environ = {

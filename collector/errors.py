@@ -3,14 +3,14 @@
 Callers decide what to do by class, never by parsing messages::
 
     CollectorError
-    ├── ConfigError                 config file could not be loaded or validated (lists every problem)
-    ├── ApiError                    anything that went wrong talking to the Zencoder API for one tenant
+    ├── ConfigError                 the config could not be loaded (lists every problem)
+    ├── ApiError                    talking to the Zencoder API failed, for one tenant
     │   ├── TransientApiError       worth retrying later (retryable = True)
-    │   │   ├── TransportError      connection refused/reset, DNS, TLS: the request may not have arrived
+    │   │   ├── TransportError      refused/reset, DNS, TLS: the request may not have arrived
     │   │   │   └── ApiTimeout      no complete answer within the configured timeout
     │   │   ├── ServerError         5xx, e.g. 500 "Failed to fetch data"
     │   │   ├── RateLimited         429 (or 503) with an optional Retry-After, in seconds
-    │   │   └── BadResponse         200 that is not the documented payload (HTML, bad JSON, wrong types)
+    │   │   └── BadResponse         a 200 that is not the documented payload (HTML, bad JSON)
     │   └── PermanentApiError       retrying the same request cannot help (retryable = False)
     │       ├── AuthError           credentials rejected (token endpoint) or 401 after one refresh
     │       └── RequestRejected     any other 4xx, carrying the API's own message
@@ -52,7 +52,7 @@ class ConfigProblem:
 
 
 class ConfigError(CollectorError):
-    """The config could not be loaded; ``problems`` lists every problem found, not just the first."""
+    """The config could not be loaded; ``problems`` lists every problem, not just the first."""
 
     def __init__(self, problems: list[ConfigProblem]) -> None:
         self.problems = problems

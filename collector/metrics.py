@@ -1,4 +1,4 @@
-"""Prometheus metrics, labelled by tenant and sink only (never by anything that could hold a secret).
+"""Prometheus metrics, labelled by tenant and sink only (nothing that could hold a secret).
 
 A tiny in-process registry instead of prometheus_client: the collector needs counters, gauges and
 one histogram, rendered in the text exposition format; keeping it here means no global registry

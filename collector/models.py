@@ -2,8 +2,8 @@
 
 The payload models ignore unknown fields (the API has added fields before, e.g. lines of code) but
 are strict about the fields they know: a count must be a non-negative JSON integer and a date a
-``YYYY-MM-DD`` string, otherwise the whole response is rejected as :class:`~collector.errors.BadResponse`
-and nothing from it is stored.
+``YYYY-MM-DD`` string, otherwise the whole response is rejected as
+:class:`~collector.errors.BadResponse` and nothing from it is stored.
 
 The normalized records are frozen dataclasses (cheap to build, hashable, no validation cost on the
 hot path): one :class:`TenantDay` holds everything the four tables need for one tenant and one day.
@@ -80,7 +80,7 @@ class UsageResponse(_Payload):
 
 
 def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageResponse:
-    """Validate a raw 200 body; anything off-schema raises :class:`BadResponse` with a short reason."""
+    """Validate a raw 200 body; anything off-schema raises :class:`BadResponse` with a reason."""
     try:
         return UsageResponse.model_validate_json(body)
     except ValidationError as exc:

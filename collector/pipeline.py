@@ -126,7 +126,11 @@ class _StoreWriter:
                         batch.append(await asyncio.wait_for(self._queue.get(), remaining))
                     except TimeoutError:
                         break
-            await self._commit(batch)
+            try:
+                await self._commit(batch)
+            finally:
+                for _ in batch:
+                    self._queue.task_done()
 
     async def _commit(
         self, batch: list[tuple[TenantDay, dict[str, Any], asyncio.Future[bool]]]
@@ -145,8 +149,7 @@ class _StoreWriter:
 
     async def aclose(self) -> None:
         if self._task is not None:
-            while not self._queue.empty():
-                await asyncio.sleep(0.01)
+            await self._queue.join()
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 

@@ -86,8 +86,8 @@ def usage_report(url: str, since: dt.date, until: dt.date) -> list[UsageRow]:
                 ),
                 params,
             ).all()
-            distinct = dict(
-                conn.execute(  # type: ignore[arg-type]
+            distinct: dict[str, int] = dict(
+                conn.execute(
                     sa.text(
                         'SELECT tenant, COUNT(DISTINCT "user") FROM usage_user_daily '
                         "WHERE day BETWEEN :since AND :until GROUP BY tenant"

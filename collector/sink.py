@@ -45,7 +45,8 @@ class SinkConfig(BaseModel):
     )
     pii: PiiMode = Field(
         default="keep",
-        description="keep: emails as the API gives them; pseudonymize: keyed HMAC-SHA256 pseudonyms; "
+        description="keep: emails as the API gives them; pseudonymize: keyed HMAC-SHA256 "
+        "pseudonyms; "
         "drop: no per-user rows at all.",
     )
     timeout: dt.timedelta = Field(

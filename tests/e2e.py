@@ -33,7 +33,7 @@ def write_config(
     bad_secret_for: set[str] = frozenset(),  # type: ignore[assignment]
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """A config pointing at the simulator, with tenants (OAuth, or api_key when the tenant has one)."""
+    """A config pointing at the simulator; tenants use OAuth, or an API key where they have one."""
     tenant_entries = []
     for t in tenants:
         if t.api_key and t.id.endswith("5"):
@@ -72,8 +72,10 @@ def write_config(
     return path
 
 
-async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 120) -> CliResult:
-    """Run ``python -m collector ARGS`` without blocking the event loop that serves the simulator."""
+async def run_cli(
+    *args: str, env: dict[str, str] | None = None, deadline: float = 120
+) -> CliResult:
+    """Run ``python -m collector ARGS`` without blocking the loop that serves the simulator."""
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -83,7 +85,7 @@ async def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float 
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "COLLECTOR_TESTING_NO_WAIT": "1", **(env or {})},
     )
-    stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
+    stdout, stderr = await asyncio.wait_for(process.communicate(), deadline)
     assert process.returncode is not None
     return CliResult(process.returncode, stdout.decode(), stderr.decode())
 

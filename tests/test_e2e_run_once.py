@@ -1,4 +1,4 @@
-"""End to end: ``run --once`` as a subprocess against the simulator over real sockets, into SQLite."""
+"""End to end: ``run --once`` as a subprocess against the simulator over real sockets."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ def _window() -> list[dt.date]:
 
 
 async def test_run_once_ten_tenants_one_bad(tmp_path: Path) -> None:
-    """Every good tenant-day lands in SQLite exactly as the simulator served it; a rerun adds nothing;
-    the bad tenant makes the exit code non-zero without stopping the others."""
+    """Every good tenant-day lands in SQLite exactly as the simulator served it, a rerun adds
+    nothing, and the bad tenant makes the exit code non-zero without stopping the others."""
     tenants = demo_tenants(10)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
         config = write_config(
@@ -33,7 +33,8 @@ async def test_run_once_ten_tenants_one_bad(tmp_path: Path) -> None:
         )
         first = await run_cli("run", "--once", "-c", str(config))
         assert first.returncode == 1, first.stderr
-        assert "tenant-07" in first.stdout and "AuthError" in first.stdout
+        assert "tenant-07" in first.stdout
+        assert "AuthError" in first.stdout
         db = tmp_path / "usage.db"
         counts = count_rows(db)
 
@@ -53,12 +54,14 @@ async def test_run_once_ten_tenants_one_bad(tmp_path: Path) -> None:
                     )
                     assert daily == [(entry["active_users"], entry["messages"])], (tenant.id, day)
                     users = conn.execute(
-                        'SELECT "user", messages FROM usage_user_daily WHERE tenant=? AND day=? ORDER BY "user"',
+                        'SELECT "user", messages FROM usage_user_daily'
+                        ' WHERE tenant=? AND day=? ORDER BY "user"',
                         (tenant.id, day.isoformat()),
                     ).fetchall()
                     assert users == sorted((u["email"], u["messages"]) for u in expected["users"])
                     ides = conn.execute(
-                        "SELECT ide_name, engaged_users FROM usage_daily_ide WHERE tenant=? AND day=? ORDER BY ide_name",
+                        "SELECT ide_name, engaged_users FROM usage_daily_ide"
+                        " WHERE tenant=? AND day=? ORDER BY ide_name",
                         (tenant.id, day.isoformat()),
                     ).fetchall()
                     expected_ides = expected["daily"][0]["ides"] if expected["daily"] else []

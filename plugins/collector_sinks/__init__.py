@@ -1,1 +1,1 @@
-"""First-party sinks, registered through the ``collector.sinks`` entry-point group like any plugin."""
+"""First-party sinks, registered through the ``collector.sinks`` entry points like any plugin."""
