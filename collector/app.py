@@ -102,6 +102,8 @@ def build_deliverer(
         {name: config.sinks[name] for name in sinks},
         {name: routes[name] for name in sinks},
         notify=plugins.notify,
+        # Only a full sink set may unregister sinks that left the config (``replay`` opens one).
+        complete_routes=only_sinks is None,
     )
     return sinks, deliverer
 
@@ -119,11 +121,15 @@ async def open_runtime(
     """Open the store, create the sinks and the client; close all of them on exit."""
     configure_plugins(plugins.pm, config)
     store = await Store.open(config.state.connection_url())
+    runtime: Runtime | None = None
     try:
         sinks: dict[str, Sink] = {}
         deliverer: Deliverer | None = None
         if with_sinks:
             sinks, deliverer = build_deliverer(config, plugins, store, only_sinks=only_sinks)
+            if deliverer is None and only_sinks is None:
+                # No sink configured any more: nothing may keep payloads queued for old sinks.
+                await store.sync_sinks({}, remove_missing=True)
         async with ApiClient(config.api) as client:
             runtime = Runtime(config, plugins, store, client, sinks, deliverer)
             async with Collector(
@@ -138,4 +144,10 @@ async def open_runtime(
                 runtime.collector = collector
                 yield runtime
     finally:
-        await store.aclose()
+        # The daemon may have swapped the deliverer on reload: close whichever is current.
+        current = runtime.deliverer if runtime is not None else None
+        try:
+            if current is not None:
+                await current.aclose()
+        finally:
+            await store.aclose()

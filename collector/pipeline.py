@@ -177,6 +177,7 @@ class Collector:
         self.today = today
         self.per_tenant_inflight = per_tenant_inflight
         self.metrics = metrics
+        self._last_prune: float | None = None
         self._writer = _StoreWriter(store, self._committed)
 
     def _committed(self, items: Sequence[TenantDay], changed: list[bool]) -> None:
@@ -232,7 +233,19 @@ class Collector:
                 result.tenants[tenant.id].error = f"internal error: {type(outcome).__name__}"
                 log.error("tenant task crashed", tenant=tenant.id, exc_info=outcome)
         result.seconds = time.monotonic() - started
+        await self._prune_if_due()
         return result
+
+    async def _prune_if_due(self) -> None:
+        """Apply ``state.payload_retention_days`` at most once an hour."""
+        days = self.config.state.payload_retention_days
+        now = time.monotonic()
+        if days is None or (self._last_prune is not None and now - self._last_prune < 3600):
+            return
+        self._last_prune = now
+        pruned = await self.store.prune_payloads(days, today=self.today())
+        if pruned:
+            log.info("pruned raw payloads past retention", days=pruned, retention_days=days)
 
     async def _plan(self, tenant: TenantConfig, today: dt.date) -> list[dt.date]:
         states = await self.store.days_state(tenant.id)

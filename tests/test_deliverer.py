@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import json
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -153,6 +154,10 @@ def instant() -> Iterator[None]:
         yield
 
 
+def delivered_exactly(sink: RecordingSink, count: int) -> bool:
+    return len(sink.received) == count
+
+
 def deliverer(
     store: Store, sinks: dict[str, Sink], configs: dict[str, SinkConfig] | None = None, **kw: Any
 ) -> Deliverer:
@@ -283,7 +288,7 @@ async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
             )
             rounds += 1
             delivery.notify_new_data()
-            await wait_until(lambda: len(sink.received) == rounds)
+            await wait_until(functools.partial(delivered_exactly, sink, rounds))
             await asyncio.sleep(0.02)
     finally:
         await delivery.stop(grace=1)
