@@ -2,22 +2,30 @@
 
 Lifecycle:
 
+- the config is loaded first (an invalid file exits with code 2 before anything starts); then the
+  ops server starts, so ``/healthz`` answers at once and ``/readyz`` says 503 until the state
+  store is open (an unreachable database is retried with backoff, not fatal);
 - every tenant has its own schedule (``every`` or ``cron``, plus a random jitter so a thousand
-  tenants do not fire in the same second); a tenant never runs two cycles at once;
+  tenants do not fire in the same second); a tenant never runs two cycles at once; the next run
+  of each tenant is written to the state store, so ``zencoder-collector status`` shows it;
 - the deliverer drains every sink's outbox continuously, independent of the fetch schedule;
-- SIGTERM/SIGINT: stop starting cycles, let in-flight work finish within the grace period
-  (whatever was fetched is already committed; an interrupted day is simply planned again on the
-  next start), stop the deliverer, close sinks, exit 0;
+- SIGTERM/SIGINT: stop starting cycles, let in-flight cycles and sink writes finish within the
+  grace period (whatever was fetched is already committed; an interrupted day is simply planned
+  again on the next start, an unacknowledged write is delivered again), close the sinks, exit 0.
+  A second signal ends the grace period at once;
 - SIGHUP: reload the config. An invalid file is rejected with its problems logged and the old
   config kept. Otherwise added tenants are scheduled, removed ones stop (their in-flight cycle is
   cancelled), tenants with changed credentials lose their cached token, and a change to the sinks
-  restarts the deliverer with the new sink set.
+  or their routes restarts the deliverer with the new sink set. ``api``, ``state`` and ``server``
+  changes need a restart (logged).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
+import os
 import random
 import signal
 import time
@@ -26,34 +34,59 @@ from typing import Any
 
 import structlog
 
-from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime
+from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime, sink_routes
 from collector.config import AppConfig, TenantConfig
-from collector.errors import CollectorError, ConfigError
-from collector.metrics import Metrics
+from collector.deliverer import SinkStats
+from collector.errors import CollectorError, ConfigError, StoreError
+from collector.metrics import Metrics, process_stats
 from collector.pipeline import CycleResult
 from collector.plugin_manager import configure_plugins
+from collector.retry import waits_disabled
 from collector.server import make_app, serving
 from collector.status import status_snapshot
 
 log = structlog.get_logger("collector.daemon")
 
 DEFAULT_GRACE = 20.0
+GRACE_ENV = "ZENCODER_COLLECTOR_SHUTDOWN_GRACE"
+"""Seconds in-flight work may take after SIGTERM (default 20, below Kubernetes' 30)."""
+
+_IDLE_WAKE = 5.0
+_STORE_RETRY_MAX = 30.0
 
 
 def next_run_after(
     config: AppConfig, tenant: TenantConfig, after: dt.datetime, rng: random.Random
 ) -> dt.datetime:
-    """When the tenant's next cycle starts: its interval or cron time, plus a random jitter."""
+    """When the tenant's next cycle starts: its interval or next cron time, plus a random jitter.
+
+    ``after`` is when the previous cycle started, so an hourly schedule does not drift by the
+    cycle's own duration. Cron expressions are evaluated in ``after``'s timezone (UTC).
+    """
     schedule = config.tenant_schedule(tenant)
-    jitter = rng.uniform(0, schedule.jitter.total_seconds()) if schedule.jitter else 0.0
+    jitter = schedule.jitter.total_seconds()
+    offset = dt.timedelta(seconds=rng.uniform(0, jitter) if jitter > 0 else 0.0)
     if schedule.cron:
         from croniter import croniter
 
         base: dt.datetime = croniter(schedule.cron, after).get_next(dt.datetime)
     else:
-        assert schedule.every is not None
+        assert schedule.every is not None  # the config guarantees every or cron
         base = after + schedule.every
-    return base + dt.timedelta(seconds=jitter)
+    return base + offset
+
+
+def grace_from_env(environ: dict[str, str] | None = None) -> float:
+    """The shutdown grace period from ``ZENCODER_COLLECTOR_SHUTDOWN_GRACE`` (seconds)."""
+    raw = (environ if environ is not None else dict(os.environ)).get(GRACE_ENV, "").strip()
+    if not raw:
+        return DEFAULT_GRACE
+    try:
+        value = float(raw)
+    except ValueError:
+        log.warning("ignoring a shutdown grace that is not a number", value=raw)
+        return DEFAULT_GRACE
+    return max(0.0, value)
 
 
 class Daemon:
@@ -75,17 +108,25 @@ class Daemon:
         self.rng = random.Random()  # noqa: S311 - schedule jitter, not security relevant
         self.next_run: dict[str, dt.datetime] = {}
         self.running: dict[str, asyncio.Task[None]] = {}
-        self.last_results: dict[str, Any] = {}
+        self.last_results: dict[str, dict[str, Any]] = {}
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._hurry = asyncio.Event()
         self._reload_requested = False
         self._runtime: Runtime | None = None
         self._deliver_task: asyncio.Task[None] | None = None
+        # Sink counters of deliverers replaced by a reload, so the exported counters never drop.
+        self._retired_sink_stats: dict[str, tuple[int, int]] = {}
 
     # -- signals ----------------------------------------------------------------------------------
 
     def request_stop(self) -> None:
-        if not self._stopping.is_set():
+        """First call: stop gracefully. Second call: end the grace period now."""
+        if self._stopping.is_set():
+            if not self._hurry.is_set():
+                log.warning("second stop signal: cancelling in-flight work now")
+            self._hurry.set()
+        else:
             log.info("stop requested: finishing in-flight work", grace_seconds=self.grace)
         self._stopping.set()
         self._wake.set()
@@ -100,7 +141,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGINT, self.request_stop)
         loop.add_signal_handler(signal.SIGHUP, self.request_reload)
 
-    # -- main loop --------------------------------------------------------------------------------
+    # -- main -------------------------------------------------------------------------------------
 
     def _tenants(self, config: AppConfig) -> list[TenantConfig]:
         return [
@@ -109,31 +150,49 @@ class Daemon:
             if t.enabled and (self.tenant_filter is None or t.id in self.tenant_filter)
         ]
 
-    def _schedule_new(self, config: AppConfig) -> None:
-        now = dt.datetime.now(dt.UTC)
-        for tenant in self._tenants(config):
-            if tenant.id not in self.next_run:
-                jitter = config.tenant_schedule(tenant).jitter.total_seconds()
-                self.next_run[tenant.id] = now + dt.timedelta(seconds=self.rng.uniform(0, jitter))
-
     async def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (0)."""
         config = load(self.config_path, self.plugins)
         self.install_signal_handlers()
-        async with open_runtime(config, self.plugins, metrics=self.metrics) as runtime:
+        async with contextlib.AsyncExitStack() as stack:
+            if config.server.listen:
+                app = make_app(self.metrics, self.status, self.ready, self.refresh_metrics)
+                where = await stack.enter_async_context(serving(app, config.server.listen))
+                log.info("ops server listening", listen=where)
+            runtime = await self._open_runtime(stack, config)
+            if runtime is None:
+                log.info("daemon stopped before the state store was reachable")
+                return 0
             self._runtime = runtime
             self._start_deliverer()
             self.metrics.up.set(1)
             log.info("daemon started", tenants=len(self._tenants(config)), sinks=list(config.sinks))
-            if config.server.listen:
-                app = make_app(self.metrics, self.status, self.ready, self.refresh_metrics)
-                async with serving(app, config.server.listen) as where:
-                    log.info("ops server listening", listen=where)
-                    await self._loop()
-            else:
+            try:
                 await self._loop()
-            await self._shutdown()
+            finally:
+                await self._shutdown()
         log.info("daemon stopped")
         return 0
+
+    async def _open_runtime(
+        self, stack: contextlib.AsyncExitStack, config: AppConfig
+    ) -> Runtime | None:
+        """Open store, sinks and client; retry while the state database is unreachable."""
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                return await stack.enter_async_context(
+                    open_runtime(config, self.plugins, metrics=self.metrics)
+                )
+            except StoreError as exc:
+                error = str(exc)
+            failures += 1
+            wait = 0.05 if waits_disabled() else min(_STORE_RETRY_MAX, 0.5 * 2**failures)
+            log.error("state store unreachable; retrying", error=error, retry_in=wait)
+            self._wake.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), wait)
+        return None
 
     def _start_deliverer(self) -> None:
         runtime = self._runtime
@@ -146,7 +205,7 @@ class Daemon:
     async def _loop(self) -> None:
         runtime = self._runtime
         assert runtime is not None
-        self._schedule_new(runtime.config)
+        await self._schedule_new(runtime.config)
         while not self._stopping.is_set():
             if self._reload_requested:
                 self._reload_requested = False
@@ -159,28 +218,48 @@ class Daemon:
                         self._cycle(tenant), name=f"cycle:{tenant.id}"
                     )
             upcoming = [t for k, t in self.next_run.items() if k not in self.running]
-            timeout = 5.0
+            timeout = _IDLE_WAKE
             if upcoming:
                 timeout = max(0.01, min(timeout, (min(upcoming) - now).total_seconds()))
             self._wake.clear()
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout)
-            except TimeoutError:
-                pass
+
+    async def _schedule_new(self, config: AppConfig) -> None:
+        """Give every tenant without a schedule its first run: now plus its jitter."""
+        now = dt.datetime.now(dt.UTC)
+        for tenant in self._tenants(config):
+            if tenant.id not in self.next_run:
+                jitter = config.tenant_schedule(tenant).jitter.total_seconds()
+                first = now + dt.timedelta(seconds=self.rng.uniform(0, jitter) if jitter else 0)
+                self.next_run[tenant.id] = first
+                await self._persist_next_run(tenant.id, first)
+
+    async def _persist_next_run(self, tenant_id: str, at: dt.datetime | None) -> None:
+        runtime = self._runtime
+        assert runtime is not None
+        try:
+            await runtime.store.set_tenant_next_run(tenant_id, at)
+        except StoreError as exc:  # only informational; the schedule itself lives in memory
+            log.warning("could not record the next run", tenant=tenant_id, error=str(exc))
 
     async def _cycle(self, tenant: TenantConfig) -> None:
         runtime = self._runtime
-        assert runtime is not None and runtime.collector is not None
+        assert runtime is not None
+        assert runtime.collector is not None
         started = dt.datetime.now(dt.UTC)
         try:
             result = await runtime.collector.run_cycle([tenant])
             self._record(result)
-        except Exception:
+        except Exception:  # a crashed cycle is logged; the tenant simply runs again next time
             log.exception("cycle crashed", tenant=tenant.id)
         finally:
-            self.running.pop(tenant.id, None)
-            if tenant.id in self.next_run:
-                self.next_run[tenant.id] = next_run_after(runtime.config, tenant, started, self.rng)
+            if self.running.get(tenant.id) is asyncio.current_task():
+                del self.running[tenant.id]
+            if tenant.id in self.next_run and not self._stopping.is_set():
+                due = next_run_after(runtime.config, tenant, started, self.rng)
+                self.next_run[tenant.id] = due
+                await self._persist_next_run(tenant.id, due)
             self._wake.set()
 
     def _record(self, result: CycleResult) -> None:
@@ -192,6 +271,7 @@ class Daemon:
                 "failed": r.failed,
                 "error": r.error,
                 "skipped": r.skipped,
+                "seconds": round(r.seconds, 3),
                 "finished_at": dt.datetime.now(dt.UTC).isoformat(),
             }
             if r.ok:
@@ -201,21 +281,20 @@ class Daemon:
 
     async def _reload(self) -> None:
         runtime = self._runtime
-        assert runtime is not None and runtime.collector is not None
+        assert runtime is not None
+        assert runtime.collector is not None
+        log.info("reloading the config", path=str(self.config_path))
+        rejection: dict[str, Any] | None = None
         try:
             new = load(self.config_path, self.plugins)
-        except ConfigError as exc:
-            log.error(
-                "config reload rejected; keeping the running config",
-                problems=[str(p) for p in exc.problems],
-            )
-            return
-        try:
             configure_plugins(self.plugins.pm, new)
-        except CollectorError as exc:
-            log.error(
-                "config reload rejected by a plugin; keeping the running config", error=str(exc)
-            )
+        except ConfigError as exc:
+            rejection = {"problems": [str(p) for p in exc.problems]}
+        except (OSError, CollectorError) as exc:
+            rejection = {"error": f"{type(exc).__name__}: {exc}"}
+        if rejection is not None:
+            log.error("config reload rejected; keeping the running config", **rejection)
+            self.metrics.reload_failures.inc()
             return
         old = runtime.config
         old_tenants = {t.id: t for t in self._tenants(old)}
@@ -229,19 +308,35 @@ class Daemon:
         )
         for tenant_id in removed:
             self.next_run.pop(tenant_id, None)
+            self.last_results.pop(tenant_id, None)
             task = self.running.pop(tenant_id, None)
             if task is not None:
                 task.cancel()
             self.metrics.forget_tenant(tenant_id)
             runtime.client.forget_tenant(tenant_id)
+            await self._persist_next_run(tenant_id, None)
         for tenant_id in changed:
             runtime.client.forget_token(tenant_id)
+        for tenant_id in sorted(old_tenants.keys() & new_tenants.keys()):
+            if (
+                old.tenant_schedule(old_tenants[tenant_id])
+                != new.tenant_schedule(new_tenants[tenant_id])
+                and tenant_id not in self.running
+            ):
+                # A new rhythm applies from now, not after the old (maybe long) interval.
+                self.next_run.pop(tenant_id, None)
+        for section in ("api", "state", "server"):
+            if getattr(old, section) != getattr(new, section):
+                log.warning(
+                    "config section changed; it takes effect after a restart", section=section
+                )
         runtime.config = new
         runtime.collector.config = new
-        self._schedule_new(new)
-        sinks_changed = old.sinks != new.sinks or _routes(old) != _routes(new)
+        await self._schedule_new(new)
+        sinks_changed = old.sinks != new.sinks or sink_routes(old) != sink_routes(new)
         if sinks_changed:
             await self._restart_deliverer(new)
+        self.metrics.reloads.inc()
         log.info(
             "config reloaded",
             added=added,
@@ -252,87 +347,173 @@ class Daemon:
 
     async def _restart_deliverer(self, config: AppConfig) -> None:
         runtime = self._runtime
-        assert runtime is not None and runtime.collector is not None
+        assert runtime is not None
+        assert runtime.collector is not None
         if runtime.deliverer is not None:
             await runtime.deliverer.stop(grace=self.grace)
         if self._deliver_task is not None:
             await asyncio.gather(self._deliver_task, return_exceptions=True)
+        if runtime.deliverer is not None:
+            self._retire_stats(runtime.deliverer.stats())
+            await runtime.deliverer.aclose()
         runtime.sinks, runtime.deliverer = build_deliverer(config, self.plugins, runtime.store)
         runtime.collector.deliverer = runtime.deliverer
         self._start_deliverer()
 
+    def _retire_stats(self, stats: dict[str, SinkStats]) -> None:
+        for name, s in stats.items():
+            delivered, failed = self._retired_sink_stats.get(name, (0, 0))
+            self._retired_sink_stats[name] = (delivered + s.delivered, failed + s.failed)
+
     # -- shutdown ---------------------------------------------------------------------------------
+
+    async def _wait_within(self, tasks: list[asyncio.Task[Any]], deadline: float) -> None:
+        """Wait for ``tasks`` until ``deadline`` (monotonic) or a second stop signal."""
+        hurry = asyncio.create_task(self._hurry.wait())
+        try:
+            while not self._hurry.is_set():
+                pending = [t for t in tasks if not t.done()]
+                left = deadline - time.monotonic()
+                if not pending or left <= 0:
+                    break
+                await asyncio.wait(
+                    [*pending, hurry], timeout=left, return_when=asyncio.FIRST_COMPLETED
+                )
+        finally:
+            hurry.cancel()
+            await asyncio.gather(hurry, return_exceptions=True)
 
     async def _shutdown(self) -> None:
         runtime = self._runtime
         assert runtime is not None
+        self._stopping.set()
         deadline = time.monotonic() + self.grace
-        if self.running:
-            _, pending = await asyncio.wait(list(self.running.values()), timeout=self.grace)
-            for task in pending:
-                task.cancel()
-            if pending:
-                log.warning("grace period over: cancelled in-flight cycles", tenants=len(pending))
-                await asyncio.gather(*pending, return_exceptions=True)
+        cycles = list(self.running.values())
+        await self._wait_within(cycles, deadline)
+        pending = [t for t in cycles if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            log.warning("grace period over: cancelled in-flight cycles", tenants=len(pending))
+            await asyncio.gather(*pending, return_exceptions=True)
         if runtime.deliverer is not None:
-            await runtime.deliverer.stop(grace=max(1.0, deadline - time.monotonic()))
+            left = 0.0 if self._hurry.is_set() else max(0.5, deadline - time.monotonic())
+            await runtime.deliverer.stop(grace=left)
         if self._deliver_task is not None:
             await asyncio.gather(self._deliver_task, return_exceptions=True)
+        if runtime.deliverer is not None:
+            await runtime.deliverer.aclose()
+        for tenant_id in self.next_run:
+            await self._persist_next_run(tenant_id, None)
         self.metrics.up.set(0)
 
     # -- ops endpoints ----------------------------------------------------------------------------
 
     async def ready(self) -> str | None:
+        """None when ready; otherwise why not (for ``/readyz``)."""
         runtime = self._runtime
+        if self._stopping.is_set():
+            return "stopping"
         if runtime is None:
-            return "starting"
+            return "starting: state store not open yet"
         try:
             await runtime.store.ping()
-        except Exception as exc:
+        except Exception as exc:  # any failure means not ready; the reason is the class only
             return f"state store unreachable: {type(exc).__name__}"
         return None
 
     async def status(self) -> dict[str, Any]:
+        """The ``/status`` JSON: the store's snapshot plus what only the daemon knows."""
         runtime = self._runtime
-        assert runtime is not None
-        return await status_snapshot(
+        if runtime is None:
+            return {"state": "starting", "tenants": [], "sinks": []}
+        snapshot = await status_snapshot(
             runtime.config,
             runtime.store,
             next_run=self.next_run,
             last_results=self.last_results,
             parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
         )
+        snapshot["daemon"] = {
+            "state": "stopping" if self._stopping.is_set() else "running",
+            "running_cycles": sorted(self.running),
+            "asyncio_tasks": len(asyncio.all_tasks()),
+            "sink_lanes": {name: stats.state for name, stats in self._sink_stats().items()},
+        }
+        return snapshot
+
+    def _sink_stats(self) -> dict[str, SinkStats]:
+        runtime = self._runtime
+        if runtime is None or runtime.deliverer is None:
+            return {}
+        return runtime.deliverer.stats()
 
     async def refresh_metrics(self) -> None:
+        """Bring the gauges and mirrored counters up to date before a scrape."""
+        m = self.metrics
+        m.asyncio_tasks.set(len(asyncio.all_tasks()))
+        rss, fds = process_stats()
+        if rss is not None:
+            m.resident_memory.set(rss)
+        if fds is not None:
+            m.open_fds.set(fds)
         runtime = self._runtime
-        assert runtime is not None
+        if runtime is None:
+            return
         client = runtime.client.metrics
         for tenant_id, seconds in dict(client.rate_limit_wait_seconds).items():
-            self.metrics.rate_limit_wait.set(seconds, tenant=tenant_id)
+            m.rate_limit_wait.set(seconds, tenant=tenant_id)
         for tenant_id, count in dict(client.token_refreshes).items():
-            self.metrics.token_refreshes.set(count, tenant=tenant_id)
-        if runtime.deliverer is not None:
-            for name, stats in runtime.deliverer.stats().items():
-                self.metrics.sink_delivered.set(stats.delivered, sink=name)
-                self.metrics.sink_failures.set(stats.failed, sink=name)
+            m.token_refreshes.set(count, tenant=tenant_id)
+        for tenant_id, count in dict(client.retries).items():
+            m.fetch_retries.set(count, tenant=tenant_id)
+        stats = self._sink_stats()
+        for name in set(stats) | set(self._retired_sink_stats):
+            delivered, failed = self._retired_sink_stats.get(name, (0, 0))
+            if name in stats:
+                delivered += stats[name].delivered
+                failed += stats[name].failed
+            m.sink_delivered.set(delivered, sink=name)
+            m.sink_failures.set(failed, sink=name)
         snapshot = await self.status()
+        configured = {t.id for t in self._tenants(runtime.config)}
         for tenant in snapshot["tenants"]:
-            self.metrics.days_complete.set(tenant["days_complete"], tenant=tenant["tenant"])
-            self.metrics.tenant_auth_failed.set(
-                1 if tenant.get("auth_failed_until") else 0, tenant=tenant["tenant"]
-            )
+            tenant_id = tenant["tenant"]
+            if tenant_id not in configured:
+                continue
+            m.days_complete.set(tenant["days_complete"], tenant=tenant_id)
+            m.days_failed.set(tenant.get("days_failed") or 0, tenant=tenant_id)
+            m.tenant_auth_failed.set(1 if tenant.get("auth_failed_until") else 0, tenant=tenant_id)
+            for gauge, key in (
+                (m.last_success, "last_success_at"),
+                (m.last_fetch, "last_fetched_at"),
+                (m.next_run, "next_run_at"),
+            ):
+                stamp = _timestamp(tenant.get(key))
+                if stamp is not None:
+                    gauge.set(stamp, tenant=tenant_id)
         for sink in snapshot["sinks"]:
-            self.metrics.sink_backlog.set(sink["backlog"], sink=sink["sink"])
-            self.metrics.sink_dead_letters.set(sink["dead_letters"], sink=sink["sink"])
-            self.metrics.sink_lag.set(sink.get("lag_seconds") or 0.0, sink=sink["sink"])
+            m.sink_backlog.set(sink["backlog"], sink=sink["sink"])
+            m.sink_dead_letters.set(sink["dead_letters"], sink=sink["sink"])
+            m.sink_lag.set(sink.get("lag_seconds") or 0.0, sink=sink["sink"])
 
 
-def _routes(config: AppConfig) -> dict[str, list[str]]:
-    return {t.id: sorted(config.tenant_sinks(t)) for t in config.tenants}
+def _timestamp(value: Any) -> float | None:
+    """Unix seconds of a datetime or ISO string (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = dt.datetime.fromisoformat(value)
+    if isinstance(value, dt.datetime):
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=dt.UTC)
+        return float(value.timestamp())
+    return None
 
 
 async def run_daemon(
     config_path: str | Path, plugins: Plugins, *, tenants: list[str] | None = None
 ) -> int:
     """Entry point of ``zencoder-collector run``."""
-    return await Daemon(config_path, plugins, tenant_filter=tenants).run()
+    daemon = Daemon(config_path, plugins, tenant_filter=tenants, grace=grace_from_env())
+    return await daemon.run()

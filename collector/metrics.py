@@ -9,6 +9,7 @@ docs/operations.md; a test checks that each name registered here appears there.
 from __future__ import annotations
 
 import math
+import os
 import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -124,12 +125,24 @@ class Metrics:
         self.rate_limit_wait = counter(
             "rate_limit_wait_seconds_total", "Seconds requests waited for the tenant's rate budget."
         )
+        self.fetch_retries = counter(
+            "fetch_retries_total", "Retried API requests (5xx, 429, timeouts, network errors)."
+        )
         self.last_success = gauge(
             "last_success_timestamp_seconds",
             "Unix time of the tenant's last fully successful cycle.",
         )
+        self.last_fetch = gauge(
+            "last_fetch_timestamp_seconds", "Unix time of the tenant's last successful day fetch."
+        )
+        self.next_run = gauge(
+            "next_run_timestamp_seconds", "Unix time the tenant's next cycle is scheduled for."
+        )
         self.days_complete = gauge(
-            "days_complete", "Days of the lookback window stored for the tenant."
+            "days_complete", "Days stored for the tenant (fetched at least once)."
+        )
+        self.days_failed = gauge(
+            "days_failed", "Days whose last fetch failed and that wait for the next cycle."
         )
         self.tenant_auth_failed = gauge(
             "tenant_auth_failed", "1 while the tenant is parked as auth_failed."
@@ -151,6 +164,15 @@ class Metrics:
         self.sink_lag = gauge(
             "sink_lag_seconds", "Age of the oldest undelivered tenant-day of the sink."
         )
+        self.reloads = counter("config_reloads_total", "Config reloads (SIGHUP) applied.")
+        self.reload_failures = counter(
+            "config_reload_failures_total", "Config reloads rejected (the old config kept running)."
+        )
+        self.asyncio_tasks = gauge("asyncio_tasks", "asyncio tasks alive in the daemon's loop.")
+        self.resident_memory = gauge(
+            "process_resident_memory_bytes", "Resident memory (RSS) of the daemon process."
+        )
+        self.open_fds = gauge("process_open_fds", "Open file descriptors of the daemon process.")
         self.up = gauge("up", "1 while the daemon runs.")
 
     def families(self) -> list[Metric | Histogram]:
@@ -173,3 +195,20 @@ class Metrics:
     def set_from_mapping(self, metric: Metric, values: Mapping[str, float], label: str) -> None:
         for key, value in values.items():
             metric.set(value, **{label: key})
+
+
+def process_stats() -> tuple[int | None, int | None]:
+    """Resident memory in bytes and open file descriptors of this process (Linux ``/proc``;
+    None where the platform does not tell)."""
+    rss: int | None = None
+    fds: int | None = None
+    try:
+        with open("/proc/self/statm", encoding="ascii") as statm:
+            rss = int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        rss = None
+    try:
+        fds = len(os.listdir("/proc/self/fd"))
+    except OSError:
+        fds = None
+    return rss, fds

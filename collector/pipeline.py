@@ -284,7 +284,9 @@ class Collector:
                 self.notify(
                     "collector_tenant_failed", {"tenant": tenant.id, "error": summary.error}
                 )
-                await self.store.set_tenant_error(tenant.id, summary.error)
+                await self.store.set_tenant_error(
+                    tenant.id, summary.error, auth_failed_until=self.client.parked_until(tenant)
+                )
             elif summary.failed == 0:
                 await self.store.set_tenant_success(tenant.id)
             log.info(

@@ -1,6 +1,6 @@
 """A fake Zencoder Analytics API for tests, benchmarks and ``zencoder-collector simulate``.
 
-It imitates /work/shared/zencoder-api.md exactly: ``POST /oauth/token`` (client_credentials, JSON
+It imitates the Zencoder API notes exactly: ``POST /oauth/token`` (client_credentials, JSON
 or form body) and ``GET /api/v1/data/usage`` (``period`` or ``day``; Bearer token or
 ``zencoder-api-key``), with every documented error body verbatim. Figures are deterministic per
 (seed, tenant, day), realistic (8..60 people per org, several IDEs and languages, quiet weekends)

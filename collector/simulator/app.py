@@ -1,6 +1,6 @@
 """The aiohttp application that imitates the Zencoder token and usage endpoints.
 
-Behaviour follows /work/shared/zencoder-api.md, including the assumptions of its open questions:
+Behaviour follows the Zencoder API notes, with the assumed answers to their open questions:
 the usage endpoint authenticates first (401 ``Unauthorized``), then applies the fault knobs a
 gateway would (403, 429, 503), then validates parameters (both-present, then ``period``, then
 ``day``), then the data-backend failures (500 ``Failed to fetch data``), then answers 200.

@@ -1,0 +1,128 @@
+"""The collection cycle against the simulator over real sockets: fairness, bad data, parking."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.app import Runtime, load, load_plugins, open_runtime
+from collector.retry import no_wait
+from collector.simulator import (
+    BAD_RESPONSE_MODES,
+    SimulatorSettings,
+    demo_tenants,
+    running_simulator,
+)
+from collector.status import status_snapshot
+from tests.e2e import write_config
+
+
+async def _runtime(config_path: Path) -> AsyncIterator[Runtime]:
+    plugins = load_plugins()
+    config = load(config_path, plugins)
+    async with open_runtime(config, plugins) as runtime:
+        yield runtime
+
+
+async def test_big_backfill_does_not_delay_small_tenants(tmp_path: Path) -> None:
+    """With one tenant backfilling 90 days and 49 needing 2 days, the 49 are served first-come
+    round-robin: their last request comes about when it would without the big tenant."""
+    tenants = demo_tenants(50)
+    settings = SimulatorSettings(tenants=tenants, latency=0.002)
+    async with running_simulator(settings) as sim:
+        config_path = write_config(
+            tmp_path / "c.yaml",
+            sim,
+            tenants,
+            workdir=tmp_path,
+            lookback_days=2,
+            sinks={},
+            extra={"api": {"max_concurrency": 4}},
+        )
+        text = config_path.read_text().replace(
+            "- id: tenant-01\n", "- id: tenant-01\n  lookback_days: 90\n", 1
+        )
+        config_path.write_text(text)
+        with no_wait():
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                result = await runtime.collector.run_cycle()
+        log = [r for r in sim.stats.log if r.status == 200]
+    assert result.ok
+    assert result.tenants["tenant-01"].fetched == 90
+    small_positions = [i for i, r in enumerate(log) if r.tenant != "tenant-01"]
+    assert len(small_positions) == 49 * 2
+    # Alone, the 98 small requests would be the first 98. Round-robin (and the cap on each
+    # tenant's requests in flight) lets the big tenant take about one slot in fifty while they
+    # wait, so their last one comes before position 110; had the backfill queued its 90 days
+    # first, it would come after position 180.
+    assert small_positions[-1] < 110, small_positions[-1]
+
+
+@pytest.mark.parametrize("mode", sorted(BAD_RESPONSE_MODES))
+async def test_bad_response_recorded_as_failed_and_retried(tmp_path: Path, mode: str) -> None:
+    """A tenant whose API answers a defective 200 has its days recorded as failed with a reason,
+    nothing of it reaches the sink, the other tenant completes, and the next cycle retries."""
+    tenants = demo_tenants(2)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        sim.faults.set("tenant-02", bad_response=mode)
+        config_path = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=2
+        )
+        with no_wait():
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                assert runtime.deliverer is not None
+                first = await runtime.collector.run_cycle()
+                await runtime.deliverer.run_until_drained()
+                states = await runtime.store.days_state("tenant-02")
+                requests_before = sim.stats.usage_requests["tenant-02"]
+                second = await runtime.collector.run_cycle()
+                retried = sim.stats.usage_requests["tenant-02"] - requests_before
+    assert first.tenants["tenant-01"].ok
+    assert first.tenants["tenant-02"].failed == 2
+    assert {s.status for s in states.values()} == {"failed"}
+    assert second.tenants["tenant-02"].planned == 2
+    assert retried >= 2
+    with sqlite3.connect(tmp_path / "usage.db") as conn:
+        rows = conn.execute("SELECT tenant, COUNT(*) FROM usage_daily GROUP BY tenant").fetchall()
+    assert rows == [("tenant-01", 2)]
+
+
+async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path) -> None:
+    """Two auth failures in a row park the tenant: the next cycle skips it without asking for a
+    token, the other tenant is unaffected, and the status shows auth_failed."""
+    tenants = demo_tenants(2)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config_path = write_config(
+            tmp_path / "c.yaml",
+            sim,
+            tenants,
+            workdir=tmp_path,
+            lookback_days=2,
+            bad_secret_for={"tenant-02"},
+        )
+        results: list[Any] = []
+        with no_wait():
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                for _ in range(2):
+                    results.append(await runtime.collector.run_cycle())
+                token_requests = sim.stats.token_requests["tenant-02-client"]
+                results.append(await runtime.collector.run_cycle())
+                assert sim.stats.token_requests["tenant-02-client"] == token_requests
+                snapshot = await status_snapshot(
+                    runtime.config,
+                    runtime.store,
+                    parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
+                )
+    assert all(r.tenants["tenant-01"].ok for r in results)
+    assert results[0].tenants["tenant-02"].error is not None
+    assert results[2].tenants["tenant-02"].skipped is not None
+    assert "auth_failed" in results[2].tenants["tenant-02"].skipped
+    states = {t["tenant"]: t["state"] for t in snapshot["tenants"]}
+    assert states == {"tenant-01": "ok", "tenant-02": "auth_failed"}
