@@ -246,7 +246,7 @@ async def fault_timetable(
     sim: Any, receiver: FlakyReceiver, args: Any, stop: asyncio.Event
 ) -> None:
     """Switch the API and webhook outages on and off, and change today's data now and then."""
-    rng = random.Random(args.seed)  # noqa: S311 - fault timing, not security relevant
+    rng = random.Random(args.seed)
     started = time.monotonic()
     tenants = [t.id for t in sim.tenants]
     while not stop.is_set():
@@ -276,7 +276,6 @@ async def fault_timetable(
 
 async def soak(args: Any) -> int:
     workdir = Path(args.output)
-    workdir.mkdir(parents=True, exist_ok=True)
     settings = SimulatorSettings(
         tenants=demo_tenants(args.tenants),
         latency=args.latency,
@@ -387,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--output", default="soak-output")
     args = parser.parse_args(argv)
+    Path(args.output).mkdir(parents=True, exist_ok=True)
     return asyncio.run(soak(args))
 
 

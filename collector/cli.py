@@ -171,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_INCOMPLETE
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # `zencoder-collector plugins | head`: the reader left; not an error worth a traceback.
+        sys.stderr.close()
+        return EXIT_OK
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -14,6 +14,8 @@ secret-free error reasons.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -71,9 +73,14 @@ def make_app(
 
 
 def _dumps(value: Any) -> str:
-    import json
+    return json.dumps(value, default=_jsonable, sort_keys=True)
 
-    return json.dumps(value, default=str, sort_keys=True)
+
+def _jsonable(value: Any) -> str:
+    """Dates and datetimes as ISO 8601; anything else as its string."""
+    if isinstance(value, dt.date | dt.datetime):
+        return value.isoformat()
+    return str(value)
 
 
 @contextlib.asynccontextmanager
@@ -84,9 +91,9 @@ async def serving(app: web.Application, listen: str) -> AsyncIterator[str]:
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     await site.start()
-    server = site._server  # the bound socket tells the real port when port 0 was asked for
-    sockets = getattr(server, "sockets", None) or []
-    bound = sockets[0].getsockname()[1] if sockets else port
+    # runner.addresses tells the real port when port 0 (any free port) was asked for.
+    addresses = runner.addresses
+    bound = int(addresses[0][1]) if addresses else port
     try:
         yield f"{host}:{bound}"
     finally:

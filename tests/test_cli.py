@@ -1,0 +1,86 @@
+"""The command line: schema, plugins, argument errors, backfill, report, replay, demo."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import sqlite3
+from pathlib import Path
+
+from collector.pipeline import utc_today
+from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
+from tests.e2e import count_rows, run_cli, write_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+async def test_schema_file_in_repo_is_current() -> None:
+    """config/schema.json (referenced by example.yaml for editor completion) equals `schema`."""
+    result = await run_cli("schema")
+    assert result.returncode == 0
+    assert json.loads(result.stdout) == json.loads((REPO / "config" / "schema.json").read_text())
+
+
+async def test_plugins_lists_first_party_sinks_with_origin() -> None:
+    """`plugins --json` lists sqlite, csv, s3 and webhook, each from zencoder-collector."""
+    result = await run_cli("plugins", "--json")
+    assert result.returncode == 0, result.stderr
+    entries = json.loads(result.stdout)["sinks"]
+    origin = {entry["type"]: entry["distribution"] for entry in entries}
+    for name in ("sqlite", "csv", "s3", "webhook"):
+        assert origin[name] == "zencoder-collector"
+
+
+async def test_invalid_date_is_a_clear_usage_error(tmp_path: Path) -> None:
+    """`backfill --since 2026-02-30` exits 2 naming the bad value and the expected format."""
+    config = tmp_path / "c.yaml"
+    config.write_text("tenants: []\n")
+    result = await run_cli("backfill", "-c", str(config), "--since", "2026-02-30")
+    assert result.returncode == 2
+    assert "invalid date '2026-02-30': expected YYYY-MM-DD" in result.stderr
+
+
+async def test_backfill_report_and_replay_to_a_new_sink(tmp_path: Path) -> None:
+    """Backfill an explicit range, report on it as CSV, then replay the stored history to a sink
+    added later without one more API request."""
+    tenants = demo_tenants(2)
+    today = utc_today()
+    since = today.replace(day=1) if today.day > 3 else today
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = write_config(tmp_path / "c.yaml", sim, tenants, workdir=tmp_path)
+        backfill = await run_cli("backfill", "-c", str(config), "--since", since.isoformat())
+        assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+        span = (today - since).days + 1
+        assert count_rows(tmp_path / "usage.db")["usage_daily"] == 2 * span
+
+        report = await run_cli("report", "-c", str(config), "--days", str(span), "--format", "csv")
+        assert report.returncode == 0, report.stderr
+        rows = list(csv.DictReader(io.StringIO(report.stdout)))
+        assert [r["tenant"] for r in rows] == ["tenant-01", "tenant-02"]
+        with sqlite3.connect(tmp_path / "usage.db") as conn:
+            messages = dict(
+                conn.execute("SELECT tenant, SUM(messages) FROM usage_daily GROUP BY tenant")
+            )
+        assert {r["tenant"]: int(r["messages"]) for r in rows} == messages
+
+        requests = sum(sim.stats.usage_requests.values())
+        text = config.read_text().replace(
+            "sinks:\n", f"sinks:\n  later:\n    type: csv\n    path: {tmp_path / 'later'}\n", 1
+        )
+        config.write_text(text)
+        replay = await run_cli("replay", "-c", str(config), "--sink", "later")
+        assert replay.returncode == 0, replay.stdout + replay.stderr
+        assert sum(sim.stats.usage_requests.values()) == requests
+    partitions = sorted((tmp_path / "later").rglob("usage_daily/*.csv"))
+    assert len(partitions) == 2 * span
+
+
+async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
+    """`demo` collects 30 days for five tenants into SQLite and CSV and prints both tables."""
+    result = await run_cli("demo", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "5/5 tenants ok" in result.stdout
+    assert "Zencoder usage" in result.stdout
+    assert count_rows(tmp_path / "out" / "usage.db")["usage_daily"] == 5 * 30
+    assert len(list((tmp_path / "out" / "csv").rglob("usage_daily/*.csv"))) == 5 * 30

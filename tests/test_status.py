@@ -1,0 +1,176 @@
+"""``status``: the snapshot from a real state store, its table rendering, and the CLI command."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from collector.app import load, load_plugins
+from collector.config import AppConfig
+from collector.status import render_status, status_snapshot
+from collector.store import Store
+from tests.e2e import run_cli
+from tests.test_store import days
+
+NEXT_RUN = dt.datetime(2030, 5, 6, 7, 8, 9, tzinfo=dt.UTC)
+
+
+def _config(tmp_path: Path) -> tuple[Path, AppConfig]:
+    path = tmp_path / "config.yaml"
+    config = {
+        "api": {"base_url": "http://127.0.0.1:9", "token_url": "http://127.0.0.1:9/oauth/token"},
+        "state": {"url": f"sqlite:///{tmp_path / 'state.db'}"},
+        "server": {"listen": None},
+        "sinks": {
+            "warehouse": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
+            "hook": {"type": "webhook", "url": "http://127.0.0.1:9/hook", "secret": "s3cret"},
+        },
+        "tenants": [
+            {"id": "acme", "client_id": "acme-client", "client_secret": "acme-secret"},
+            {"id": "globex", "api_key": "zak_globex"},
+        ],
+    }
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path, load(path, load_plugins())
+
+
+@pytest.fixture
+async def populated(tmp_path: Path) -> tuple[Path, AppConfig]:
+    """A state store where acme has 3 days (warehouse delivered, hook 2 queued and 1 dead) and
+    globex has none and a failing last cycle."""
+    path, config = _config(tmp_path)
+    store = await Store.open(config.state.connection_url())
+    try:
+        await store.sync_sinks({"warehouse": None, "hook": None}, remove_missing=True)
+        items = days("acme", 3)
+        await store.record_fetched(items)
+        stored = [td for td, _ in items]
+        await store.mark_delivered("warehouse", stored)
+        await store.mark_failed("hook", stored[:1], "SinkPermanentError: 410 gone", max_attempts=1)
+        await store.set_tenant_success("acme")
+        await store.set_tenant_error("globex", "AuthError: credentials rejected")
+        await store.set_tenant_next_run("acme", NEXT_RUN)
+    finally:
+        await store.aclose()
+    return path, config
+
+
+async def test_snapshot_reports_tenants_and_sinks(populated: tuple[Path, AppConfig]) -> None:
+    """Per tenant: days, state, last success and error, next run; per sink: backlog, dead
+    letters, lag."""
+    _, config = populated
+    store = await Store.open(config.state.connection_url())
+    try:
+        parked_until = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+        snapshot = await status_snapshot(
+            config,
+            store,
+            last_results={"acme": {"fetched": 3}},
+            parked={"acme": None, "globex": parked_until},
+        )
+    finally:
+        await store.aclose()
+    tenants = {t["tenant"]: t for t in snapshot["tenants"]}
+    assert tenants["acme"]["days_complete"] == 3
+    assert tenants["acme"]["state"] == "ok"
+    assert tenants["acme"]["last_success_at"] is not None
+    assert tenants["acme"]["next_run_at"] == NEXT_RUN.isoformat()
+    assert tenants["acme"]["last_cycle"] == {"fetched": 3}
+    assert tenants["globex"]["days_complete"] == 0
+    assert tenants["globex"]["state"] == "auth_failed"
+    assert tenants["globex"]["auth_failed_until"] == parked_until.isoformat()
+    assert tenants["globex"]["last_error"] == "AuthError: credentials rejected"
+    sinks = {s["sink"]: s for s in snapshot["sinks"]}
+    assert (sinks["warehouse"]["backlog"], sinks["warehouse"]["dead_letters"]) == (0, 0)
+    assert (sinks["hook"]["backlog"], sinks["hook"]["dead_letters"]) == (2, 1)
+    assert sinks["hook"]["lag_seconds"] >= 0
+    json.dumps(snapshot)  # JSON-ready as /status serves it
+
+
+async def test_next_run_from_the_daemon_overrides_the_stored_one(
+    populated: tuple[Path, AppConfig],
+) -> None:
+    """A running daemon's in-memory next run wins over the one it last wrote to the store."""
+    _, config = populated
+    sooner = dt.datetime(2030, 5, 6, 7, 0, tzinfo=dt.UTC)
+    store = await Store.open(config.state.connection_url())
+    try:
+        snapshot = await status_snapshot(config, store, next_run={"acme": sooner})
+    finally:
+        await store.aclose()
+    acme = next(t for t in snapshot["tenants"] if t["tenant"] == "acme")
+    assert acme["next_run_at"] == sooner.isoformat()
+
+
+def test_render_status_shows_two_aligned_tables() -> None:
+    """The table has one row per tenant and per sink with the figures an operator needs."""
+    snapshot = {
+        "tenants": [
+            {
+                "tenant": "acme",
+                "state": "ok",
+                "days_complete": 30,
+                "days_failed": 1,
+                "last_day": "2026-01-30",
+                "last_success_at": "2026-01-30T10:00:00+00:00",
+                "next_run_at": "2026-01-30T11:00:00+00:00",
+                "last_error": None,
+            },
+            {
+                "tenant": "globex",
+                "state": "failing",
+                "days_complete": 0,
+                "last_error": "ServerError: 500 " + "x" * 100,
+            },
+        ],
+        "sinks": [
+            {"sink": "hook", "backlog": 12, "dead_letters": 2, "lag_seconds": 93.4},
+        ],
+    }
+    text = render_status(snapshot)
+    tenant_table, sink_table = text.split("\n\n")
+    header, rule, acme, globex = tenant_table.splitlines()
+    assert header.split() == [
+        "tenant",
+        "state",
+        "days",
+        "failed",
+        "last",
+        "day",
+        "last",
+        "success",
+        "next",
+        "run",
+        "last",
+        "error",
+    ]
+    assert acme.split()[:6] == ["acme", "ok", "30", "1", "2026-01-30", "2026-01-30"]
+    assert "2026-01-30 11:00:00" in acme
+    assert acme.index(" ok ") + 1 == header.index("state") == rule.index(" -") + 1
+    assert globex.split()[:5] == ["globex", "failing", "0", "0", "-"]
+    assert "x" * 60 not in globex  # long errors are cut
+    sink_rows = sink_table.splitlines()
+    assert sink_rows[2].split()[:4] == ["hook", "12", "2", "93s"]
+
+
+async def test_status_command_reads_the_store(populated: tuple[Path, AppConfig]) -> None:
+    """``zencoder-collector status`` prints the tables, and ``--json`` the same data as JSON,
+    including the next run the daemon recorded."""
+    path, _ = populated
+    table = await run_cli("status", "-c", str(path))
+    assert table.returncode == 0, table.stderr
+    assert "acme" in table.stdout
+    assert "2030-05-06 07:08:09" in table.stdout
+    hook_row = next(line for line in table.stdout.splitlines() if line.startswith("hook"))
+    assert hook_row.split()[:3] == ["hook", "2", "1"]
+    as_json = await run_cli("status", "-c", str(path), "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    snapshot = json.loads(as_json.stdout)
+    assert {t["tenant"]: t["days_complete"] for t in snapshot["tenants"]} == {
+        "acme": 3,
+        "globex": 0,
+    }
