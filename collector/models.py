@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
@@ -226,6 +227,9 @@ def normalize(
         )
         for u in data.users
     )
+    _reject_duplicates(tenant, day, "ide_name", [i.ide_name for i in ides])
+    _reject_duplicates(tenant, day, "language_name", [lang.language_name for lang in languages])
+    _reject_duplicates(tenant, day, "users[].email", [u.user for u in users], show=False)
     if digest is None:
         digest = content_hash(data.model_dump(mode="json"))
     return TenantDay(
@@ -239,3 +243,20 @@ def normalize(
         users=users,
         content_hash=digest,
     )
+
+
+def _reject_duplicates(
+    tenant: str, day: dt.date, field_name: str, names: list[str], *, show: bool = True
+) -> None:
+    """Two rows with one key would make every sink's upsert ambiguous: reject the whole day.
+
+    ``show=False`` keeps the value out of the message (emails are personal data).
+    """
+    repeated = [name for name, n in Counter(names).items() if n > 1]
+    if repeated:
+        what = f" {repeated[0]!r}" if show else ""
+        raise BadResponse(
+            f"day {day.isoformat()} lists {field_name}{what} more than once",
+            tenant=tenant,
+            status=200,
+        )
