@@ -133,6 +133,10 @@ class WebhookReceiver:
         for _ in range(times):
             self._plans.append(_Plan(hang=seconds))
 
+    def clear_answers(self) -> None:
+        """Drop every scripted answer not used yet: answer 200 from now on (an outage ends)."""
+        self._plans.clear()
+
     # --- what arrived -----------------------------------------------------------------------------
 
     @property
