@@ -36,7 +36,7 @@ import structlog
 
 from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime, sink_routes
 from collector.config import AppConfig, TenantConfig
-from collector.deliverer import SinkStats
+from collector.deliverer import Deliverer, SinkStats
 from collector.errors import CollectorError, ConfigError, StoreError
 from collector.metrics import Metrics, process_stats
 from collector.pipeline import CycleResult
@@ -383,6 +383,18 @@ class Daemon:
             hurry.cancel()
             await asyncio.gather(hurry, return_exceptions=True)
 
+    async def _drain_within(self, deliverer: Deliverer, deadline: float) -> None:
+        """Deliver what the last cycles queued, as far as the grace period allows. What does not
+        make it stays queued in the state database and goes out after the next start."""
+        if self._hurry.is_set() or deadline <= time.monotonic():
+            return
+        drain = asyncio.create_task(deliverer.run_until_drained(), name="final-drain")
+        await self._wait_within([drain], deadline)
+        if not drain.done():
+            drain.cancel()
+            log.warning("grace period over: undelivered days stay queued for the next start")
+        await asyncio.gather(drain, return_exceptions=True)
+
     async def _shutdown(self) -> None:
         runtime = self._runtime
         assert runtime is not None
@@ -402,6 +414,7 @@ class Daemon:
         if self._deliver_task is not None:
             await asyncio.gather(self._deliver_task, return_exceptions=True)
         if runtime.deliverer is not None:
+            await self._drain_within(runtime.deliverer, deadline)
             await runtime.deliverer.aclose()
         for tenant_id in self.next_run:
             await self._persist_next_run(tenant_id, None)
@@ -460,13 +473,17 @@ class Daemon:
         runtime = self._runtime
         if runtime is None:
             return
+        # The client keeps counting for tenants a reload removed; export configured ones only.
+        configured = {t.id for t in self._tenants(runtime.config)}
         client = runtime.client.metrics
-        for tenant_id, seconds in dict(client.rate_limit_wait_seconds).items():
-            m.rate_limit_wait.set(seconds, tenant=tenant_id)
-        for tenant_id, count in dict(client.token_refreshes).items():
-            m.token_refreshes.set(count, tenant=tenant_id)
-        for tenant_id, count in dict(client.retries).items():
-            m.fetch_retries.set(count, tenant=tenant_id)
+        for metric, values in (
+            (m.rate_limit_wait, dict(client.rate_limit_wait_seconds)),
+            (m.token_refreshes, dict(client.token_refreshes)),
+            (m.fetch_retries, dict(client.retries)),
+        ):
+            for tenant_id, value in values.items():
+                if tenant_id in configured:
+                    metric.set(value, tenant=tenant_id)
         stats = self._sink_stats()
         for name in set(stats) | set(self._retired_sink_stats):
             delivered, failed = self._retired_sink_stats.get(name, (0, 0))
@@ -476,7 +493,6 @@ class Daemon:
             m.sink_delivered.set(delivered, sink=name)
             m.sink_failures.set(failed, sink=name)
         snapshot = await self.status()
-        configured = {t.id for t in self._tenants(runtime.config)}
         for tenant in snapshot["tenants"]:
             tenant_id = tenant["tenant"]
             if tenant_id not in configured:

@@ -57,6 +57,7 @@ class TenantResult:
     error: str | None = None
     skipped: str | None = None
     seconds: float = 0.0
+    last_failure: str | None = None  # reason of the last failed day, retryable ones included
 
     @property
     def ok(self) -> bool:
@@ -289,6 +290,14 @@ class Collector:
                 )
             elif summary.failed == 0:
                 await self.store.set_tenant_success(tenant.id)
+            else:
+                # Only transient failures: the days are planned again next cycle, but `status`
+                # must still say why this tenant is behind.
+                await self.store.set_tenant_error(
+                    tenant.id,
+                    f"{summary.failed} of {summary.planned} day(s) failed, retried next cycle; "
+                    f"last: {summary.last_failure or 'see the log'}",
+                )
             log.info(
                 "tenant cycle done",
                 planned=summary.planned,
@@ -349,6 +358,7 @@ class Collector:
         exc: ApiError, tenant: TenantConfig, queue: asyncio.Queue[dt.date], summary: TenantResult
     ) -> bool:
         """Count a failed day; returns False when the whole tenant must stop (bad credentials)."""
+        summary.last_failure = exc.reason
         if isinstance(exc, AuthError):
             # The credentials are bad for every day: stop this tenant, keep the others going.
             summary.error = exc.reason
