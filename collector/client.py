@@ -33,7 +33,9 @@ retry waits, for ``/metrics``. Secrets appear in no log line, exception, repr or
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -106,12 +108,19 @@ class ApiSettings(Protocol):
 
 @dataclass(frozen=True)
 class FetchedDay:
-    """One tenant-day as the API returned it: the validated model and the raw ``data`` object."""
+    """One tenant-day as the API returned it: the validated model and the raw body."""
 
     tenant: str
     day: dt.date
     response: UsageResponse
-    data: dict[str, Any]
+    payload: str  # the response body as received: what the state store keeps
+    digest: str  # sha256 of the body: the day's content hash
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """The raw ``data`` object, unknown fields included (decoded on demand)."""
+        decoded: dict[str, Any] = json.loads(self.payload)["data"]
+        return decoded
 
 
 @dataclass
@@ -192,7 +201,7 @@ class ApiClient:
         retry_policy: RetryPolicy | None = None,
         token_cache: TokenCache | None = None,
         auth_failures: AuthFailures | None = None,
-        trust_env: bool = True,
+        trust_env: bool | None = None,
     ) -> None:
         self.api = api
         self.metrics = ClientMetrics()
@@ -215,7 +224,9 @@ class ApiClient:
         )
         self._usage_url = api.base_url.rstrip("/") + USAGE_PATH
         self._timeout = aiohttp.ClientTimeout(total=_seconds(api.timeout))
-        self._trust_env = trust_env
+        # aiohttp's trust_env re-reads ~/.netrc on every request (6% of the CPU of a backfill):
+        # trust the environment only when it names a proxy, unless told otherwise.
+        self._trust_env = _proxy_in_environment() if trust_env is None else trust_env
         self._session: aiohttp.ClientSession | None = None
 
     def __repr__(self) -> str:
@@ -517,5 +528,22 @@ class ApiClient:
                 tenant=tenant_id,
                 status=200,
             )
-        data = json.loads(body)["data"]
-        return FetchedDay(tenant=tenant_id, day=day, response=response, data=data)
+        # The body as received is what the store keeps, and its hash is the day's content hash:
+        # no second decoding or encoding. A re-fetch that returned the same figures in another
+        # order would count as changed and be delivered once more, which idempotent sinks absorb.
+        try:
+            payload = body.decode()
+        except UnicodeDecodeError:
+            raise BadResponse("HTTP 200 with a body that is not UTF-8", tenant=tenant_id) from None
+        return FetchedDay(
+            tenant=tenant_id,
+            day=day,
+            response=response,
+            payload=payload,
+            digest=hashlib.sha256(body).hexdigest(),
+        )
+
+
+def _proxy_in_environment() -> bool:
+    names = ("https_proxy", "http_proxy", "all_proxy")
+    return any(os.environ.get(n) or os.environ.get(n.upper()) for n in names)

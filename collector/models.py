@@ -15,7 +15,7 @@ import datetime as dt
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Annotated, Any, Literal
 
@@ -85,14 +85,18 @@ def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageRespons
     try:
         return UsageResponse.model_validate_json(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "<body>"
-        raise BadResponse(
-            f"response does not match the documented schema ({exc.error_count()} problem(s); "
-            f"first at {where}: {first['msg']})",
-            tenant=tenant,
-            status=200,
-        ) from None
+        raise _schema_error(exc, tenant) from None
+
+
+def _schema_error(exc: ValidationError, tenant: str | None) -> BadResponse:
+    first = exc.errors(include_input=False)[0]
+    where = ".".join(str(p) for p in first["loc"]) or "<body>"
+    return BadResponse(
+        f"response does not match the documented schema ({exc.error_count()} problem(s); "
+        f"first at {where}: {first['msg']})",
+        tenant=tenant,
+        status=200,
+    )
 
 
 # --- normalized records -------------------------------------------------------------------------
@@ -170,10 +174,26 @@ Batch = Sequence[TenantDay]
 """What a sink's ``write`` receives: tenant-days, each complete, in delivery order."""
 
 
-def content_hash(data: dict[str, Any]) -> str:
-    """A stable hash of a payload's ``data`` object (key order and whitespace do not matter)."""
-    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+def canonical_json(data: Mapping[str, Any]) -> str:
+    """The payload's ``data`` object as compact JSON with sorted keys: what the store keeps."""
+    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+def content_hash(data: Mapping[str, Any] | str) -> str:
+    """A stable hash of a payload's ``data`` object (key order and whitespace do not matter).
+
+    Pass the :func:`canonical_json` text when it is already at hand, to encode only once.
+    """
+    canonical = data if isinstance(data, str) else canonical_json(data)
     return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def parse_usage_object(raw: Any, *, tenant: str | None = None) -> UsageResponse:
+    """Validate an already decoded JSON body (see :func:`parse_usage`)."""
+    try:
+        return UsageResponse.model_validate(raw)
+    except ValidationError as exc:
+        raise _schema_error(exc, tenant) from None
 
 
 def normalize(

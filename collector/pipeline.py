@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -81,6 +81,9 @@ class CycleResult:
         return sum(r.fetched for r in self.tenants.values())
 
 
+Payload = Mapping[str, Any] | str
+"""The response body as received (kept as is), or its ``data`` object."""
+
 Notify = Callable[[str, dict[str, Any]], None]
 """``notify(hook_name, kwargs)``: calls a notification hook; must not raise."""
 
@@ -97,7 +100,7 @@ class _StoreWriter:
     ) -> None:
         self._store = store
         self._on_committed = on_committed
-        self._queue: asyncio.Queue[tuple[TenantDay, dict[str, Any], asyncio.Future[bool]]] = (
+        self._queue: asyncio.Queue[tuple[TenantDay, Payload, asyncio.Future[bool]]] = (
             asyncio.Queue()
         )
         self._task: asyncio.Task[None] | None = None
@@ -105,7 +108,7 @@ class _StoreWriter:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run(), name="store-writer")
 
-    async def submit(self, item: TenantDay, data: dict[str, Any]) -> bool:
+    async def submit(self, item: TenantDay, data: Payload) -> bool:
         """Queue one tenant-day and wait until it is durably committed; returns ``changed``."""
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         await self._queue.put((item, data, future))
@@ -133,9 +136,7 @@ class _StoreWriter:
                 for _ in batch:
                     self._queue.task_done()
 
-    async def _commit(
-        self, batch: list[tuple[TenantDay, dict[str, Any], asyncio.Future[bool]]]
-    ) -> None:
+    async def _commit(self, batch: list[tuple[TenantDay, Payload, asyncio.Future[bool]]]) -> None:
         try:
             changed = await self._store.record_fetched([(item, data) for item, data, _ in batch])
         except Exception as exc:
@@ -327,6 +328,7 @@ class Collector:
                     fetched.response,
                     fetched_at=dt.datetime.now(dt.UTC),
                     final=planner.is_final(day, today, settle),
+                    digest=fetched.digest,
                 )
             except ApiError as exc:
                 self._observe(tenant.id, started, ok=False)
@@ -341,7 +343,7 @@ class Collector:
                 await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
                 continue
             self._observe(tenant.id, started, ok=True)
-            changed = await self._writer.submit(item, fetched.data)
+            changed = await self._writer.submit(item, fetched.payload)
             summary.fetched += 1
             summary.changed += int(changed)
 

@@ -398,12 +398,15 @@ async def test_concurrent_writers_do_not_conflict(store_url: str) -> None:
 async def test_unreadable_stored_payload_is_dead_lettered_not_stuck(tmp_path: Path) -> None:
     """A stored payload this version cannot parse goes to the dead-letter instead of blocking."""
     path = tmp_path / "state.db"
+    writer = await Store.open(f"sqlite:///{path}")
+    await writer.sync_sinks({"hook": None})
+    await writer.record_fetched(days("acme", 2))
+    await writer.aclose()
+    with sqlite3.connect(path) as raw:  # as a damaged or future-format row would look
+        raw.execute("UPDATE tenant_day SET payload = '{\"daily\": 5}' WHERE day = ?", (DAY,))
+    # A fresh process: nothing of the days is cached, the payload must be read.
     store = await Store.open(f"sqlite:///{path}")
     try:
-        await store.sync_sinks({"hook": None})
-        await store.record_fetched(days("acme", 2))
-        with sqlite3.connect(path) as raw:  # as a damaged or future-format row would look
-            raw.execute("UPDATE tenant_day SET payload = '{\"daily\": 5}' WHERE day = ?", (DAY,))
         batch = await store.pending("hook")
         assert keys(batch) == [("acme", DAY + dt.timedelta(days=1))]
         [dead] = await store.dead_letters("hook")

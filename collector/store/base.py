@@ -78,8 +78,17 @@ def short(text: str) -> str:
     return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
 
 
-def dump_json(data: Mapping[str, Any]) -> str:
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, default=str)
+def dump_json(data: Mapping[str, Any] | str) -> str:
+    """The stored payload: the API's response body.
+
+    Text is the body as received and is kept as it is (no second encoding); a mapping is the
+    body's ``data`` object and is wrapped in the success envelope.
+    """
+    if isinstance(data, str):
+        return data
+    return json.dumps(
+        {"status": "success", "data": data}, separators=(",", ":"), ensure_ascii=False, default=str
+    )
 
 
 def as_status(value: str) -> DayStatus:

@@ -54,7 +54,7 @@ from collector.store.schema import (
 
 log = structlog.get_logger("collector.store")
 
-_RECENT_DAYS = 512  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
+_RECENT_DAYS = 1024  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
 
 
 class _RecentDays:
@@ -297,6 +297,10 @@ class OutboxStore(StoreBase):
             await self._set_aside(sink, broken)
         return batch
 
+    def remember(self, td: TenantDay) -> None:
+        """Offer a just-stored tenant-day to the rebuild cache (same key a rebuild would use)."""
+        self._recent.put((td.tenant, td.day, td.content_hash, td.final, td.fetched_at), td)
+
     def _rebuild(self, row: Any) -> TenantDay:
         if row.payload is None or row.content_hash is None:
             raise BadResponse("no stored payload (pruned by retention)", tenant=row.tenant)
@@ -305,7 +309,7 @@ class OutboxStore(StoreBase):
         cached = self._recent.get(key)
         if cached is not None:
             return cached
-        response = parse_usage('{"status":"success","data":' + row.payload + "}", tenant=row.tenant)
+        response = parse_usage(row.payload, tenant=row.tenant)
         rebuilt = normalize(
             row.tenant,
             row.day,

@@ -94,7 +94,7 @@ tenant_day = Table(
     Column("content_hash", Hash),  # usage figures only (collector.models.content_hash)
     Column("version", Hash),  # content_hash, plus ":final" once final: what sinks are compared on
     Column("seq", BigInteger),  # queue position of the current version
-    Column("payload", Text),  # raw API "data" object as JSON; NULL after retention pruning
+    Column("payload", Text),  # the API's response body, as received; NULL after retention
     Column("updated_at", UtcDateTime, nullable=False),
     Index("ix_tenant_day_day", "day"),
 )
