@@ -43,6 +43,7 @@ from collector.pipeline import CycleResult
 from collector.plugin_manager import configure_plugins
 from collector.retry import waits_disabled
 from collector.server import make_app, serving
+from collector.sink import Sink
 from collector.status import status_snapshot
 
 log = structlog.get_logger("collector.daemon")
@@ -53,6 +54,7 @@ GRACE_ENV = "ZENCODER_COLLECTOR_SHUTDOWN_GRACE"
 
 _IDLE_WAKE = 5.0
 _STORE_RETRY_MAX = 30.0
+_CLEAR_NEXT_RUN_BUDGET = 2.0
 
 
 def next_run_after(
@@ -292,11 +294,22 @@ class Daemon:
             rejection = {"problems": [str(p) for p in exc.problems]}
         except (OSError, CollectorError) as exc:
             rejection = {"error": f"{type(exc).__name__}: {exc}"}
+        old = runtime.config
+        sinks_changed = False
+        replacement: tuple[dict[str, Sink], Deliverer | None] | None = None
+        if rejection is None:
+            sinks_changed = old.sinks != new.sinks or sink_routes(old) != sink_routes(new)
+            if sinks_changed:
+                # Create the new sinks (no I/O yet) before changing anything, so a sink that
+                # cannot even be created rejects the whole reload.
+                try:
+                    replacement = build_deliverer(new, self.plugins, runtime.store)
+                except Exception as exc:  # a plugin's constructor may raise anything
+                    rejection = {"error": f"a sink could not be created: {type(exc).__name__}"}
         if rejection is not None:
             log.error("config reload rejected; keeping the running config", **rejection)
             self.metrics.reload_failures.inc()
             return
-        old = runtime.config
         old_tenants = {t.id: t for t in self._tenants(old)}
         new_tenants = {t.id: t for t in self._tenants(new)}
         removed = sorted(old_tenants.keys() - new_tenants.keys())
@@ -333,9 +346,8 @@ class Daemon:
         runtime.config = new
         runtime.collector.config = new
         await self._schedule_new(new)
-        sinks_changed = old.sinks != new.sinks or sink_routes(old) != sink_routes(new)
-        if sinks_changed:
-            await self._restart_deliverer(new)
+        if replacement is not None:
+            await self._replace_deliverer(*replacement)
         self.metrics.reloads.inc()
         log.info(
             "config reloaded",
@@ -345,7 +357,9 @@ class Daemon:
             sinks_restarted=sinks_changed,
         )
 
-    async def _restart_deliverer(self, config: AppConfig) -> None:
+    async def _replace_deliverer(self, sinks: dict[str, Sink], deliverer: Deliverer | None) -> None:
+        """Stop the running deliverer (writes in flight may finish), close its sinks, start the
+        new one; the new one registers its sinks (a new sink gets the stored history)."""
         runtime = self._runtime
         assert runtime is not None
         assert runtime.collector is not None
@@ -353,11 +367,18 @@ class Daemon:
             await runtime.deliverer.stop(grace=self.grace)
         if self._deliver_task is not None:
             await asyncio.gather(self._deliver_task, return_exceptions=True)
+            self._deliver_task = None
         if runtime.deliverer is not None:
             self._retire_stats(runtime.deliverer.stats())
             await runtime.deliverer.aclose()
-        runtime.sinks, runtime.deliverer = build_deliverer(config, self.plugins, runtime.store)
-        runtime.collector.deliverer = runtime.deliverer
+        runtime.sinks, runtime.deliverer = sinks, deliverer
+        runtime.collector.deliverer = deliverer
+        if deliverer is None:
+            # No sink left: nothing may keep payloads queued for the old ones.
+            try:
+                await runtime.store.sync_sinks({}, remove_missing=True)
+            except StoreError as exc:
+                log.warning("could not unregister the removed sinks", error=str(exc))
         self._start_deliverer()
 
     def _retire_stats(self, stats: dict[str, SinkStats]) -> None:
@@ -399,6 +420,7 @@ class Daemon:
         runtime = self._runtime
         assert runtime is not None
         self._stopping.set()
+        self.metrics.up.set(0)
         deadline = time.monotonic() + self.grace
         cycles = list(self.running.values())
         await self._wait_within(cycles, deadline)
@@ -416,9 +438,11 @@ class Daemon:
         if runtime.deliverer is not None:
             await self._drain_within(runtime.deliverer, deadline)
             await runtime.deliverer.aclose()
-        for tenant_id in self.next_run:
-            await self._persist_next_run(tenant_id, None)
-        self.metrics.up.set(0)
+        # `status` should not promise runs of a stopped daemon; a few seconds at most for that.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(_CLEAR_NEXT_RUN_BUDGET):
+                for tenant_id in list(self.next_run):
+                    await self._persist_next_run(tenant_id, None)
 
     # -- ops endpoints ----------------------------------------------------------------------------
 

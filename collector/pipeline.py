@@ -321,15 +321,8 @@ class Collector:
             day = queue.get_nowait()
             started = time.monotonic()
             try:
-                fetched = await self.client.fetch_day(tenant, day)
-                item = normalize(
-                    tenant.id,
-                    day,
-                    fetched.response,
-                    fetched_at=dt.datetime.now(dt.UTC),
-                    final=planner.is_final(day, today, settle),
-                    digest=fetched.digest,
-                )
+                final = planner.is_final(day, today, settle)
+                item, payload = await self._fetch(tenant, day, final=final)
             except ApiError as exc:
                 self._observe(tenant.id, started, ok=False)
                 if not self._handle_failure(exc, tenant, queue, summary):
@@ -343,9 +336,26 @@ class Collector:
                 await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
                 continue
             self._observe(tenant.id, started, ok=True)
-            changed = await self._writer.submit(item, fetched.payload)
+            changed = await self._writer.submit(item, payload)
             summary.fetched += 1
             summary.changed += int(changed)
+
+    async def _fetch(
+        self, tenant: TenantConfig, day: dt.date, *, final: bool
+    ) -> tuple[TenantDay, str]:
+        """Fetch and normalize one day. Only the records and the body leave this frame: the
+        validated response model is dropped here, not held while the commit is awaited (with a
+        thousand tenants in flight, those models were most of the memory)."""
+        fetched = await self.client.fetch_day(tenant, day)
+        item = normalize(
+            tenant.id,
+            day,
+            fetched.response,
+            fetched_at=dt.datetime.now(dt.UTC),
+            final=final,
+            digest=fetched.digest,
+        )
+        return item, fetched.payload
 
     def _observe(self, tenant: str, started: float, *, ok: bool) -> None:
         if self.metrics is None:

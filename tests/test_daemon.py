@@ -110,7 +110,14 @@ def test_grace_comes_from_the_environment() -> None:
 
 
 def _daemon_config(
-    tmp_path: Path, sim: Any, tenants: Any, *, lookback: int, every: str = "1s", **extra: Any
+    tmp_path: Path,
+    sim: Any,
+    tenants: Any,
+    *,
+    lookback: int,
+    every: str = "1s",
+    bad_secret_for: frozenset[str] = frozenset(),
+    **extra: Any,
 ) -> Path:
     return write_config(
         tmp_path / "config.yaml",
@@ -118,6 +125,7 @@ def _daemon_config(
         tenants,
         workdir=tmp_path,
         lookback_days=lookback,
+        bad_secret_for=set(bad_secret_for),
         extra={
             "collection": {"schedule": {"every": every, "jitter": "0s"}},
             "server": {"listen": "127.0.0.1:0"},
@@ -143,9 +151,12 @@ def _stored_days(state_db: Path) -> set[tuple[str, str]]:
         )
 
 
-async def test_sigterm_lets_a_busy_cycle_finish_and_exits_zero(tmp_path: Path) -> None:
-    """SIGTERM in the middle of a slow cycle: the cycle finishes within the grace period, every
-    fetched day is delivered, and the process exits 0 well before the grace ends."""
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_sigterm_lets_a_busy_cycle_finish_and_exits_zero(
+    tmp_path: Path, signum: signal.Signals
+) -> None:
+    """SIGTERM (or SIGINT) in the middle of a slow cycle: the cycle finishes within the grace
+    period, every fetched day is delivered, and the process exits 0 well before the grace ends."""
     tenants = demo_tenants(2)
     lookback = 8
     async with running_simulator(SimulatorSettings(tenants=tenants, latency=0.25)) as sim:
@@ -158,7 +169,7 @@ async def test_sigterm_lets_a_busy_cycle_finish_and_exits_zero(tmp_path: Path) -
                 daemon=d,
             )
             asked = time.monotonic()
-            d.signal(signal.SIGTERM)
+            d.signal(signum)
             code = await d.wait(25)
             took = time.monotonic() - asked
         assert code == 0, d.output()[-3000:]
@@ -205,9 +216,38 @@ async def test_sigterm_past_the_grace_cancels_and_a_restart_completes(tmp_path: 
     assert not {(t, day) for t, day in committed if day not in recent} & refetched
 
 
-async def test_sighup_adds_removes_and_rejects(tmp_path: Path) -> None:
-    """SIGHUP: an added tenant starts collecting, a removed tenant gets no more requests, and an
-    invalid file is rejected with its problems logged while the old config keeps running."""
+async def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) -> None:
+    """With a long grace period, a second SIGTERM cancels the in-flight cycle at once, and the
+    daemon still exits 0."""
+    tenants = demo_tenants(1)
+    async with running_simulator(SimulatorSettings(tenants=tenants, latency=1.0)) as sim:
+        config = _daemon_config(tmp_path, sim, tenants, lookback=30, every="1h")
+        async with DaemonProcess(config, env={"ZENCODER_COLLECTOR_SHUTDOWN_GRACE": "60"}) as d:
+            await eventually(
+                lambda: sim.stats.responses[200] >= 4, within=30, what="some days", daemon=d
+            )
+            d.signal(signal.SIGTERM)
+            await eventually(
+                lambda: bool(d.events("stop requested: finishing in-flight work")),
+                within=10,
+                what="the first signal handled",
+                daemon=d,
+            )
+            asked = time.monotonic()
+            d.signal(signal.SIGTERM)
+            code = await d.wait(30)
+            took = time.monotonic() - asked
+        assert code == 0, d.output()[-3000:]
+        assert took < 5, took
+        assert d.events("second stop signal: cancelling in-flight work now")
+        assert d.events("grace period over: cancelled in-flight cycles")
+
+
+async def test_sighup_adds_removes_changes_and_rejects(tmp_path: Path) -> None:
+    """SIGHUP: an added tenant starts collecting, a removed tenant gets no more requests, a
+    tenant whose secret changed drops its cached token (the new, wrong secret is used at once), an
+    added sink receives the stored history, and an invalid file is rejected with its problems
+    logged while the old config keeps running."""
     tenants = demo_tenants(3)
     lookback = 3
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
@@ -220,8 +260,20 @@ async def test_sighup_adds_removes_and_rejects(tmp_path: Path) -> None:
                 what="the first two tenants collected",
                 daemon=d,
             )
-            # Replace tenant-02 with tenant-03.
-            _daemon_config(tmp_path, sim, [tenants[0], tenants[2]], lookback=lookback)
+            tokens_before = sim.stats.token_requests["tenant-01-client"]
+            # Replace tenant-02 with tenant-03; tenant-01's secret becomes a wrong one; a CSV
+            # sink joins the SQLite one.
+            _daemon_config(
+                tmp_path,
+                sim,
+                [tenants[0], tenants[2]],
+                lookback=lookback,
+                bad_secret_for=frozenset({"tenant-01"}),
+                sinks={
+                    "warehouse": {"type": "sqlite", "path": str(db)},
+                    "sheets": {"type": "csv", "path": str(tmp_path / "csv")},
+                },
+            )
             d.signal(signal.SIGHUP)
             await eventually(
                 lambda: bool(d.events("config reloaded")), within=15, what="reload", daemon=d
@@ -229,19 +281,37 @@ async def test_sighup_adds_removes_and_rejects(tmp_path: Path) -> None:
             reloaded = d.events("config reloaded")[0]
             assert reloaded["added"] == ["tenant-03"]
             assert reloaded["removed"] == ["tenant-02"]
+            assert reloaded["credentials_changed"] == ["tenant-01"]
+            assert reloaded["sinks_restarted"] is True
+            # The new sink gets the stored history of tenant-01, whose fetching now fails.
+            csv_root = tmp_path / "csv" / "tenant-01" / "usage_daily"
+            await eventually(
+                lambda: sorted(p.stem for p in csv_root.glob("*.csv")) == _window(lookback),
+                within=20,
+                what="tenant-01's history in the added CSV sink",
+                daemon=d,
+            )
             await eventually(
                 lambda: {t for t, _ in sqlite_days(db)} == {"tenant-01", "tenant-02", "tenant-03"},
                 within=30,
                 what="the added tenant collected",
                 daemon=d,
             )
+
+            async def tenant_01_rejected() -> bool:
+                states = {t["tenant"]: t["state"] for t in (await d.status())["tenants"]}
+                return states.get("tenant-01") == "auth_failed"
+
+            await eventually(tenant_01_rejected, within=20, what="tenant-01 auth_failed", daemon=d)
+            # Its cached (still valid) token was dropped: a new token was asked with the new secret.
+            assert sim.stats.token_requests["tenant-01-client"] > tokens_before
             await asyncio.sleep(0.5)  # a request of tenant-02 in flight at the reload may land
             removed_count = sim.stats.usage_requests["tenant-02"]
-            kept_count = sim.stats.usage_requests["tenant-01"]
+            kept_count = sim.stats.usage_requests["tenant-03"]
             await eventually(
-                lambda: sim.stats.usage_requests["tenant-01"] >= kept_count + 4,
+                lambda: sim.stats.usage_requests["tenant-03"] >= kept_count + 4,
                 within=20,
-                what="two more cycles of tenant-01",
+                what="two more cycles of tenant-03",
                 daemon=d,
             )
             assert sim.stats.usage_requests["tenant-02"] == removed_count
@@ -249,6 +319,7 @@ async def test_sighup_adds_removes_and_rejects(tmp_path: Path) -> None:
             assert [t["tenant"] for t in status["tenants"]] == ["tenant-01", "tenant-03"]
             metrics = await d.metrics()
             assert not any('tenant="tenant-02"' in key for key in metrics)
+            assert metrics['zencoder_collector_tenant_auth_failed{tenant="tenant-01"}'] == 1
 
             # An invalid file: rejected, logged with file and line, old config kept.
             config.write_text(

@@ -54,7 +54,7 @@ from collector.store.schema import (
 
 log = structlog.get_logger("collector.store")
 
-_RECENT_DAYS = 1024  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
+_RECENT_DAYS = 4096  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
 
 
 class _RecentDays:
