@@ -9,7 +9,7 @@ message count, the number of user rows and the sum of user messages.
 
     python bench/bench_fetch.py --scenario small          # 200 tenants x 30 days, 20 ms latency
     python bench/bench_fetch.py --scenario large          # 1,000 x 90; naive/dlt from a sample
-    python bench/bench_fetch.py --scenario ratelimited    # 200 x 30 at 5 requests/s per tenant
+    python bench/bench_fetch.py --scenario ratelimited    # 50 x 30 at 5 requests/s per tenant
     python bench/bench_fetch.py --scenario small --runners naive,dlt --sample-naive 20
 
 Runners: ``ours`` (``python -m collector run --once -c CONFIG``), ``naive``
@@ -60,7 +60,7 @@ class Scenario:
 SCENARIOS = {
     "small": Scenario(200, 30, 0.020, None, {}),
     "large": Scenario(1000, 90, 0.020, None, {"naive": 10, "dlt": 50}),
-    "ratelimited": Scenario(200, 30, 0.020, 5.0, {"naive": 10, "dlt": 20}),
+    "ratelimited": Scenario(50, 30, 0.020, 5.0, {"naive": 10, "dlt": 20}),
 }
 OUR_CONCURRENCY = 64
 
