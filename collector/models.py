@@ -272,6 +272,8 @@ def _reject_duplicates(
 
     ``show=False`` keeps the value out of the message (emails are personal data).
     """
+    if len(set(names)) == len(names):
+        return
     repeated = [name for name, n in Counter(names).items() if n > 1]
     if repeated:
         what = f" {repeated[0]!r}" if show else ""
