@@ -550,3 +550,29 @@ async def test_every_acknowledged_commit_survives_kill_9(tmp_path: Path) -> None
         assert await store.backlog("warehouse") == len(stored)
     finally:
         await store.aclose()
+
+
+def test_rebuild_cache_keeps_unread_days_when_full_and_drops_read_ones() -> None:
+    """A full rebuild cache skips new days rather than evicting unread ones, and frees read ones."""
+    from collector.store.outbox import _RecentDays
+    from collector.testing import make_tenant_day
+
+    days = [make_tenant_day("acme", dt.date(2025, 1, d), users=1) for d in (1, 2, 3)]
+    cache = _RecentDays(2, stale_after=3600)
+    cache.put(("1",), days[0], 2)
+    cache.put(("2",), days[1], 1)
+    cache.put(("3",), days[2], 1)  # full, nothing stale: the new day is skipped
+    assert cache.get(("3",)) is None
+    assert cache.get(("2",)) is days[1]
+    assert cache.get(("2",)) is None  # its only reader had it
+    assert cache.get(("1",)) is days[0]
+    assert cache.get(("1",)) is days[0]  # two readers
+    assert cache.get(("1",)) is None
+    cache.put(("3",), days[2], 0)  # no sink will read it
+    assert cache.get(("3",)) is None
+
+    stale = _RecentDays(1, stale_after=0.0)
+    stale.put(("1",), days[0], 1)
+    stale.put(("2",), days[1], 1)  # the unread oldest is stale: it makes room
+    assert stale.get(("1",)) is None
+    assert stale.get(("2",)) is days[1]

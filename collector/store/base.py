@@ -34,11 +34,14 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     Engine,
+    and_,
     create_engine,
     event,
     func,
+    or_,
     select,
     true,
+    tuple_,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
@@ -103,6 +106,26 @@ def describe(exc: SQLAlchemyError) -> str:
     return f"state database error ({type(exc).__name__}): {first[:300]}"
 
 
+def keys_in(conn: Connection, tenant: Any, day: Any, keys: Sequence[Key]) -> ColumnElement[bool]:
+    """``(tenant, day) IN keys``, or on SQLite a superset of it: the caller drops extra rows.
+
+    SQLite answers a row-value ``IN`` list by scanning the whole table (every stored day, on
+    every batch); ``tenant IN (...) AND day IN (...)`` is a primary-key search per pair instead.
+    PostgreSQL gets the exact condition, so ``FOR UPDATE`` locks no other rows.
+    """
+    if conn.dialect.name != "sqlite":
+        return tuple_(tenant, day).in_(keys)
+    tenants = sorted({k[0] for k in keys})
+    days = sorted({k[1] for k in keys})
+    if len(tenants) * len(days) <= 8 * len(keys):
+        return and_(tenant.in_(tenants), day.in_(days))
+    # Scattered keys: the cross product would be mostly misses, so one search per tenant.
+    by_tenant: dict[str, list[dt.date]] = {}
+    for key_tenant, key_day in keys:
+        by_tenant.setdefault(key_tenant, []).append(key_day)
+    return or_(*(and_(tenant == name, day.in_(wanted)) for name, wanted in by_tenant.items()))
+
+
 def tenants_in(
     column: Any, tenants: Collection[str] | frozenset[str] | None
 ) -> ColumnElement[bool]:
@@ -121,6 +144,16 @@ class StoreBase:
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
         self._closed = threading.Event()
+        # Hot statements, built once: building an upsert (and its cache key) costs more than
+        # running it for a small batch. The dialect is fixed per store, so one copy each.
+        self._built: dict[str, Any] = {}
+
+    def _statement(self, name: str, conn: Connection, build: Callable[[Connection], Any]) -> Any:
+        """The statement ``name``, built by ``build`` on first use."""
+        statement = self._built.get(name)
+        if statement is None:
+            statement = self._built[name] = build(conn)
+        return statement
 
     def __repr__(self) -> str:
         return f"Store({self._display_url})"

@@ -9,26 +9,24 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    and_,
     bindparam,
-    case,
     exists,
     func,
     not_,
     or_,
     select,
-    tuple_,
     update,
 )
 
 from collector.models import TenantDay
 from collector.planner import DayState
-from collector.store.base import Key, as_status, chunks, dump_json, short
+from collector.store.base import Key, as_status, chunks, dump_json, keys_in, short
 from collector.store.outbox import OutboxStore
 from collector.store.schema import (
     UtcDateTime,
     delivery,
-    dialect_insert,
+    queue_statement,
+    store_days_statement,
     store_meta,
     tenant_day,
     upsert,
@@ -51,6 +49,14 @@ _REFRESH_UNCHANGED = (
 )
 
 
+_RESERVE_SEQ = (
+    update(store_meta)
+    .where(store_meta.c.key == "seq")
+    .values(value=store_meta.c.value + bindparam("count"))
+)
+_TOP_SEQ = select(store_meta.c.value).where(store_meta.c.key == "seq")
+
+
 class DaysStore(OutboxStore):
     """Fetched and failed tenant-days, and retention of their payloads."""
 
@@ -65,17 +71,18 @@ class DaysStore(OutboxStore):
         """
         if not items:
             return []
-        flags = await self._write(lambda conn: self._record_fetched(conn, items))
+        flags, readers = await self._write(lambda conn: self._record_fetched(conn, items))
         # The sinks are about to read exactly these days: hand them over instead of having the
         # first sink parse every payload again (the largest CPU cost of delivery otherwise).
         for (td, _), changed in zip(items, flags, strict=True):
             if changed:
-                self.remember(td)
+                self.remember(td, readers.get((td.tenant, td.day), 0))
         return flags
 
     def _record_fetched(
         self, conn: Connection, items: Sequence[tuple[TenantDay, Mapping[str, Any] | str]]
-    ) -> list[bool]:
+    ) -> tuple[list[bool], dict[Key, int]]:
+        """:meth:`record_fetched`'s flags, and how many sinks each changed day is queued for."""
         now = self._now()
         # One global lock order (sorted keys): two PostgreSQL writers cannot deadlock.
         keys = sorted({(td.tenant, td.day) for td, _ in items})
@@ -88,11 +95,12 @@ class DaysStore(OutboxStore):
                     tenant_day.c.version,
                     tenant_day.c.payload.is_(None),
                 )
-                .where(tuple_(tenant_day.c.tenant, tenant_day.c.day).in_(chunk))
+                .where(keys_in(conn, tenant_day.c.tenant, tenant_day.c.day, chunk))
                 .with_for_update()
             )
             for tenant, day, version, no_payload in conn.execute(query):
                 before[(tenant, day)] = (version, bool(no_payload))
+        before = {key: before[key] for key in keys if key in before}
         latest: dict[Key, str | None] = {key: version for key, (version, _) in before.items()}
         last: dict[Key, tuple[TenantDay, Mapping[str, Any] | str]] = {}
         flags: list[bool] = []
@@ -104,15 +112,15 @@ class DaysStore(OutboxStore):
             last[key] = (td, data)
         changed = [key for key in keys if before.get(key, (None, True))[0] != latest[key]]
         unchanged = [key for key in keys if before.get(key, (None, True))[0] == latest[key]]
+        readers: dict[Key, int] = {}
         if changed:
             first_seq = self._allocate_seq(conn, len(changed))
             rows = [
                 self._day_row(*last[key], now=now, seq=first_seq + i)
                 for i, key in enumerate(changed)
             ]
-            columns = [c.name for c in tenant_day.c if c.name not in ("tenant", "day")]
-            conn.execute(upsert(conn, tenant_day, ["tenant", "day"], columns=columns), rows)
-            self._queue(conn, rows, now)
+            conn.execute(self._statement("store_days", conn, store_days_statement), rows)
+            readers = self._queue(conn, rows, now)
         if unchanged:
             params = []
             for key in unchanged:
@@ -129,7 +137,7 @@ class DaysStore(OutboxStore):
                     }
                 )
             conn.execute(_REFRESH_UNCHANGED, params)
-        return flags
+        return flags, readers
 
     @staticmethod
     def _day_row(
@@ -154,20 +162,23 @@ class DaysStore(OutboxStore):
     @staticmethod
     def _allocate_seq(conn: Connection, count: int) -> int:
         """Reserve ``count`` queue positions and return the first; the row lock orders writers."""
-        conn.execute(
-            update(store_meta)
-            .where(store_meta.c.key == "seq")
-            .values(value=store_meta.c.value + count)
-        )
-        top = conn.execute(select(store_meta.c.value).where(store_meta.c.key == "seq")).scalar_one()
+        conn.execute(_RESERVE_SEQ, {"count": count})
+        top = conn.execute(_TOP_SEQ).scalar_one()
         return int(top) - count + 1
 
-    def _queue(self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime) -> None:
-        """Queue new versions for every sink routed to their tenant (unless it has them)."""
+    def _queue(
+        self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime
+    ) -> dict[Key, int]:
+        """Queue new versions for every sink routed to their tenant (unless it has them).
+
+        Returns, per tenant-day, how many sinks it was queued for."""
         entries = []
+        readers: dict[Key, int] = {}
         for name, routed in self._registered(conn).items():
             for row in rows:
                 if routed is None or row["tenant"] in routed:
+                    key = (row["tenant"], row["day"])
+                    readers[key] = readers.get(key, 0) + 1
                     entries.append(
                         {
                             "sink": name,
@@ -181,29 +192,9 @@ class DaysStore(OutboxStore):
                             "updated_at": now,
                         }
                     )
-        if not entries:
-            return
-        statement = dialect_insert(conn, delivery)
-        new = statement.excluded
-        # The sink already has this version (content went back to what it holds), or gave up on
-        # exactly this version: leave the row alone instead of queueing it again.
-        has_it = or_(
-            delivery.c.delivered_version == new.queued_version,
-            and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
-        )
-        set_ = {
-            "queued_seq": case((has_it, None), else_=new.queued_seq),
-            "queued_version": case((has_it, None), else_=new.queued_version),
-            "queued_at": case((has_it, None), else_=new.queued_at),
-            "attempts": case((has_it, delivery.c.attempts), else_=0),
-            "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
-            "dead_version": case((has_it, delivery.c.dead_version), else_=None),
-            "updated_at": new.updated_at,
-        }
-        conn.execute(
-            statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_),
-            entries,
-        )
+        if entries:
+            conn.execute(self._statement("queue", conn, queue_statement), entries)
+        return readers
 
     async def record_failed(self, tenant: str, day: dt.date, reason: str) -> None:
         """Record a failed fetch; an earlier good payload is kept, so the day stays deliverable."""

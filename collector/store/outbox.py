@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from typing import Any
@@ -22,7 +23,6 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     and_,
-    case,
     delete,
     exists,
     false,
@@ -32,13 +32,21 @@ from sqlalchemy import (
     or_,
     select,
     true,
-    tuple_,
     update,
 )
 
 from collector.errors import BadResponse
 from collector.models import TenantDay, normalize, parse_usage
-from collector.store.base import Key, Registered, Routes, StoreBase, chunks, short, tenants_in
+from collector.store.base import (
+    Key,
+    Registered,
+    Routes,
+    StoreBase,
+    chunks,
+    keys_in,
+    short,
+    tenants_in,
+)
 from collector.store.schema import (
     IS_DEAD,
     DeadLetter,
@@ -46,6 +54,7 @@ from collector.store.schema import (
     UtcDateTime,
     delivery,
     dialect_insert,
+    mark_delivered_statement,
     sink_table,
     tenant_day,
     upsert,
@@ -55,33 +64,52 @@ from collector.store.schema import (
 log = structlog.get_logger("collector.store")
 
 _RECENT_DAYS = 4096  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
+_STALE_AFTER = 120.0  # seconds after which an unread cached day may make room for a new one
 
 
 class _RecentDays:
-    """The last tenant-days rebuilt from payloads, shared by the sinks (thread-safe LRU).
+    """The last tenant-days stored or rebuilt from payloads, for the sinks (thread-safe).
 
     Every sink reads the same new days at about the same time; parsing a payload once instead
-    of once per sink saves most of the delivery CPU with several sinks.
+    of once per sink saves most of the delivery CPU with several sinks. An entry leaves once each
+    sink it was queued for has read it. The sinks read in queue order, so when they lag behind
+    by more than ``size`` days, evicting the oldest entry (LRU) would throw away exactly the days
+    they need next and every read would miss: a full cache keeps what it has and skips the new
+    day instead, unless its oldest entry has waited ``stale_after`` seconds (a sink that stopped
+    reading must not pin it forever).
     """
 
-    def __init__(self, size: int) -> None:
+    def __init__(self, size: int, stale_after: float = _STALE_AFTER) -> None:
         self._size = size
-        self._items: OrderedDict[tuple[Any, ...], TenantDay] = OrderedDict()
+        self._stale_after = stale_after
+        # key -> (tenant-day, reads left, monotonic time stored); insertion order = age
+        self._items: OrderedDict[tuple[Any, ...], tuple[TenantDay, int, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def get(self, key: tuple[Any, ...]) -> TenantDay | None:
         with self._lock:
             found = self._items.get(key)
-            if found is not None:
-                self._items.move_to_end(key)
-            return found
+            if found is None:
+                return None
+            value, reads, stored = found
+            if reads <= 1:
+                del self._items[key]
+            else:
+                self._items[key] = (value, reads - 1, stored)
+            return value
 
-    def put(self, key: tuple[Any, ...], value: TenantDay) -> None:
+    def put(self, key: tuple[Any, ...], value: TenantDay, reads: int) -> None:
+        if reads < 1:
+            return
+        now = time.monotonic()
         with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self._size:
+            if key not in self._items and len(self._items) >= self._size:
+                oldest = next(iter(self._items.values()))
+                if now - oldest[2] < self._stale_after:
+                    return
                 self._items.popitem(last=False)
+            self._items[key] = (value, reads, now)
+            self._items.move_to_end(key)
 
 
 class OutboxStore(StoreBase):
@@ -90,13 +118,15 @@ class OutboxStore(StoreBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._recent = _RecentDays(_RECENT_DAYS)
+        self._sink_count = 0  # registered sinks, as last seen: readers of a rebuilt day
 
-    @staticmethod
-    def _registered(conn: Connection) -> Registered:
-        return {
+    def _registered(self, conn: Connection) -> Registered:
+        found = {
             name: None if routes is None else frozenset(json.loads(routes))
             for name, routes in conn.execute(select(sink_table.c.name, sink_table.c.routes))
         }
+        self._sink_count = len(found)
+        return found
 
     async def registered_sinks(self) -> Registered:
         """The registered sinks and their routes (None: every tenant)."""
@@ -297,9 +327,10 @@ class OutboxStore(StoreBase):
             await self._set_aside(sink, broken)
         return batch
 
-    def remember(self, td: TenantDay) -> None:
-        """Offer a just-stored tenant-day to the rebuild cache (same key a rebuild would use)."""
-        self._recent.put((td.tenant, td.day, td.content_hash, td.final, td.fetched_at), td)
+    def remember(self, td: TenantDay, readers: int) -> None:
+        """Offer a just-stored tenant-day, queued for ``readers`` sinks, to the rebuild cache."""
+        key = (td.tenant, td.day, td.content_hash, td.final, td.fetched_at)  # as a rebuild has it
+        self._recent.put(key, td, readers)
 
     def _rebuild(self, row: Any) -> TenantDay:
         if row.payload is None or row.content_hash is None:
@@ -318,7 +349,8 @@ class OutboxStore(StoreBase):
             final=bool(row.final),
             digest=row.content_hash,
         )
-        self._recent.put(key, rebuilt)
+        # This sink has read it; the other sinks may still come for it.
+        self._recent.put(key, rebuilt, self._sink_count - 1)
         return rebuilt
 
     async def _set_aside(self, sink: str, broken: Sequence[tuple[Key, str]]) -> None:
@@ -375,28 +407,7 @@ class OutboxStore(StoreBase):
         ]
 
         def work(conn: Connection) -> None:
-            statement = dialect_insert(conn, delivery)
-            new = statement.excluded
-            # Still queued only if a newer version arrived while this one was being written.
-            done = delivery.c.queued_version == new.delivered_version
-            set_ = {
-                "delivered_version": new.delivered_version,
-                "delivered_at": new.delivered_at,
-                "attempts": 0,
-                "last_error": None,
-                "dead_letter": False,
-                "dead_version": None,
-                "queued_seq": case((done, None), else_=delivery.c.queued_seq),
-                "queued_version": case((done, None), else_=delivery.c.queued_version),
-                "queued_at": case((done, None), else_=delivery.c.queued_at),
-                "updated_at": new.updated_at,
-            }
-            conn.execute(
-                statement.on_conflict_do_update(
-                    index_elements=["sink", "tenant", "day"], set_=set_
-                ),
-                rows,
-            )
+            conn.execute(self._statement("delivered", conn, mark_delivered_statement), rows)
 
         await self._write(work)
 
@@ -431,7 +442,7 @@ class OutboxStore(StoreBase):
             query = (
                 select(delivery)
                 .where(
-                    delivery.c.sink == sink, tuple_(delivery.c.tenant, delivery.c.day).in_(chunk)
+                    delivery.c.sink == sink, keys_in(conn, delivery.c.tenant, delivery.c.day, chunk)
                 )
                 .with_for_update()
             )

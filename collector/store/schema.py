@@ -31,6 +31,9 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
+    and_,
+    case,
+    or_,
     true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -54,6 +57,25 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
             value = value.replace(tzinfo=dt.UTC)
         value = value.astimezone(dt.UTC)
         return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def bind_processor(self, dialect: Any) -> Any:
+        process = super().bind_processor(dialect)
+        if process is None:
+            return None
+        # A batch binds the same `now` object in every row (several columns each): convert it
+        # once. One (value, result) pair, swapped atomically, so threads may share it.
+        last: tuple[Any, Any] = (None, None)
+
+        def convert(value: Any) -> Any:
+            nonlocal last
+            seen, result = last
+            if value is seen and value is not None:
+                return result
+            result = process(value)
+            last = (value, result)
+            return result
+
+        return convert
 
     def process_result_value(self, value: dt.datetime | None, dialect: Any) -> dt.datetime | None:
         if value is None:
@@ -183,6 +205,58 @@ def upsert(
     if not updates:
         return statement.on_conflict_do_nothing(index_elements=list(keys))
     return statement.on_conflict_do_update(index_elements=list(keys), set_=updates)
+
+
+# --- hot statements (built once per store, see StoreBase._statement) ----------------------------
+
+
+def store_days_statement(conn: Connection) -> Any:
+    """Upsert fetched tenant-days (executemany of full ``tenant_day`` rows)."""
+    columns = [c.name for c in tenant_day.c if c.name not in ("tenant", "day")]
+    return upsert(conn, tenant_day, ["tenant", "day"], columns=columns)
+
+
+def queue_statement(conn: Connection) -> Any:
+    """Queue a new version for a sink (executemany of ``delivery`` rows)."""
+    statement = dialect_insert(conn, delivery)
+    new = statement.excluded
+    # The sink already has this version (content went back to what it holds), or gave up on
+    # exactly this version: leave the row alone instead of queueing it again.
+    has_it = or_(
+        delivery.c.delivered_version == new.queued_version,
+        and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
+    )
+    set_ = {
+        "queued_seq": case((has_it, None), else_=new.queued_seq),
+        "queued_version": case((has_it, None), else_=new.queued_version),
+        "queued_at": case((has_it, None), else_=new.queued_at),
+        "attempts": case((has_it, delivery.c.attempts), else_=0),
+        "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
+        "dead_version": case((has_it, delivery.c.dead_version), else_=None),
+        "updated_at": new.updated_at,
+    }
+    return statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_)
+
+
+def mark_delivered_statement(conn: Connection) -> Any:
+    """Record a delivered version; the day leaves the queue unless a newer one is queued."""
+    statement = dialect_insert(conn, delivery)
+    new = statement.excluded
+    # Still queued only if a newer version arrived while this one was being written.
+    done = delivery.c.queued_version == new.delivered_version
+    set_ = {
+        "delivered_version": new.delivered_version,
+        "delivered_at": new.delivered_at,
+        "attempts": 0,
+        "last_error": None,
+        "dead_letter": False,
+        "dead_version": None,
+        "queued_seq": case((done, None), else_=delivery.c.queued_seq),
+        "queued_version": case((done, None), else_=delivery.c.queued_version),
+        "queued_at": case((done, None), else_=delivery.c.queued_at),
+        "updated_at": new.updated_at,
+    }
+    return statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_)
 
 
 # --- values the store returns -------------------------------------------------------------------

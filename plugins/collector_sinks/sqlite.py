@@ -9,7 +9,9 @@ Types ``sqlite`` and its alias ``sql``::
 Each ``write`` is one transaction. For every tenant-day of the batch it deletes that day's IDE,
 language and user rows and upserts the daily row, then inserts the new child rows, so a re-fetch
 replaces (a user missing from the new version disappears) and a redelivery never duplicates.
-Inserts are bulk ``executemany`` calls; the work runs in a worker thread.
+Inserts are bulk ``executemany`` calls; the work runs in a worker thread. In SQLite the tables
+are created ``WITHOUT ROWID`` (the primary key is the table: one b-tree per row written, not
+two); files created by an earlier version keep their layout and work the same.
 
 SQLite files run in WAL mode (readers never block the writer) with a busy timeout and, by
 default, ``synchronous=NORMAL``: a crash of the process loses nothing, a power cut may lose the
@@ -55,6 +57,7 @@ class UsageTable(SQLModel, registry=registry()):
 
 class UsageDaily(UsageTable, table=True):
     __tablename__ = "usage_daily"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     tenant: str = Field(primary_key=True)
     day: dt.date = Field(primary_key=True)
@@ -66,6 +69,7 @@ class UsageDaily(UsageTable, table=True):
 
 class UsageDailyIde(UsageTable, table=True):
     __tablename__ = "usage_daily_ide"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     tenant: str = Field(primary_key=True)
     day: dt.date = Field(primary_key=True)
@@ -75,6 +79,7 @@ class UsageDailyIde(UsageTable, table=True):
 
 class UsageDailyLanguage(UsageTable, table=True):
     __tablename__ = "usage_daily_language"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     tenant: str = Field(primary_key=True)
     day: dt.date = Field(primary_key=True)
@@ -84,6 +89,7 @@ class UsageDailyLanguage(UsageTable, table=True):
 
 class UsageUserDaily(UsageTable, table=True):
     __tablename__ = "usage_user_daily"
+    __table_args__ = {"sqlite_with_rowid": False}
 
     tenant: str = Field(primary_key=True)
     day: dt.date = Field(primary_key=True)
@@ -107,6 +113,15 @@ class SqliteSinkConfig(SinkConfig):
     """Settings of a ``sqlite`` / ``sql`` sink: give ``path`` or ``url``, not both."""
 
     type: Literal["sqlite", "sql"] = "sqlite"
+    batch_size: int = PydanticField(
+        default=500,
+        ge=1,
+        le=10_000,
+        # Larger than the common default: one transaction per write makes small batches cost
+        # a commit each, and a delivery that keeps pace with fetching still finds the days
+        # in the store's rebuild cache instead of parsing every payload again.
+        description="Tenant-days per write call (one transaction each).",
+    )
     path: Path | None = PydanticField(
         default=None, description="SQLite database file; created with its directory if missing."
     )
@@ -401,6 +416,7 @@ def _rows(
     languages: list[Row] = []
     users: list[Row] = []
     encoded: dict[tuple[str, ...], str] = {}
+    iso_days: dict[dt.date, str] = {}
 
     def as_json(names: tuple[str, ...]) -> str:
         text = encoded.get(names)
@@ -408,9 +424,17 @@ def _rows(
             text = encoded[names] = json.dumps(list(names), ensure_ascii=False)
         return text
 
+    def as_day(moment: dt.date | None) -> Any:
+        if moment is None or not sqlite:
+            return moment
+        text = iso_days.get(moment)
+        if text is None:
+            text = iso_days[moment] = moment.isoformat()
+        return text
+
     for td in tenant_days:
         tenant = td.tenant
-        day: Any = td.day.isoformat() if sqlite else td.day
+        day: Any = as_day(td.day)
         fetched_at = _utc(td.daily.fetched_at)
         daily.append(
             (
@@ -432,22 +456,21 @@ def _rows(
                 for x in td.languages
             }.values()
         )
-        users.extend(
-            {
-                u.user: (
-                    tenant,
-                    day,
-                    u.user,
-                    u.messages,
-                    (u.last_active.isoformat() if sqlite else u.last_active)
-                    if u.last_active is not None
-                    else None,
-                    as_json(u.ides),
-                    as_json(u.languages),
-                )
-                for u in td.users
-            }.values()
-        )
+        rows = [
+            (
+                tenant,
+                day,
+                u.user,
+                u.messages,
+                as_day(u.last_active),
+                as_json(u.ides),
+                as_json(u.languages),
+            )
+            for u in td.users
+        ]
+        if len({row[2] for row in rows}) != len(rows):
+            rows = list({row[2]: row for row in rows}.values())
+        users.extend(rows)
     return daily, ides, languages, users
 
 
