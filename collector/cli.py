@@ -13,7 +13,6 @@ import json
 import os
 import sys
 from collections.abc import Coroutine, Sequence
-from pathlib import Path
 from typing import Any
 
 from collector import __version__
@@ -224,7 +223,3 @@ def run_async(coro: Coroutine[Any, Any, int]) -> int:
 
 def dump_json(value: object) -> str:
     return json.dumps(value, indent=2, default=str, sort_keys=True)
-
-
-def resolve(path: str) -> Path:
-    return Path(path).expanduser()

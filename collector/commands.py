@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+import sqlalchemy as sa
 import structlog
 
 from collector.app import Plugins, load, load_plugins, open_runtime
@@ -18,6 +19,7 @@ from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
 from collector.report import cycle_summary, render_usage, usage_report
+from collector_sinks.sqlite import SqliteSinkConfig
 
 log = structlog.get_logger("collector.cli")
 
@@ -181,16 +183,13 @@ def report(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _sql_sink_url(config: AppConfig, name: str | None) -> str | None:
+def _sql_sink_url(config: AppConfig, name: str | None) -> str | sa.URL | None:
+    """The database of a sqlite/sql sink, password included (the sink's own URL builder)."""
     for sink_name, sink_config in config.sinks.items():
         if name is not None and sink_name != name:
             continue
-        url = getattr(sink_config, "database_url", None)
-        if callable(url):
-            return str(url())
-        path = getattr(sink_config, "path", None)
-        if sink_config.type in {"sqlite", "sql"}:
-            return getattr(sink_config, "url", None) or f"sqlite:///{path}"
+        if isinstance(sink_config, SqliteSinkConfig):
+            return sink_config.sqlalchemy_url()
     return None
 
 

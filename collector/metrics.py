@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 import threading
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 PREFIX = "zencoder_collector_"
@@ -191,10 +191,6 @@ class Metrics:
         for family in self.families():
             if isinstance(family, Metric):
                 family.remove(tenant=tenant)
-
-    def set_from_mapping(self, metric: Metric, values: Mapping[str, float], label: str) -> None:
-        for key, value in values.items():
-            metric.set(value, **{label: key})
 
 
 def process_stats() -> tuple[int | None, int | None]:

@@ -72,7 +72,7 @@ def _top(
     return top
 
 
-def usage_report(url: str, since: dt.date, until: dt.date) -> list[UsageRow]:
+def usage_report(url: str | sa.URL, since: dt.date, until: dt.date) -> list[UsageRow]:
     """Per-tenant usage over [since, until] from the four tables of a SQL sink."""
     engine = sa.create_engine(url)
     params = {"since": since, "until": until}
