@@ -42,10 +42,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
-from urllib.parse import urlencode
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from collector import __version__
@@ -316,9 +314,10 @@ class ApiClient:
     async def _fetch_once(self, tenant: Credentials, day: dt.date) -> FetchedDay:
         self._refuse_if_parked(tenant)
         self._refuse_if_paused(tenant)
-        params = {"day": day.isoformat()}
+        # An ISO date needs no escaping: the query is built as text, not through urlencode.
+        query = "day=" + day.isoformat()
         if tenant.auth_mode == "api_key":
-            reply = await self._get_usage(tenant, params, self._api_key_headers(tenant))
+            reply = await self._get_usage(tenant, query, self._api_key_headers(tenant))
             if reply.status == 401:
                 self.auth_failures.record_failure(
                     tenant.id,
@@ -327,14 +326,14 @@ class ApiClient:
                 )
                 raise AuthError("the API rejected the API key", tenant=tenant.id, status=401)
         else:
-            reply = await self._get_with_token(tenant, params)
+            reply = await self._get_with_token(tenant, query)
         self.auth_failures.record_success(tenant.id)
         return self._interpret(tenant, day, reply)
 
-    async def _get_with_token(self, tenant: Credentials, params: Mapping[str, str]) -> HttpReply:
+    async def _get_with_token(self, tenant: Credentials, query: str) -> HttpReply:
         state = await self._tokens.token_for(tenant)
         reply = await self._get_usage(
-            tenant, params, {"Authorization": f"Bearer {state.access_token}"}
+            tenant, query, {"Authorization": f"Bearer {state.access_token}"}
         )
         if reply.status != 401:
             return reply
@@ -348,7 +347,7 @@ class ApiClient:
             )
         state = await self._tokens.token_for(tenant)
         reply = await self._get_usage(
-            tenant, params, {"Authorization": f"Bearer {state.access_token}"}
+            tenant, query, {"Authorization": f"Bearer {state.access_token}"}
         )
         if reply.status != 401:
             return reply
@@ -361,6 +360,9 @@ class ApiClient:
         )
 
     def _refuse_if_parked(self, tenant: Credentials) -> None:
+        # The fingerprint (an HMAC) is only worth computing for a tenant that is parked at all.
+        if not self.auth_failures.is_parked(tenant.id):
+            return
         if not self.auth_failures.is_parked(tenant.id, tenant.credentials_fingerprint):
             return
         # A secret file may have been fixed since: re-read it before refusing.
@@ -392,7 +394,7 @@ class ApiClient:
         return {"zencoder-api-key": key}
 
     async def _get_usage(
-        self, tenant: Credentials, params: Mapping[str, str], headers: Mapping[str, str]
+        self, tenant: Credentials, query: str, headers: Mapping[str, str]
     ) -> HttpReply:
         rate = getattr(tenant, "rate_limit", None)
         async with self.limiter.slot(tenant.id, rate) as waited:
@@ -400,7 +402,7 @@ class ApiClient:
             started = time.monotonic()
             try:
                 # A pre-encoded URL skips yarl's query building and re-parsing on every request.
-                url = URL(f"{self._usage_url}?{urlencode(params)}", encoded=True)
+                url = URL(f"{self._usage_url}?{query}", encoded=True)
                 reply = await self._send("GET", url, headers=headers, tenant=tenant)
             except ApiTimeout:
                 self.metrics.requests[(tenant.id, "timeout")] += 1
@@ -421,7 +423,6 @@ class ApiClient:
         method: str,
         url: str | URL,
         *,
-        params: Mapping[str, str] | None = None,
         json_body: Mapping[str, str] | None = None,
         headers: Mapping[str, str] | None = None,
         tenant: Credentials | None = None,
@@ -435,25 +436,17 @@ class ApiClient:
             async with self._session.request(
                 method,
                 url,
-                params=params,
                 json=json_body,
                 headers=headers,
                 allow_redirects=False,
             ) as response:
-                chunks: list[bytes] = []
-                size = 0
-                async for chunk in response.content.iter_chunked(1 << 16):
-                    size += len(chunk)
-                    if size > MAX_BODY_BYTES:
-                        raise BadResponse(
-                            f"{what}: response larger than {MAX_BODY_BYTES} bytes",
-                            tenant=tenant_id,
-                            status=response.status,
-                        )
-                    chunks.append(chunk)
-                # CIMultiDict: header names are case-insensitive (HTTP/2 proxies lowercase them).
-                headers = CIMultiDict(response.headers)
-                return HttpReply(response.status, b"".join(chunks), headers)
+                length = response.content_length
+                if length is not None and length <= MAX_BODY_BYTES:
+                    body = await response.read()  # the common case: one call, no chunk loop
+                else:
+                    body = await self._read_bounded(response, what, tenant_id)
+                # Case-insensitive (HTTP/2 proxies lowercase header names); a read-only view.
+                return HttpReply(response.status, body, response.headers)
         except TimeoutError:
             raise ApiTimeout(
                 f"{what}: no complete response within {self._timeout.total:g}s", tenant=tenant_id
@@ -463,6 +456,24 @@ class ApiClient:
             if tenant is not None:
                 detail = scrub(detail, secret_values(tenant))
             raise TransportError(f"{what} failed: {detail}", tenant=tenant_id) from None
+
+    @staticmethod
+    async def _read_bounded(
+        response: aiohttp.ClientResponse, what: str, tenant_id: str | None
+    ) -> bytes:
+        """Read a body of unknown or excessive length, giving up past ``MAX_BODY_BYTES``."""
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > MAX_BODY_BYTES:
+                raise BadResponse(
+                    f"{what}: response larger than {MAX_BODY_BYTES} bytes",
+                    tenant=tenant_id,
+                    status=response.status,
+                )
+            chunks.append(chunk)
+        return b"".join(chunks)
 
     # --- interpreting a usage response ----------------------------------------------------------
 

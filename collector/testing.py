@@ -21,6 +21,7 @@ import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
+import msgspec
 import pytest
 from pydantic import Field
 
@@ -166,10 +167,10 @@ def _assemble(
     )
     digest = content_hash(
         {
-            "daily": dataclasses.asdict(daily) | {"fetched_at": None, "final": None},
-            "ides": [dataclasses.asdict(r) for r in ide_rows],
-            "languages": [dataclasses.asdict(r) for r in language_rows],
-            "users": [dataclasses.asdict(r) for r in records],
+            "daily": msgspec.structs.asdict(daily) | {"fetched_at": None, "final": None},
+            "ides": [msgspec.structs.asdict(r) for r in ide_rows],
+            "languages": [msgspec.structs.asdict(r) for r in language_rows],
+            "users": [msgspec.structs.asdict(r) for r in records],
         }
     )
     return TenantDay(
@@ -224,7 +225,7 @@ def refetched(
     ``drop_users`` larger than the user count gives an idle day (no users, no IDEs, no languages).
     """
     kept = td.users[: max(0, len(td.users) - drop_users)]
-    records = [dataclasses.replace(u, messages=u.messages + extra_messages) for u in kept]
+    records = [msgspec.structs.replace(u, messages=u.messages + extra_messages) for u in kept]
     ides = [i.ide_name for i in td.ides]
     languages = [x.language_name for x in td.languages]
     return _assemble(
@@ -396,6 +397,8 @@ def _leaves(value: Any) -> Iterable[str]:
     elif isinstance(value, list | tuple | set | frozenset):
         for item in value:
             yield from _leaves(item)
+    elif isinstance(value, msgspec.Struct):
+        yield from _leaves(msgspec.structs.asdict(value))
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         yield from _leaves(dataclasses.asdict(value))
     elif isinstance(value, dt.date):
@@ -413,6 +416,8 @@ def canonical(value: Any) -> Any:
         )
     if isinstance(value, list | tuple | set | frozenset):
         return ("rows", tuple(sorted((canonical(v) for v in value), key=repr)))
+    if isinstance(value, msgspec.Struct):
+        return canonical(msgspec.structs.asdict(value))
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return canonical(dataclasses.asdict(value))
     return value

@@ -244,11 +244,11 @@ async def test_4xx_is_not_retried(sim: Simulator) -> None:
 # --- bad responses ------------------------------------------------------------------------------
 
 EXPECTED_REASON = {
-    "malformed_json": "Invalid JSON",
+    "malformed_json": "not valid JSON",
     "html_200": "HTML page instead of JSON",
-    "missing_fields": "Field required",
-    "wrong_types": "valid integer",
-    "negative_numbers": "greater than or equal to 0",
+    "missing_fields": "missing required field",
+    "wrong_types": "Expected `int`, got `str`",
+    "negative_numbers": "Expected `int` >= 0",
     "wrong_day": "asked for day 2025-09-29 but the response covers ['2025-09-28']",
     "empty_body": "empty body",
 }

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import hashlib
 import hmac
 from pathlib import Path
 
+import msgspec
 import pytest
 from pydantic import SecretStr, ValidationError
 
@@ -56,10 +56,10 @@ def test_case_variants_of_one_mailbox_are_merged() -> None:
     ann, ann_upper, _bob = td.users
     td = td.with_users(
         [
-            dataclasses.replace(
+            msgspec.structs.replace(
                 ann, ides=("VS Code",), languages=("Go",), last_active=dt.date(2025, 1, 14)
             ),
-            dataclasses.replace(ann_upper, ides=("PyCharm", "VS Code"), languages=("Python",)),
+            msgspec.structs.replace(ann_upper, ides=("PyCharm", "VS Code"), languages=("Python",)),
             _bob,
         ]
     )
