@@ -13,7 +13,13 @@ Every usage request passes three gates, in this order:
 
 The order matters for isolation: a request waits for its own tenant's budget *before* it
 competes for shared resources, so a throttled or paused tenant never holds a global slot while it
-waits.
+waits. Once it has a slot, two checks guard the moment of sending, because the API's bucket
+counts arrivals, not our grants: a Retry-After that came in while the request queued sends it
+back to wait for the pause, and a second bucket per tenant paces the sends themselves (requests
+granted apart but released together by the cap would otherwise arrive as a burst; that wait is
+short and only follows such a bunch). That send pace starts its refill ``SEND_JITTER_MARGIN``
+late, once per tenant, because the first requests on new connections arrive later after being
+sent than the ones that follow.
 
 Waiting is FIFO within a bucket and never polls: one waiter at a time sleeps for exactly the time
 until the next token, the others queue on an ``asyncio.Lock`` (which wakes in FIFO order). The
@@ -32,6 +38,16 @@ from typing import Protocol
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
+
+
+SEND_JITTER_MARGIN = 0.05
+"""Seconds by which the send pace of a tenant trails its bucket, once, at the start.
+
+The API's bucket counts arrivals. A tenant's first requests open new connections and arrive
+later after being sent than the ones that follow on warm connections, so a client that paces
+exactly at the limit sees its first refilled token arrive early and earns a 429 (and a whole
+second of Retry-After). Starting the refill this much later absorbs that jitter; it costs
+50 ms once per tenant, not per request."""
 
 
 class RateSettings(Protocol):
@@ -66,13 +82,19 @@ class TokenBucket:
     """An async token bucket; :meth:`acquire` takes one token, waiting FIFO when there is none."""
 
     def __init__(
-        self, rate: Rate, *, clock: Clock = time.monotonic, sleep: Sleep = asyncio.sleep
+        self,
+        rate: Rate,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+        accrue_after: float = 0.0,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
         self._rate = rate
         self._tokens = float(rate.burst)
-        self._updated = clock()
+        # Starts full; ``accrue_after`` delays the first refill (see ``SEND_JITTER_MARGIN``).
+        self._updated = clock() + accrue_after
         self._paused_until = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -215,6 +237,7 @@ class RateLimiter:
         self._clock = clock
         self._sleep = sleep
         self._buckets: dict[str, TokenBucket] = {}
+        self._sent: dict[str, TokenBucket] = {}
         self._global = (
             TokenBucket(Rate.of(global_rate), clock=clock, sleep=sleep)
             if global_rate is not None
@@ -247,16 +270,38 @@ class RateLimiter:
     def forget(self, tenant: str) -> None:
         """Drop a removed tenant's bucket."""
         self._buckets.pop(tenant, None)
+        self._sent.pop(tenant, None)
+
+    def _sent_bucket(self, tenant: str, rate: Rate) -> TokenBucket:
+        sent = self._sent.get(tenant)
+        if sent is None:
+            sent = self._sent[tenant] = TokenBucket(
+                rate, clock=self._clock, sleep=self._sleep, accrue_after=SEND_JITTER_MARGIN
+            )
+        else:
+            sent.set_rate(rate)
+        return sent
 
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str, rate: RateSettings | None = None) -> AsyncIterator[float]:
         """Hold permission for one request; yields the seconds spent waiting for it."""
         started = self._clock()
-        await self.bucket(tenant, rate).acquire()
-        if self._global is not None:
-            await self._global.acquire()
-        await self.concurrency.acquire(tenant)
+        bucket = self.bucket(tenant, rate)
+        while True:
+            await bucket.acquire()
+            if self._global is not None:
+                await self._global.acquire()
+            await self.concurrency.acquire(tenant)
+            if bucket.paused_for() <= 0:
+                break
+            # A Retry-After arrived while this request queued for a slot: never send into it.
+            self.concurrency.release()
         try:
+            # Tokens are granted at the pace of the bucket, but requests that then queued for a
+            # slot can leave together, and the API counts arrivals: the burst that follows a
+            # congested moment is what earns 429s. A second bucket paces the sends themselves;
+            # it only waits (briefly, holding the slot) right after such a bunch.
+            await self._sent_bucket(tenant, bucket.rate).acquire()
             yield self._clock() - started
         finally:
             self.concurrency.release()

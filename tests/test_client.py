@@ -399,3 +399,21 @@ async def test_a_big_backfill_does_not_starve_small_tenants() -> None:
     # a FIFO queue would put every small request behind all 90 of the big tenant's.
     assert last_small < 2 * 50 + 8
     assert server.stats.max_in_flight <= 4
+
+
+async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
+    """Paced at exactly the API's limit, with requests queueing for scarce slots, no request is
+    answered 429: sends are paced, not just grants, and the first refill allows for jitter."""
+    tenants = demo_tenants(6)
+    settings = SimulatorSettings(tenants=tenants, today=TODAY, latency=0.02, rate_limit=10)
+    limit = RateLimitConfig(per_second=10, burst=10)
+    async with running_simulator(settings) as server:
+        async with ApiClient(sim_config(server, max_concurrency=3, rate_limit=limit)) as client:
+            jobs = [
+                client.fetch_day(tenant_config(t), DAY - dt.timedelta(days=i))
+                for t in tenants
+                for i in range(20)
+            ]
+            await asyncio.gather(*jobs)
+        assert server.stats.responses[429] == 0
+        assert server.stats.responses[200] == 6 * 20

@@ -9,7 +9,13 @@ import itertools
 import pytest
 
 from collector.config import RateLimitConfig
-from collector.ratelimit import FairSemaphore, Rate, RateLimiter, TokenBucket
+from collector.ratelimit import (
+    SEND_JITTER_MARGIN,
+    FairSemaphore,
+    Rate,
+    RateLimiter,
+    TokenBucket,
+)
 
 
 class VirtualClock:
@@ -195,7 +201,59 @@ async def test_slot_reports_the_time_waited() -> None:
     tasks = [asyncio.create_task(request()) for _ in range(3)]
     await clock.run_until(5)
     await asyncio.gather(*tasks)
-    assert waited == pytest.approx([0.0, 0.5, 1.0])
+    # 2/s, plus the one-time margin before the send pace's first refill.
+    margin = SEND_JITTER_MARGIN
+    assert waited == pytest.approx([0.0, 0.5 + margin, 1.0 + margin])
+
+
+async def test_requests_that_queued_for_a_slot_leave_at_the_bucket_pace() -> None:
+    """Tokens granted 0.1 s apart to requests that then wait for busy slots are not sent in a
+    bunch when the slots free up: the sends keep the tenant's pace."""
+    clock = VirtualClock()
+    limiter = RateLimiter(Rate(1000.0, 1000), max_concurrency=3, clock=clock, sleep=clock.sleep)
+    small = Rate(10.0, 1)
+    sent: list[float] = []
+
+    async def hog() -> None:
+        async with limiter.slot("big"):
+            await clock.sleep(1.0)
+
+    async def request() -> None:
+        async with limiter.slot("small", small):
+            sent.append(clock.now)
+
+    hogs = [asyncio.create_task(hog()) for _ in range(3)]
+    await settle()
+    requests = [asyncio.create_task(request()) for _ in range(3)]
+    await clock.run_until(5)
+    await asyncio.gather(*hogs, *requests)
+    margin = SEND_JITTER_MARGIN
+    assert sent == pytest.approx([1.0, 1.1 + margin, 1.2 + margin])
+
+
+async def test_a_pause_that_arrives_while_queued_for_a_slot_is_respected() -> None:
+    """A request that got its token, then waited for a slot while a Retry-After paused its
+    tenant, is not sent until the pause is over."""
+    clock = VirtualClock()
+    limiter = RateLimiter(Rate(1000.0, 1000), max_concurrency=1, clock=clock, sleep=clock.sleep)
+    sent: list[float] = []
+
+    async def hog() -> None:
+        async with limiter.slot("big"):
+            await clock.sleep(1.0)
+
+    async def request() -> None:
+        async with limiter.slot("paused"):
+            sent.append(clock.now)
+
+    hogging = asyncio.create_task(hog())
+    await settle()
+    waiting = asyncio.create_task(request())
+    await settle()
+    limiter.pause("paused", 10)
+    await clock.run_until(20)
+    await asyncio.gather(hogging, waiting)
+    assert sent == [pytest.approx(10.0)]
 
 
 async def test_concurrency_cap_holds() -> None:
