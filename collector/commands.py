@@ -9,24 +9,28 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import sqlalchemy as sa
 import structlog
 
 from collector.app import Plugins, load, load_plugins, open_runtime
-from collector.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json
+from collector.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_startup
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
 from collector.report import cycle_summary, render_usage, usage_report
-from collector_sinks.sqlite import SqliteSinkConfig
+
+if TYPE_CHECKING:
+    import sqlalchemy as sa
 
 log = structlog.get_logger("collector.cli")
 
 
 def _load(args: argparse.Namespace) -> tuple[AppConfig, Plugins]:
     plugins = load_plugins()
-    return load(args.config, plugins), plugins
+    config = load(args.config, plugins)
+    end_startup()  # plugins imported, config built: see collector.cli
+    return config, plugins
 
 
 def _select(config: AppConfig, ids: list[str] | None) -> list[object] | None:
@@ -185,6 +189,8 @@ def report(args: argparse.Namespace) -> int:
 
 def _sql_sink_url(config: AppConfig, name: str | None) -> str | sa.URL | None:
     """The database of a sqlite/sql sink, password included (the sink's own URL builder)."""
+    from collector_sinks.sqlite import SqliteSinkConfig
+
     for sink_name, sink_config in config.sinks.items():
         if name is not None and sink_name != name:
             continue

@@ -258,11 +258,11 @@ class SinkRegistry:
                 )
                 continue
             for candidate in classes:
-                problem = _contract_problem(candidate)
-                if problem is not None:
+                checked = _check_contract(candidate)
+                if isinstance(checked, str):
                     label = getattr(candidate, "type_name", "") or impl.plugin_name
                     broken.append(
-                        BrokenPlugin(str(label), origin.distribution, origin.version, problem)
+                        BrokenPlugin(str(label), origin.distribution, origin.version, checked)
                     )
                     continue
                 sink_class = cast("type[Sink]", candidate)
@@ -273,7 +273,7 @@ class SinkRegistry:
                     distribution=origin.distribution,
                     version=origin.version,
                     summary=(sink_class.__doc__ or "").strip().split("\n")[0],
-                    config_schema=sink_class.Config.model_json_schema(),
+                    config_schema=checked,
                 )
                 claimants = claims.setdefault(sink_class.type_name, [])
                 if all(c.sink_class is not sink_class for c in claimants):
@@ -346,7 +346,9 @@ class SinkRegistry:
         return "\n".join(lines) if lines else "no sink plugins installed"
 
 
-def _contract_problem(sink_class: object) -> str | None:
+def _check_contract(sink_class: object) -> str | dict[str, Any]:
+    """What is wrong with a registered sink class, or (nothing wrong) its config JSON schema,
+    which is built once here: it is part of the contract and costs milliseconds per type."""
     if not isinstance(sink_class, type) or not issubclass(sink_class, Sink):
         return f"{sink_class!r} is not a subclass of collector.sink.Sink"
     if not isinstance(sink_class.type_name, str) or not _TYPE_NAME.match(sink_class.type_name):
@@ -358,10 +360,9 @@ def _contract_problem(sink_class: object) -> str | None:
     if not isinstance(config, type) or not issubclass(config, SinkConfig):
         return f"{sink_class.__qualname__}.Config must subclass collector.sink.SinkConfig"
     try:
-        config.model_json_schema()
+        return config.model_json_schema()
     except Exception as exc:  # the config schema is part of the contract (plugins, schema)
         return f"{sink_class.__qualname__}.Config has no JSON schema: {_describe(exc)}"
-    return None
 
 
 def _origin_of(plugin: object) -> PluginOrigin:

@@ -6,6 +6,8 @@ import csv
 import io
 import json
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 from collector.app import load_plugins
@@ -101,3 +103,73 @@ async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
     assert "Zencoder usage" in result.stdout
     assert count_rows(tmp_path / "out" / "usage.db")["usage_daily"] == 5 * 30
     assert len(list((tmp_path / "out" / "csv").rglob("usage_daily/*.csv"))) == 5 * 30
+
+
+# What `run --once` must not pay for at start-up unless the command needs it: the simulator's web
+# server, the CSV export, the S3 client libraries; and the runtime as a whole for `--help`.
+_NOT_FOR_THE_PARSER = {
+    "aiohttp",
+    "aiohttp.web",
+    "aiobotocore",
+    "botocore",
+    "sqlalchemy",
+    "pydantic",
+    "structlog",
+    "asyncio",
+    "collector.commands",
+    "collector.export",
+    "collector.simulator",
+    "collector_sinks",
+}
+
+
+def _imported_by(code: str) -> set[str]:
+    """The modules in sys.modules after running ``code`` in a fresh interpreter."""
+    script = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    return set(result.stdout.split())
+
+
+def test_cli_parser_imports_no_runtime_package() -> None:
+    """Importing the CLI and parsing `run --once` imports none of the heavy runtime packages."""
+    loaded = _imported_by(
+        "from collector.cli import build_parser\n"
+        "build_parser().parse_args(['run', '--once', '-c', 'config.yaml'])"
+    )
+    assert sorted(loaded & _NOT_FOR_THE_PARSER) == []
+
+
+def test_parsing_simulate_loads_its_options_on_demand() -> None:
+    """`simulate` gets its options (and the simulator import) only when that command is parsed."""
+    loaded = _imported_by(
+        "from collector.cli import build_parser\n"
+        "args = build_parser().parse_args(['simulate', '--port', '0', '--tenants', '2'])\n"
+        "assert (args.port, args.tenants, args.latency) == (0, 2, 0.0), args"
+    )
+    assert "collector.simulator.cli" in loaded
+
+
+def test_loading_the_config_ends_the_startup_gc_pause(tmp_path: Path) -> None:
+    """Once a command has loaded its config the garbage collector runs again, with start-up's
+    objects frozen, so a daemon never runs with collection paused."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api: {base_url: 'http://127.0.0.1:9', token_url: 'http://127.0.0.1:9/oauth/token'}\n"
+        f"state: {{url: 'sqlite:///{tmp_path / 'state.db'}'}}\n"
+        "tenants: [{id: acme, client_id: acme-client, client_secret: acme-secret}]\n"
+    )
+    code = (
+        "import argparse, asyncio, gc\n"
+        "from collector import cli, commands\n"
+        "cli.pause_gc_for_startup()\n"
+        "assert not gc.isenabled()\n"
+        f"args = argparse.Namespace(config={str(config)!r}, check_credentials=False)\n"
+        "asyncio.run(commands.validate(args))\n"
+        "print('gc', gc.isenabled(), gc.get_freeze_count() > 0)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert "gc True True" in result.stdout.splitlines()

@@ -15,7 +15,6 @@ from collections.abc import Mapping
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
-from croniter import croniter
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -204,7 +203,11 @@ class ScheduleConfig(_Model):
     @field_validator("cron")
     @classmethod
     def _valid_cron(cls, value: str | None) -> str | None:
-        if value is not None and not croniter.is_valid(value):
+        if value is None:
+            return value
+        from croniter import croniter  # only configs with a cron schedule need it (start-up cost)
+
+        if not croniter.is_valid(value):
             raise ValueError(f"invalid cron expression {value!r}")
         return value
 
@@ -393,6 +396,14 @@ class TenantConfig(_Model):
     @property
     def credentials_fingerprint(self) -> str:
         """Keyed SHA-256 of the credentials: changes when any of them does (in this process)."""
+        # Asked for on every request (the token cache key); the HMAC is redone only when one of
+        # the credential objects was replaced (a reload or a rotated secret file assigns anew).
+        # Compared by identity, and the cache holds them, so an id can never be reused.
+        current = (self.client_id, self.client_secret, self.api_key)
+        cached = self.__dict__.get("_fingerprint_cache")
+        if cached is not None and all(a is b for a, b in zip(cached[0], current, strict=True)):
+            fingerprint: str = cached[1]
+            return fingerprint
         parts = [
             self.auth_mode,
             self.client_id or "",
@@ -400,7 +411,9 @@ class TenantConfig(_Model):
             self.api_key.get_secret_value() if self.api_key else "",
         ]
         message = "\0".join(parts).encode()
-        return hmac.new(_FINGERPRINT_KEY, message, hashlib.sha256).hexdigest()[:32]
+        fingerprint = hmac.new(_FINGERPRINT_KEY, message, hashlib.sha256).hexdigest()[:32]
+        self.__dict__["_fingerprint_cache"] = (current, fingerprint)
+        return fingerprint
 
     def secret_values(self) -> list[str]:
         """The tenant's secret strings (client secret, API key)."""

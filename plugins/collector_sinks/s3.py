@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
+import importlib.util
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final, Literal
 
 import aiohttp
-from aiobotocore.config import AioConfig
-from aiobotocore.session import get_session
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -42,6 +42,13 @@ from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig
 from collector_sinks import _serialize as ser
+
+# aiobotocore (with botocore's client machinery) takes about a quarter of a second to import, so it
+# is imported when a config with an s3 sink is validated (see S3SinkConfig), not whenever the
+# plugin manager loads this module. Without it this module must still fail to import, naming the
+# missing package, so the plugin manager reports the sink as unavailable with the extra to install.
+if importlib.util.find_spec("aiobotocore") is None:
+    raise ModuleNotFoundError("No module named 'aiobotocore'", name="aiobotocore")
 
 # Error codes that retrying cannot fix, with what the operator should check (S3's own messages
 # can be terse, and we never echo request details that could carry credentials).
@@ -178,6 +185,19 @@ class S3SinkConfig(SinkConfig):
             raise ValueError("sse_kms_key_id needs sse: aws:kms")
         return self
 
+    @model_validator(mode="after")
+    def _client_library_imports(self) -> S3SinkConfig:
+        # A configured s3 sink needs aiobotocore: an install where it is present but cannot be
+        # imported is refused with the config, as when this module imported it at the top.
+        try:
+            importlib.import_module("aiobotocore.session")
+        except ImportError as exc:
+            raise ValueError(
+                f"sink type 's3' is not available: {type(exc).__name__}: {exc}; "
+                "to fix: pip install 'zencoder-collector[s3]'"
+            ) from None
+        return self
+
 
 _shared: dict[str, Any] = {}
 
@@ -188,6 +208,8 @@ def _new_session() -> Any:
     Parsing botocore's S3 service model takes a noticeable fraction of a second; the loader caches
     it, so sharing the loader makes every later client (more sinks, a config reload) cheap.
     """
+    from aiobotocore.session import get_session
+
     session = get_session()
     loader = _shared.setdefault("data_loader", session.get_component("data_loader"))
     session.register_component("data_loader", loader)
@@ -259,6 +281,8 @@ class S3Sink(Sink):
         """Create the S3 client (no network call; credentials resolve on the first request)."""
         if self._client is not None:
             return
+        from aiobotocore.config import AioConfig  # imported by S3SinkConfig's validation
+
         cfg = self.config
         timeout = cfg.timeout.total_seconds()
         client_config = AioConfig(
