@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import os
+from collections.abc import AsyncIterator
 
+import aiohttp
 import pytest
+
+from collector.simulator import Simulator, running_simulator
+from tests.simulator_helpers import make_settings
 
 
 @pytest.fixture
@@ -16,3 +21,15 @@ def postgres_url() -> str:
             pytest.fail("COLLECTOR_REQUIRE_POSTGRES=1 but COLLECTOR_TEST_POSTGRES_URL is not set")
         pytest.skip("set COLLECTOR_TEST_POSTGRES_URL to run the PostgreSQL tests (.ci/run does)")
     return url
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with running_simulator(make_settings()) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session

@@ -1,0 +1,176 @@
+"""The config models: documented defaults, durations, listen/state values, tenant overrides."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+
+import pytest
+
+from tests.config_helpers import TENANT, WebhookTestConfig, load, write
+
+# --- defaults and values ------------------------------------------------------------------------
+
+
+def test_minimal_config_gets_documented_defaults(tmp_path: Path) -> None:
+    """A file with one tenant gets every documented default."""
+    cfg = load(write(tmp_path, TENANT))
+    assert cfg.api.base_url == "https://api.zencoder.ai"
+    assert cfg.api.token_url == "https://fe.zencoder.ai/oauth/token"
+    assert cfg.api.timeout == dt.timedelta(seconds=30)
+    assert cfg.api.max_concurrency == 64
+    assert (cfg.api.rate_limit.per_second, cfg.api.rate_limit.burst) == (2.0, 5)
+    assert cfg.api.global_rate_limit is None
+    assert cfg.api.retry.max_attempts == 5
+    assert cfg.api.retry.max_time == dt.timedelta(seconds=60)
+    assert cfg.api.retry.backoff_initial == dt.timedelta(seconds=0.5)
+    assert cfg.api.retry.backoff_max == dt.timedelta(seconds=30)
+    assert (cfg.collection.lookback_days, cfg.collection.settle_days) == (30, 2)
+    assert cfg.collection.schedule.every == dt.timedelta(hours=1)
+    assert cfg.collection.schedule.cron is None
+    assert cfg.collection.schedule.jitter == dt.timedelta(minutes=5)
+    assert cfg.state.url == "sqlite:///data/state.db"
+    assert cfg.state.payload_retention_days is None
+    assert cfg.server.listen == "127.0.0.1:9464"
+    assert (cfg.server.host, cfg.server.port) == ("127.0.0.1", 9464)
+    assert cfg.sinks == {}
+    [tenant] = cfg.tenants
+    assert (tenant.id, tenant.name, tenant.auth_mode, tenant.enabled) == (
+        "acme",
+        "acme",
+        "api_key",
+        True,
+    )
+
+
+@pytest.mark.parametrize(
+    ("written", "seconds"),
+    [
+        ("500ms", 0.5),
+        ("30s", 30),
+        ("5m", 300),
+        ("1h", 3600),
+        ("1d", 86400),
+        ("1h30m", 5400),
+        ("45", 45),
+        (45, 45),
+        (1.5, 1.5),
+    ],
+)
+def test_durations_accept_units_and_seconds(
+    tmp_path: Path, written: object, seconds: float
+) -> None:
+    """Durations are written with ms/s/m/h/d units or as a number of seconds."""
+    path = write(tmp_path, f"api: {{timeout: {written}}}\n{TENANT}")
+    assert load(path).api.timeout == dt.timedelta(seconds=seconds)
+
+
+def test_sink_timedelta_fields_accept_config_durations(tmp_path: Path) -> None:
+    """A sink's plain timedelta fields take "30s"-style durations like the rest of the file."""
+    path = write(
+        tmp_path,
+        """\
+        sinks:
+          hook: {type: webhook, url: "https://h.example", secret: s3cret, request_timeout: 2m,
+                 timeout: 90s}
+        """,
+    )
+    hook = load(path).sinks["hook"]
+    assert isinstance(hook, WebhookTestConfig)
+    assert (hook.request_timeout, hook.timeout) == (
+        dt.timedelta(minutes=2),
+        dt.timedelta(seconds=90),
+    )
+
+
+def test_server_listen_null_disables_and_ipv6_parses(tmp_path: Path) -> None:
+    """server.listen null disables the ops server; [::]:PORT gives host :: and the port."""
+    assert load(write(tmp_path, f"server: {{listen: null}}\n{TENANT}")).server.listen is None
+    ipv6 = load(write(tmp_path, f"server: {{listen: '[::]:9000'}}\n{TENANT}")).server
+    assert (ipv6.host, ipv6.port) == ("::", 9000)
+
+
+def test_state_password_goes_into_url_but_never_into_redacted_url(tmp_path: Path) -> None:
+    """state.password is put into the connection URL only; redacted_url hides inline passwords."""
+    (tmp_path / "pg").write_text("p@ss/word\n")
+    path = write(
+        tmp_path,
+        f"""\
+        state:
+          url: postgresql+psycopg://collector@db:5432/zc
+          password_file: {tmp_path / "pg"}
+        """,
+        TENANT,
+    )
+    state = load(path).state
+    assert state.connection_url() == "postgresql+psycopg://collector:p%40ss%2Fword@db:5432/zc"
+    assert state.redacted_url == "postgresql+psycopg://collector@db:5432/zc"
+    inline = load(write(tmp_path, f"state: {{url: 'postgresql://u:hunter22@db/zc'}}\n{TENANT}"))
+    assert inline.state.redacted_url == "postgresql://u:***@db/zc"
+    assert "hunter22" in inline.secret_values()
+
+
+# --- tenants and effective values ---------------------------------------------------------------
+
+
+def test_tenant_overrides_and_effective_values(tmp_path: Path) -> None:
+    """Per-tenant overrides win; unspecified keys fall back to the global defaults."""
+    path = write(
+        tmp_path,
+        """\
+        api: {rate_limit: {per_second: 4, burst: 8}}
+        collection: {lookback_days: 20, settle_days: 3, schedule: {every: 30m, jitter: 1m}}
+        sinks:
+          warehouse: {type: sqlite, path: x.db}
+          sheets: {type: csv, path: out}
+        tenants:
+          - {id: plain, api_key: k1}
+          - id: custom
+            api_key: k2
+            rate_limit: {per_second: 1}
+            lookback_days: 2
+            schedule: {cron: "0 * * * *"}
+            sinks: [sheets]
+          - {id: short, api_key: k3, lookback_days: 1, schedule: {jitter: 0}}
+        """,
+    )
+    cfg = load(path)
+    plain, custom, short = cfg.tenants
+    assert cfg.tenant_rate_limit(plain).model_dump() == {"per_second": 4.0, "burst": 8}
+    assert cfg.tenant_rate_limit(custom).model_dump() == {"per_second": 1.0, "burst": 8}
+    assert (cfg.tenant_lookback(plain), cfg.tenant_lookback(custom)) == (20, 2)
+    assert (cfg.tenant_settle(plain), cfg.tenant_settle(custom), cfg.tenant_settle(short)) == (
+        3,
+        2,
+        1,
+    )
+    custom_schedule = cfg.tenant_schedule(custom)
+    assert (custom_schedule.every, custom_schedule.cron) == (None, "0 * * * *")
+    assert custom_schedule.jitter == dt.timedelta(minutes=1)
+    short_schedule = cfg.tenant_schedule(short)
+    assert (short_schedule.every, short_schedule.jitter) == (
+        dt.timedelta(minutes=30),
+        dt.timedelta(0),
+    )
+    assert cfg.tenant_schedule(plain) == cfg.collection.schedule
+    assert cfg.tenant_sinks(plain) == ["warehouse", "sheets"]
+    assert cfg.tenant_sinks(custom) == ["sheets"]
+    assert cfg.tenant("custom") is custom
+
+
+def test_credentials_fingerprint_follows_credentials(tmp_path: Path) -> None:
+    """Equal credentials give equal fingerprints; any change gives a different one."""
+    path = write(
+        tmp_path,
+        """\
+        tenants:
+          - {id: a, client_id: c, client_secret: s}
+          - {id: b, client_id: c, client_secret: s}
+          - {id: c, client_id: c, client_secret: t}
+          - {id: d, client_id: d, client_secret: s}
+        """,
+    )
+    a, b, c, d = (t.credentials_fingerprint for t in load(path).tenants)
+    assert a == b
+    assert len({a, c, d}) == 3
+    assert "s" not in {a, c, d}
