@@ -397,21 +397,24 @@ class ApiClient:
         self, tenant: Credentials, query: str, headers: Mapping[str, str]
     ) -> HttpReply:
         rate = getattr(tenant, "rate_limit", None)
-        async with self.limiter.slot(tenant.id, rate) as waited:
-            self.metrics.rate_limit_wait_seconds[tenant.id] += waited
-            started = time.monotonic()
-            try:
-                # A pre-encoded URL skips yarl's query building and re-parsing on every request.
-                url = URL(f"{self._usage_url}?{query}", encoded=True)
-                reply = await self._send("GET", url, headers=headers, tenant=tenant)
-            except ApiTimeout:
-                self.metrics.requests[(tenant.id, "timeout")] += 1
-                raise
-            except TransportError:
-                self.metrics.requests[(tenant.id, "transport_error")] += 1
-                raise
-            finally:
-                self.metrics.request_seconds[tenant.id] += time.monotonic() - started
+        # acquire/release rather than ``async with limiter.slot()``: a generator-based context
+        # manager costs a few microseconds per request, and every request passes here.
+        waited = await self.limiter.acquire(tenant.id, rate)
+        self.metrics.rate_limit_wait_seconds[tenant.id] += waited
+        started = time.monotonic()
+        try:
+            # A pre-encoded URL skips yarl's query building and re-parsing on every request.
+            url = URL(f"{self._usage_url}?{query}", encoded=True)
+            reply = await self._send("GET", url, headers=headers, tenant=tenant)
+        except ApiTimeout:
+            self.metrics.requests[(tenant.id, "timeout")] += 1
+            raise
+        except TransportError:
+            self.metrics.requests[(tenant.id, "transport_error")] += 1
+            raise
+        finally:
+            self.limiter.release()
+            self.metrics.request_seconds[tenant.id] += time.monotonic() - started
         self.metrics.requests[(tenant.id, _status_outcome(reply.status))] += 1
         return reply
 

@@ -149,6 +149,12 @@ class TokenBucket:
     async def acquire(self) -> float:
         """Take one token, waiting (FIFO) until one is available; returns the seconds waited."""
         started = self._clock()
+        if not self._lock.locked():
+            # Nobody queued: take a token without the lock (every request passes here twice).
+            self._refill(started)
+            if self._tokens >= 1.0 and started >= self._paused_until:
+                self._tokens -= 1.0
+                return 0.0
         async with self._lock:
             while True:
                 wait = self.delay()
@@ -285,6 +291,21 @@ class RateLimiter:
     @contextlib.asynccontextmanager
     async def slot(self, tenant: str, rate: RateSettings | None = None) -> AsyncIterator[float]:
         """Hold permission for one request; yields the seconds spent waiting for it."""
+        waited = await self.acquire(tenant, rate)
+        try:
+            yield waited
+        finally:
+            self.release()
+
+    def release(self) -> None:
+        """Give back the concurrency slot taken by :meth:`acquire`."""
+        self.concurrency.release()
+
+    async def acquire(self, tenant: str, rate: RateSettings | None = None) -> float:
+        """Wait for permission to send one request; returns the seconds waited.
+
+        Pair every successful call with :meth:`release` (or use :meth:`slot`).
+        """
         started = self._clock()
         bucket = self.bucket(tenant, rate)
         while True:
@@ -302,6 +323,7 @@ class RateLimiter:
             # congested moment is what earns 429s. A second bucket paces the sends themselves;
             # it only waits (briefly, holding the slot) right after such a bunch.
             await self._sent_bucket(tenant, bucket.rate).acquire()
-            yield self._clock() - started
-        finally:
+        except BaseException:
             self.concurrency.release()
+            raise
+        return self._clock() - started
