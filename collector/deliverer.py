@@ -327,31 +327,44 @@ class Deliverer:
             lane.stats.state = "delivering"
             result = _PassResult()
             held: list[_Held] = []  # failures not (yet) counted against their days
+            # Days with retry state met on this walk. Only those: a walk behind a long backfill
+            # meets every day stored while it runs, and a set of them all grew with the days.
             seen: set[Key] = set()
             cursor: int | None = None
-            while not self._stopping.is_set() and not result.outage:
-                page = await self._store.pending(
-                    lane.name, None, lane.config.batch_size, after=cursor
-                )
-                if not page:
-                    # A complete walk: forget retry state of days that left the queue otherwise.
-                    for key in set(lane.retry_at) - seen:
-                        lane.retry_at.pop(key, None)
-                        lane.failures.pop(key, None)
-                    break
-                cursor = page.cursor
-                seen.update((td.tenant, td.day) for td in page)
-                now = time.monotonic()
-                ready = [td for td in page if lane.retry_at.get((td.tenant, td.day), 0.0) <= now]
-                if ready:
-                    await self._deliver_page(lane, ready, result, held)
+            limit = lane.config.batch_size
+            walked = False  # reached the end of the queue
+            while not self._stopping.is_set() and not result.outage and not walked:
+                page = await self._store.pending(lane.name, None, limit, after=cursor)
+                # A short page is the end of the queue: no second query to find nothing. Days
+                # queued meanwhile set `wake`, so the lane makes another pass for them.
+                walked = page.read < limit
+                if page:
+                    cursor = page.cursor
+                    now = time.monotonic()
+                    ready = [
+                        td for td in page if lane.retry_at.get((td.tenant, td.day), 0.0) <= now
+                    ]
+                    if ready:
+                        await self._deliver_page(lane, ready, result, held)
+                    if lane.retry_at:  # waiting days of this page, and days that just failed
+                        seen.update(
+                            key
+                            for key in ((td.tenant, td.day) for td in page)
+                            if key in lane.retry_at
+                        )
+            if walked and not result.outage:
+                # A complete walk: forget retry state of days that left the queue otherwise.
+                for key in set(lane.retry_at) - seen:
+                    lane.retry_at.pop(key, None)
+                    lane.failures.pop(key, None)
             for failure in held:  # nothing was delivered: an outage, not bad data
                 self._uncharged(lane, failure)
-            lane.stats.backlog = await self._store.backlog(lane.name)
-            if result.attempted:
-                await self._store.record_sink_outcome(
-                    lane.name, lane.stats.last_error if result.failed else None
-                )
+            # The outcome for `status` and the backlog, in one round trip to the store.
+            lane.stats.backlog = await self._store.end_pass(
+                lane.name,
+                lane.stats.last_error if result.failed else None,
+                attempted=result.attempted > 0,
+            )
             return result
 
     async def _deliver_page(

@@ -164,6 +164,22 @@ async def test_duplicate_tenant_day_in_one_batch_keeps_the_last(
     assert comparable(read_tables(target_url)) == expected_tables([new])
 
 
+async def test_large_batch_replaces_stored_days_and_adds_new_ones(
+    sink: SqliteSink, target_url: str
+) -> None:
+    """A batch of thousands of rows and hundreds of days (many statements, several key lookups)
+    replaces the stored days it holds, removed users included, adds the new ones and leaves the
+    other stored days as they were."""
+    stored = make_batch(30, 10, users=12)  # 300 days, 3,600 user rows
+    await sink.write(stored)
+    changed = [refetched(td, drop_users=3) for td in stored[::2]]
+    new = make_batch(30, 5, start=stored[-1].day + dt.timedelta(days=1), users=12, seed=1)
+    await sink.write(changed + new)
+    expected = expected_tables(changed + stored[1::2] + new)
+    assert comparable(read_tables(target_url)) == expected
+    assert len(expected["usage_user_daily"]) == 150 * 9 + 150 * 12 + 150 * 12
+
+
 async def test_unicode_round_trip(sink: SqliteSink, target_url: str) -> None:
     """Non-ASCII emails, IDE and language names are stored unchanged (JSON arrays unescaped)."""
     batch = make_batch(("acme",), 1, users=4, unicode=True)

@@ -339,7 +339,7 @@ async def test_status_snapshot_reports_tenants_and_sinks(store: Store) -> None:
     await store.set_tenant_next_run("globex", later)
     batch = await store.pending("hook")
     await store.mark_failed("hook", batch[:1], "SinkPermanentError: 400", 1)
-    await store.record_sink_outcome("hook", "SinkPermanentError: 400")
+    assert await store.end_pass("hook", "SinkPermanentError: 400", attempted=True) == 2
 
     snapshot = await store.status_snapshot(tenants=["acme", "globex", "initech"])
     tenants = {t.tenant: t for t in snapshot.tenants}
@@ -554,11 +554,11 @@ async def test_every_acknowledged_commit_survives_kill_9(tmp_path: Path) -> None
 
 def test_rebuild_cache_keeps_unread_days_when_full_and_drops_read_ones() -> None:
     """A full rebuild cache skips new days rather than evicting unread ones, and frees read ones."""
-    from collector.store.outbox import _RecentDays
+    from collector.store.pending import RecentDays
     from collector.testing import make_tenant_day
 
     days = [make_tenant_day("acme", dt.date(2025, 1, d), users=1) for d in (1, 2, 3)]
-    cache = _RecentDays(2, stale_after=3600)
+    cache = RecentDays(2, stale_after=3600)
     cache.put(("1",), days[0], 2)
     cache.put(("2",), days[1], 1)
     cache.put(("3",), days[2], 1)  # full, nothing stale: the new day is skipped
@@ -571,7 +571,7 @@ def test_rebuild_cache_keeps_unread_days_when_full_and_drops_read_ones() -> None
     cache.put(("3",), days[2], 0)  # no sink will read it
     assert cache.get(("3",)) is None
 
-    stale = _RecentDays(1, stale_after=0.0)
+    stale = RecentDays(1, stale_after=0.0)
     stale.put(("1",), days[0], 1)
     stale.put(("2",), days[1], 1)  # the unread oldest is stale: it makes room
     assert stale.get(("1",)) is None

@@ -18,7 +18,9 @@ the disk. docs/architecture.md ("State store and outbox") describes it for opera
 
 The parts: :mod:`.schema` (tables and returned values), :mod:`.base` (engine, transactions,
 errors), :mod:`.days` (fetched days, retention), :mod:`.outbox` (sinks and delivery),
-:mod:`.status` (tenant outcomes, the ``status`` snapshot).
+:mod:`.pending` (reading a sink's queue, the cache of new days), :mod:`.status` (tenant
+outcomes, the ``status`` snapshot), and :mod:`.hot` with :mod:`.prepared` (the statements every
+tenant-day goes through, compiled once and run many rows at a time).
 """
 
 from __future__ import annotations

@@ -9,52 +9,23 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    bindparam,
     exists,
-    func,
     not_,
     or_,
-    select,
     update,
 )
 
 from collector.models import TenantDay
 from collector.planner import DayState
-from collector.store.base import Key, as_status, chunks, dump_json, keys_in, short
+from collector.store.base import Key, as_status, dump_json, short
 from collector.store.outbox import OutboxStore
+from collector.store.prepared import rows_by_key
 from collector.store.schema import (
-    UtcDateTime,
     delivery,
-    queue_statement,
-    store_days_statement,
-    store_meta,
     tenant_day,
     upsert,
     version_of_day,
 )
-
-_REFRESH_UNCHANGED = (
-    update(tenant_day)
-    .where(tenant_day.c.tenant == bindparam("k_tenant"), tenant_day.c.day == bindparam("k_day"))
-    .values(
-        status=bindparam("status"),
-        final=bindparam("final"),
-        attempts=0,
-        reason=None,
-        fetched_at=bindparam("fetched_at", type_=UtcDateTime()),
-        updated_at=bindparam("updated_at", type_=UtcDateTime()),
-        # A payload pruned by retention comes back when the day is fetched again.
-        payload=func.coalesce(tenant_day.c.payload, bindparam("payload")),
-    )
-)
-
-
-_RESERVE_SEQ = (
-    update(store_meta)
-    .where(store_meta.c.key == "seq")
-    .values(value=store_meta.c.value + bindparam("count"))
-)
-_TOP_SEQ = select(store_meta.c.value).where(store_meta.c.key == "seq")
 
 
 class DaysStore(OutboxStore):
@@ -83,24 +54,15 @@ class DaysStore(OutboxStore):
         self, conn: Connection, items: Sequence[tuple[TenantDay, Mapping[str, Any] | str]]
     ) -> tuple[list[bool], dict[Key, int]]:
         """:meth:`record_fetched`'s flags, and how many sinks each changed day is queued for."""
-        now = self._now()
+        hot = self._hot(conn)
+        codec = hot.codec
+        now = codec.moment(self._now())
         # One global lock order (sorted keys): two PostgreSQL writers cannot deadlock.
         keys = sorted({(td.tenant, td.day) for td, _ in items})
-        before: dict[Key, tuple[str | None, bool]] = {}
-        for chunk in chunks(keys):
-            query = (
-                select(
-                    tenant_day.c.tenant,
-                    tenant_day.c.day,
-                    tenant_day.c.version,
-                    tenant_day.c.payload.is_(None),
-                )
-                .where(keys_in(conn, tenant_day.c.tenant, tenant_day.c.day, chunk))
-                .with_for_update()
-            )
-            for tenant, day, version, no_payload in conn.execute(query):
-                before[(tenant, day)] = (version, bool(no_payload))
-        before = {key: before[key] for key in keys if key in before}
+        before: dict[Key, tuple[str | None, bool]] = {
+            key: (row[2], bool(row[3]))
+            for key, row in rows_by_key(hot.existing.rows(conn, keys), codec).items()
+        }
         latest: dict[Key, str | None] = {key: version for key, (version, _) in before.items()}
         last: dict[Key, tuple[TenantDay, Mapping[str, Any] | str]] = {}
         flags: list[bool] = []
@@ -115,85 +77,75 @@ class DaysStore(OutboxStore):
         readers: dict[Key, int] = {}
         if changed:
             first_seq = self._allocate_seq(conn, len(changed))
-            rows = [
-                self._day_row(*last[key], now=now, seq=first_seq + i)
-                for i, key in enumerate(changed)
-            ]
-            conn.execute(self._statement("store_days", conn, store_days_statement), rows)
-            readers = self._queue(conn, rows, now)
+            values: list[Any] = []
+            queued: list[tuple[Key, int, str]] = []
+            for seq, key in enumerate(changed, first_seq):
+                td, data = last[key]
+                version = version_of_day(td)
+                # TENANT_DAY_COLUMNS: tenant, day, status, final, attempts, reason, fetched_at,
+                # changed_at, content_hash, version, seq, payload, updated_at
+                values += (
+                    td.tenant,
+                    codec.day(td.day),
+                    "final" if td.final else "fetched",
+                    codec.flag(td.final),
+                    0,
+                    None,
+                    codec.moment(td.fetched_at),
+                    now,
+                    td.content_hash,
+                    version,
+                    seq,
+                    dump_json(data),
+                    now,
+                )
+                queued.append((key, seq, version))
+            hot.store_days.execute(conn, values)
+            readers = self._queue(conn, queued, now)
         if unchanged:
             params = []
             for key in unchanged:
                 td, data = last[key]
                 params.append(
-                    {
-                        "k_tenant": key[0],
-                        "k_day": key[1],
-                        "status": "final" if td.final else "fetched",
-                        "final": td.final,
-                        "fetched_at": td.fetched_at,
-                        "updated_at": now,
-                        "payload": dump_json(data) if before[key][1] else None,
-                    }
+                    (
+                        "final" if td.final else "fetched",
+                        codec.flag(td.final),
+                        codec.moment(td.fetched_at),
+                        dump_json(data) if before[key][1] else None,
+                        now,
+                        key[0],
+                        codec.day(key[1]),
+                    )
                 )
-            conn.execute(_REFRESH_UNCHANGED, params)
+            hot.refresh.executemany(conn, params)
         return flags, readers
 
-    @staticmethod
-    def _day_row(
-        td: TenantDay, data: Mapping[str, Any] | str, *, now: dt.datetime, seq: int
-    ) -> dict[str, Any]:
-        return {
-            "tenant": td.tenant,
-            "day": td.day,
-            "status": "final" if td.final else "fetched",
-            "final": td.final,
-            "attempts": 0,
-            "reason": None,
-            "fetched_at": td.fetched_at,
-            "changed_at": now,
-            "content_hash": td.content_hash,
-            "version": version_of_day(td),
-            "seq": seq,
-            "payload": dump_json(data),
-            "updated_at": now,
-        }
-
-    @staticmethod
-    def _allocate_seq(conn: Connection, count: int) -> int:
+    def _allocate_seq(self, conn: Connection, count: int) -> int:
         """Reserve ``count`` queue positions and return the first; the row lock orders writers."""
-        conn.execute(_RESERVE_SEQ, {"count": count})
-        top = conn.execute(_TOP_SEQ).scalar_one()
+        hot = self._hot(conn)
+        hot.reserve_seq.execute(conn, (count, "seq"))
+        top = hot.top_seq.execute(conn, ("seq",)).scalar_one()
         return int(top) - count + 1
 
     def _queue(
-        self, conn: Connection, rows: Sequence[Mapping[str, Any]], now: dt.datetime
+        self, conn: Connection, queued: Sequence[tuple[Key, int, str]], now: Any
     ) -> dict[Key, int]:
-        """Queue new versions for every sink routed to their tenant (unless it has them).
-
-        Returns, per tenant-day, how many sinks it was queued for."""
-        entries = []
+        """Queue new versions (key, queue position, version) for every sink routed to their
+        tenant, unless it has them. Returns, per tenant-day, how many sinks it was queued for."""
+        hot = self._hot(conn)
+        codec = hot.codec
+        no = codec.flag(False)
+        values: list[Any] = []
         readers: dict[Key, int] = {}
         for name, routed in self._registered(conn).items():
-            for row in rows:
-                if routed is None or row["tenant"] in routed:
-                    key = (row["tenant"], row["day"])
+            for key, seq, version in queued:
+                if routed is None or key[0] in routed:
                     readers[key] = readers.get(key, 0) + 1
-                    entries.append(
-                        {
-                            "sink": name,
-                            "tenant": row["tenant"],
-                            "day": row["day"],
-                            "queued_seq": row["seq"],
-                            "queued_version": row["version"],
-                            "queued_at": now,
-                            "attempts": 0,
-                            "dead_letter": False,
-                            "updated_at": now,
-                        }
-                    )
-        if entries:
-            conn.execute(self._statement("queue", conn, queue_statement), entries)
+                    # QUEUE_COLUMNS: sink, tenant, day, attempts, dead_letter, queued_seq,
+                    # queued_version, queued_at, updated_at
+                    values += (name, key[0], codec.day(key[1]), 0, no, seq, version, now, now)
+        if values:
+            hot.queue.execute(conn, values)
         return readers
 
     async def record_failed(self, tenant: str, day: dt.date, reason: str) -> None:
@@ -222,22 +174,17 @@ class DaysStore(OutboxStore):
         self, tenant: str, since: dt.date | None = None
     ) -> dict[dt.date, DayState]:
         """What is stored for each day of one tenant (from ``since`` on, when given)."""
-        query = select(
-            tenant_day.c.day,
-            tenant_day.c.status,
-            tenant_day.c.final,
-            tenant_day.c.attempts,
-            tenant_day.c.content_hash,
-        ).where(tenant_day.c.tenant == tenant)
-        if since is not None:
-            query = query.where(tenant_day.c.day >= since)
 
         def work(conn: Connection) -> dict[dt.date, DayState]:
+            hot = self._hot(conn)
+            if since is None:
+                result = hot.days_state.execute(conn, (tenant,))
+            else:
+                result = hot.days_state_since.execute(conn, (tenant, hot.codec.day(since)))
+            read_day = hot.codec.read_day
             return {
-                row.day: DayState(
-                    as_status(row.status), bool(row.final), row.attempts, row.content_hash
-                )
-                for row in conn.execute(query)
+                read_day(day): DayState(as_status(status), bool(final), attempts, digest)
+                for day, status, final, attempts, digest in result
             }
 
         return await self._read(work)

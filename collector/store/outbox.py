@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-import threading
-import time
-from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -35,96 +32,52 @@ from sqlalchemy import (
     update,
 )
 
-from collector.errors import BadResponse
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay
 from collector.store.base import (
     Key,
     Registered,
     Routes,
-    StoreBase,
     chunks,
     keys_in,
     short,
-    tenants_in,
 )
+from collector.store.pending import PendingStore
 from collector.store.schema import (
     IS_DEAD,
     DeadLetter,
-    PendingBatch,
     UtcDateTime,
     delivery,
     dialect_insert,
-    mark_delivered_statement,
     sink_table,
     tenant_day,
+    tenants_in,
     upsert,
     version_of_day,
 )
 
 log = structlog.get_logger("collector.store")
 
-_RECENT_DAYS = 4096  # rebuilt tenant-days kept for the other sinks (about 10 kB each)
-_STALE_AFTER = 120.0  # seconds after which an unread cached day may make room for a new one
 
-
-class _RecentDays:
-    """The last tenant-days stored or rebuilt from payloads, for the sinks (thread-safe).
-
-    Every sink reads the same new days at about the same time; parsing a payload once instead
-    of once per sink saves most of the delivery CPU with several sinks. An entry leaves once each
-    sink it was queued for has read it. The sinks read in queue order, so when they lag behind
-    by more than ``size`` days, evicting the oldest entry (LRU) would throw away exactly the days
-    they need next and every read would miss: a full cache keeps what it has and skips the new
-    day instead, unless its oldest entry has waited ``stale_after`` seconds (a sink that stopped
-    reading must not pin it forever).
-    """
-
-    def __init__(self, size: int, stale_after: float = _STALE_AFTER) -> None:
-        self._size = size
-        self._stale_after = stale_after
-        # key -> (tenant-day, reads left, monotonic time stored); insertion order = age
-        self._items: OrderedDict[tuple[Any, ...], tuple[TenantDay, int, float]] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple[Any, ...]) -> TenantDay | None:
-        with self._lock:
-            found = self._items.get(key)
-            if found is None:
-                return None
-            value, reads, stored = found
-            if reads <= 1:
-                del self._items[key]
-            else:
-                self._items[key] = (value, reads - 1, stored)
-            return value
-
-    def put(self, key: tuple[Any, ...], value: TenantDay, reads: int) -> None:
-        if reads < 1:
-            return
-        now = time.monotonic()
-        with self._lock:
-            if key not in self._items and len(self._items) >= self._size:
-                oldest = next(iter(self._items.values()))
-                if now - oldest[2] < self._stale_after:
-                    return
-                self._items.popitem(last=False)
-            self._items[key] = (value, reads, now)
-            self._items.move_to_end(key)
-
-
-class OutboxStore(StoreBase):
+class OutboxStore(PendingStore):
     """Sinks, routes and each sink's queue: what waits, what arrived, what was given up."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._recent = _RecentDays(_RECENT_DAYS)
-        self._sink_count = 0  # registered sinks, as last seen: readers of a rebuilt day
+        self._routes: dict[str, frozenset[str]] = {}  # parsed `sink.routes` JSON, by its text
 
     def _registered(self, conn: Connection) -> Registered:
-        found = {
-            name: None if routes is None else frozenset(json.loads(routes))
-            for name, routes in conn.execute(select(sink_table.c.name, sink_table.c.routes))
-        }
+        found: Registered = {}
+        for name, routes in self._hot(conn).sinks.execute(conn):
+            if routes is None:
+                found[name] = None
+                continue
+            # Read on every commit of fetched days: parse each distinct route list once.
+            routed = self._routes.get(routes)
+            if routed is None:
+                if len(self._routes) > 256:
+                    self._routes.clear()
+                routed = self._routes[routes] = frozenset(json.loads(routes))
+            found[name] = routed
         self._sink_count = len(found)
         return found
 
@@ -258,156 +211,24 @@ class OutboxStore(StoreBase):
             )
         return count
 
-    async def pending(
-        self,
-        sink: str,
-        tenants: Collection[str] | None = None,
-        limit: int = 100,
-        *,
-        after: int | None = None,
-    ) -> PendingBatch:
-        """The next ``limit`` tenant-days waiting for ``sink``, in queue order.
-
-        Queue order is the order in which each day's current version was stored (a FIFO outbox:
-        a backfill, fetched oldest first, is delivered oldest first). ``after`` is the
-        ``cursor`` of a previous batch, to continue a pass over the backlog past days that failed
-        in it. ``tenants`` narrows the result further than the sink's routes.
-        """
-        if tenants is not None and not tenants:
-            return PendingBatch()
-        # The next keys first (an index range on the outbox), then their payloads: the sort
-        # never sees more than `limit` rows, however long the queue.
-        queue = (
-            select(delivery.c.queued_seq, delivery.c.tenant, delivery.c.day)
-            .where(
-                delivery.c.sink == sink,
-                delivery.c.queued_seq.is_not(None)
-                if after is None
-                else delivery.c.queued_seq > after,
-                tenants_in(delivery.c.tenant, tenants),
-            )
-            .order_by(delivery.c.queued_seq)
-            .limit(limit)
-            .subquery()
-        )
-        query = (
-            select(
-                queue.c.queued_seq,
-                tenant_day.c.tenant,
-                tenant_day.c.day,
-                tenant_day.c.fetched_at,
-                tenant_day.c.updated_at,
-                tenant_day.c.final,
-                tenant_day.c.content_hash,
-                tenant_day.c.payload,
-            )
-            .join_from(
-                queue,
-                tenant_day,
-                and_(tenant_day.c.tenant == queue.c.tenant, tenant_day.c.day == queue.c.day),
-            )
-            .order_by(queue.c.queued_seq)
-        )
-
-        def work(conn: Connection) -> tuple[PendingBatch, list[tuple[Key, str]]]:
-            # Rebuilding the records is CPU work: done here, in the worker thread, not on the loop.
-            rows = list(conn.execute(query))
-            batch = PendingBatch()
-            broken: list[tuple[Key, str]] = []
-            for row in rows:
-                try:
-                    batch.append(self._rebuild(row))
-                except BadResponse as exc:
-                    broken.append(((row.tenant, row.day), str(exc)))
-            batch.cursor = rows[-1].queued_seq if rows else after
-            return batch, broken
-
-        batch, broken = await self._read(work)
-        if broken:
-            await self._set_aside(sink, broken)
-        return batch
-
-    def remember(self, td: TenantDay, readers: int) -> None:
-        """Offer a just-stored tenant-day, queued for ``readers`` sinks, to the rebuild cache."""
-        key = (td.tenant, td.day, td.content_hash, td.final, td.fetched_at)  # as a rebuild has it
-        self._recent.put(key, td, readers)
-
-    def _rebuild(self, row: Any) -> TenantDay:
-        if row.payload is None or row.content_hash is None:
-            raise BadResponse("no stored payload (pruned by retention)", tenant=row.tenant)
-        fetched_at = row.fetched_at or row.updated_at
-        key = (row.tenant, row.day, row.content_hash, bool(row.final), fetched_at)
-        cached = self._recent.get(key)
-        if cached is not None:
-            return cached
-        response = parse_usage(row.payload, tenant=row.tenant)
-        rebuilt = normalize(
-            row.tenant,
-            row.day,
-            response,
-            fetched_at=fetched_at,
-            final=bool(row.final),
-            digest=row.content_hash,
-        )
-        # This sink has read it; the other sinks may still come for it.
-        self._recent.put(key, rebuilt, self._sink_count - 1)
-        return rebuilt
-
-    async def _set_aside(self, sink: str, broken: Sequence[tuple[Key, str]]) -> None:
-        # A stored payload this version cannot read (e.g. after a downgrade) would stall the
-        # queue: dead-letter it for this sink, visibly, so `replay` can retry after an upgrade.
-        now = self._now()
-        for (tenant, day), reason in broken:
-            log.error(
-                "stored payload unreadable",
-                sink=sink,
-                tenant=tenant,
-                day=day.isoformat(),
-                reason=reason,
-            )
-
-        def work(conn: Connection) -> None:
-            for (tenant, day), reason in broken:
-                conn.execute(
-                    update(delivery)
-                    .where(
-                        delivery.c.sink == sink, delivery.c.tenant == tenant, delivery.c.day == day
-                    )
-                    .values(
-                        dead_letter=True,
-                        dead_version=delivery.c.queued_version,
-                        queued_seq=None,
-                        queued_version=None,
-                        queued_at=None,
-                        last_error=short(f"stored payload unreadable: {reason}"),
-                        last_error_at=now,
-                        updated_at=now,
-                    )
-                )
-
-        await self._write(work)
-
     async def mark_delivered(self, sink: str, items: Sequence[TenantDay]) -> None:
         """Record that ``sink`` durably has these tenant-days (at the versions given)."""
         if not items:
             return
         now = self._now()
-        rows = [
-            {
-                "sink": sink,
-                "tenant": td.tenant,
-                "day": td.day,
-                "delivered_version": version_of_day(td),
-                "delivered_at": now,
-                "attempts": 0,
-                "dead_letter": False,
-                "updated_at": now,
-            }
-            for td in sorted(items, key=lambda td: (td.tenant, td.day))
-        ]
+        # One row per day (the last version given wins), in key order.
+        latest = {(td.tenant, td.day): td for td in items}
 
         def work(conn: Connection) -> None:
-            conn.execute(self._statement("delivered", conn, mark_delivered_statement), rows)
+            hot = self._hot(conn)
+            codec = hot.codec
+            stamp, no = codec.moment(now), codec.flag(False)
+            # DELIVERED_COLUMNS: sink, tenant, day, delivered_version, delivered_at, attempts,
+            # dead_letter, updated_at
+            values: list[Any] = []
+            for (tenant, day), td in sorted(latest.items()):
+                values += (sink, tenant, codec.day(day), version_of_day(td), stamp, 0, no, stamp)
+            hot.delivered.execute(conn, values)
 
         await self._write(work)
 
@@ -481,6 +302,8 @@ class OutboxStore(StoreBase):
 
     async def backlog(self, sink: str, tenants: Collection[str] | None = None) -> int:
         """How many tenant-days wait for ``sink``."""
+        if tenants is None:
+            return await self._read(lambda conn: self._backlog(conn, sink))
         query = (
             select(func.count())
             .select_from(delivery)
@@ -491,6 +314,9 @@ class OutboxStore(StoreBase):
             )
         )
         return int(await self._read(lambda conn: conn.execute(query).scalar_one()))
+
+    def _backlog(self, conn: Connection, sink: str) -> int:
+        return int(self._hot(conn).backlog.execute(conn, (sink,)).scalar_one())
 
     async def dead_letters(self, sink: str, tenant: str | None = None) -> list[DeadLetter]:
         """The tenant-days ``sink`` gave up on, oldest day first, with the last error."""
@@ -581,13 +407,24 @@ class OutboxStore(StoreBase):
 
         return await self._write(work)
 
-    async def record_sink_outcome(self, sink: str, error: str | None) -> None:
-        """Note a sink's latest success (``error=None``) or failure, for ``status``."""
+    async def end_pass(self, sink: str, error: str | None, *, attempted: bool) -> int:
+        """A delivery pass is over: note its outcome (when it ``attempted`` any write: success,
+        or the last ``error``) and return the sink's backlog, in one transaction."""
         now = self._now()
-        values: dict[str, Any] = (
-            {"last_success_at": now}
-            if error is None
-            else {"last_error": short(error), "last_error_at": now}
-        )
-        statement = update(sink_table).where(sink_table.c.name == sink).values(**values)
-        await self._write(lambda conn: conn.execute(statement))
+
+        def work(conn: Connection) -> int:
+            if attempted:
+                self._sink_outcome(conn, sink, error, now)
+            return self._backlog(conn, sink)
+
+        return await (self._write(work) if attempted else self._read(work))
+
+    def _sink_outcome(
+        self, conn: Connection, sink: str, error: str | None, now: dt.datetime
+    ) -> None:
+        hot = self._hot(conn)
+        at = hot.codec.moment(now)
+        if error is None:
+            hot.sink_success.execute(conn, (at, sink))
+        else:
+            hot.sink_error.execute(conn, (short(error), at, sink))

@@ -12,7 +12,7 @@ Schema version 1 (``schema_version`` table); a later version adds its migration 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     Date,
     DateTime,
@@ -31,9 +32,6 @@ from sqlalchemy import (
     Table,
     Text,
     TypeDecorator,
-    and_,
-    case,
-    or_,
     true,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -207,65 +205,24 @@ def upsert(
     return statement.on_conflict_do_update(index_elements=list(keys), set_=updates)
 
 
-# --- hot statements (built once per store, see StoreBase._statement) ----------------------------
-
-
-def store_days_statement(conn: Connection) -> Any:
-    """Upsert fetched tenant-days (executemany of full ``tenant_day`` rows)."""
-    columns = [c.name for c in tenant_day.c if c.name not in ("tenant", "day")]
-    return upsert(conn, tenant_day, ["tenant", "day"], columns=columns)
-
-
-def queue_statement(conn: Connection) -> Any:
-    """Queue a new version for a sink (executemany of ``delivery`` rows)."""
-    statement = dialect_insert(conn, delivery)
-    new = statement.excluded
-    # The sink already has this version (content went back to what it holds), or gave up on
-    # exactly this version: leave the row alone instead of queueing it again.
-    has_it = or_(
-        delivery.c.delivered_version == new.queued_version,
-        and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
-    )
-    set_ = {
-        "queued_seq": case((has_it, None), else_=new.queued_seq),
-        "queued_version": case((has_it, None), else_=new.queued_version),
-        "queued_at": case((has_it, None), else_=new.queued_at),
-        "attempts": case((has_it, delivery.c.attempts), else_=0),
-        "dead_letter": case((has_it, delivery.c.dead_letter), else_=False),
-        "dead_version": case((has_it, delivery.c.dead_version), else_=None),
-        "updated_at": new.updated_at,
-    }
-    return statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_)
-
-
-def mark_delivered_statement(conn: Connection) -> Any:
-    """Record a delivered version; the day leaves the queue unless a newer one is queued."""
-    statement = dialect_insert(conn, delivery)
-    new = statement.excluded
-    # Still queued only if a newer version arrived while this one was being written.
-    done = delivery.c.queued_version == new.delivered_version
-    set_ = {
-        "delivered_version": new.delivered_version,
-        "delivered_at": new.delivered_at,
-        "attempts": 0,
-        "last_error": None,
-        "dead_letter": False,
-        "dead_version": None,
-        "queued_seq": case((done, None), else_=delivery.c.queued_seq),
-        "queued_version": case((done, None), else_=delivery.c.queued_version),
-        "queued_at": case((done, None), else_=delivery.c.queued_at),
-        "updated_at": new.updated_at,
-    }
-    return statement.on_conflict_do_update(index_elements=["sink", "tenant", "day"], set_=set_)
+def tenants_in(
+    column: Any, tenants: Collection[str] | frozenset[str] | None
+) -> ColumnElement[bool]:
+    """``column IN tenants``; no condition at all for None (every tenant)."""
+    return true() if tenants is None else column.in_(sorted(tenants))
 
 
 # --- values the store returns -------------------------------------------------------------------
 
 
 class PendingBatch(list[TenantDay]):
-    """The next tenant-days for a sink, in queue order; ``cursor`` continues after them."""
+    """The next tenant-days for a sink, in queue order; ``cursor`` continues after them.
+
+    ``read`` counts the queue entries read, unreadable ones set aside included: fewer than the
+    limit asked for means the end of the queue."""
 
     cursor: int | None = None
+    read: int = 0
 
 
 def _iso(value: Any) -> Any:

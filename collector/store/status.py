@@ -14,7 +14,7 @@ from sqlalchemy import (
     select,
 )
 
-from collector.store.base import StoreBase, short, tenants_in
+from collector.store.base import StoreBase, short
 from collector.store.schema import (
     IS_DEAD,
     SinkState,
@@ -25,7 +25,7 @@ from collector.store.schema import (
     sink_table,
     tenant_day,
     tenant_status,
-    upsert,
+    tenants_in,
 )
 
 
@@ -33,14 +33,17 @@ class StatusStore(StoreBase):
     """Per-tenant outcomes and the snapshot behind ``status`` and ``/status``."""
 
     async def _set_tenant(self, tenant: str, values: Mapping[str, Any]) -> None:
+        """Upsert the tenant's row: ``values`` (text, or datetimes), and ``updated_at``."""
         now = self._now()
-        row = {"tenant": tenant, **values, "updated_at": now}
-        await self._write(
-            lambda conn: conn.execute(
-                upsert(conn, tenant_status, ["tenant"], columns=[k for k in row if k != "tenant"]),
-                [row],
-            )
-        )
+        columns = (*values, "updated_at")
+
+        def work(conn: Connection) -> None:
+            hot = self._hot(conn)
+            moment = hot.codec.moment
+            row = [v if isinstance(v, str) else moment(v) for v in values.values()]
+            hot.tenant_status(columns).execute(conn, (tenant, *row, moment(now)))
+
+        await self._write(work)
 
     async def set_tenant_success(self, tenant: str, at: dt.datetime | None = None) -> None:
         """The tenant's cycle succeeded (this also ends an authentication pause)."""
