@@ -168,7 +168,7 @@ class Collector:
         *,
         notify: Notify = _no_notify,
         today: Callable[[], dt.date] = utc_today,
-        per_tenant_inflight: int = 4,
+        per_tenant_inflight: int = 2,
         metrics: Metrics | None = None,
     ) -> None:
         self.config = config
