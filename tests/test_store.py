@@ -8,7 +8,6 @@ import json
 import signal
 import sqlite3
 import sys
-import uuid
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -68,24 +67,6 @@ def days(tenant: str, count: int, *, final: bool = False) -> list[tuple[TenantDa
 
 def keys(items: list[TenantDay]) -> list[tuple[str, dt.date]]:
     return [(td.tenant, td.day) for td in items]
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
-    """A fresh, empty state database URL: a SQLite file, or a new schema in the test PostgreSQL."""
-    if request.param == "sqlite":
-        yield f"sqlite:///{tmp_path / 'state' / 'state.db'}"
-        return
-    base = sqlalchemy.make_url(request.getfixturevalue("postgres_url"))
-    schema = f"t_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(base)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
-    yield url.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    admin.dispose()
 
 
 @pytest.fixture
