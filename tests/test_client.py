@@ -111,6 +111,16 @@ async def test_api_key_mode_needs_no_token(sim: Simulator) -> None:
     assert sum(sim.stats.token_requests.values()) == 0
 
 
+async def test_a_key_that_cannot_be_sent_fails_without_showing_it(sim: Simulator) -> None:
+    """A secret with a line break is a TransportError naming the header, never its value."""
+    tenant = TenantConfig(id=A.id, api_key="zak_half\r\nX-Injected: yes")
+    async with ApiClient(sim_config(sim)) as client:
+        with pytest.raises(TransportError, match="'zencoder-api-key'") as caught:
+            await client.fetch_day(tenant, DAY, retry=False)
+    assert "zak_half" not in str(caught.value)
+    assert sum(sim.stats.usage_requests.values()) == 0
+
+
 async def test_401_on_a_cached_token_refreshes_once_and_retries_once(sim: Simulator) -> None:
     """A revoked token costs one 401, one token request and one retried usage request."""
     tenant = tenant_config(A)
