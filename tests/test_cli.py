@@ -13,6 +13,7 @@ from pathlib import Path
 from collector.app import load_plugins
 from collector.config import json_schema
 from collector.pipeline import utc_today
+from collector.retry import NO_WAIT_ENV
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.e2e import count_rows, run_cli, write_config
 
@@ -139,6 +140,37 @@ def test_cli_parser_imports_no_runtime_package() -> None:
         "build_parser().parse_args(['run', '--once', '-c', 'config.yaml'])"
     )
     assert sorted(loaded & _NOT_FOR_THE_PARSER) == []
+
+
+def test_a_run_without_proxy_or_http_sinks_never_imports_aiohttp(tmp_path: Path) -> None:
+    """`run --once` with a SQLite sink and no proxy talks to the API without importing aiohttp
+    (its import costs about 0.1 s of every start), though every first-party sink is loaded."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api: {base_url: 'http://127.0.0.1:9', token_url: 'http://127.0.0.1:9/oauth/token'}\n"
+        f"state: {{url: 'sqlite:///{tmp_path / 'state.db'}'}}\n"
+        f"sinks: {{db: {{type: sqlite, path: '{tmp_path / 'usage.db'}'}}}}\n"
+        "collection: {lookback_days: 1}\n"
+        "tenants: [{id: acme, client_id: acme-client, client_secret: acme-secret}]\n"
+    )
+    code = (
+        "import os, sys\n"
+        "for name in ('http_proxy', 'https_proxy', 'all_proxy'):\n"
+        "    os.environ.pop(name, None); os.environ.pop(name.upper(), None)\n"
+        f"os.environ[{NO_WAIT_ENV!r}] = '1'\n"
+        "from collector import cli\n"
+        f"code = cli.main(['run', '--once', '-c', {str(config)!r}])\n"
+        "print('exit', code)\n"
+        "print('\\n'.join(sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    loaded = set(result.stdout.split())
+    assert "exit 1" in result.stdout  # nothing listens on port 9: the token request failed
+    assert "token request failed" in result.stderr
+    assert {"collector.http", "collector_sinks.webhook", "collector_sinks.s3"} <= loaded
+    assert "aiohttp" not in loaded
 
 
 def test_parsing_simulate_loads_its_options_on_demand() -> None:

@@ -24,7 +24,6 @@ import importlib.util
 from collections.abc import Awaitable, Callable
 from typing import Any, ClassVar, Final, Literal
 
-import aiohttp
 from botocore.exceptions import (
     BotoCoreError,
     ClientError,
@@ -371,6 +370,8 @@ class S3Sink(Sink):
 
     async def _call(self, operation: str, key: str, request: Callable[[], Awaitable[Any]]) -> Any:
         """Run one S3 request, translating every botocore/aiohttp failure into a SinkError."""
+        import aiohttp  # aiobotocore has imported it; the module stays light
+
         where = f"s3://{self.config.bucket}/{key}"
         try:
             return await request()

@@ -30,10 +30,9 @@ import random
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, Final, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
 from urllib.parse import urlsplit
 
-import aiohttp
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from collector import retry
@@ -42,6 +41,9 @@ from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig
 from collector_sinks import _serialize as ser
+
+if TYPE_CHECKING:
+    import aiohttp
 
 DAY_EVENT: Final = "zencoder.usage.day"
 BATCH_EVENT: Final = "zencoder.usage.batch"
@@ -233,6 +235,8 @@ class WebhookSink(Sink):
 
     async def open(self) -> None:
         """Create the HTTP session (connection pool); no request is sent."""
+        import aiohttp  # only configs with a webhook sink pay for aiohttp
+
         if self._session is None:
             self._session = aiohttp.ClientSession(
                 headers={"User-Agent": f"zencoder-collector/{_version()}"},
@@ -318,6 +322,8 @@ class WebhookSink(Sink):
 
     async def _attempt(self, msg_id: str, body: bytes) -> _Failure | None:
         """One signed POST; None on 2xx, else why it failed."""
+        import aiohttp  # loaded by open() already; see there
+
         session = self._session
         if session is None:
             return _Failure("the sink was closed during the write", retryable=True)
@@ -369,6 +375,8 @@ def _origin_of(url: str) -> str:
 
 async def _read_text(response: aiohttp.ClientResponse) -> str:
     """Up to MAX_ERROR_BODY characters of the body, for the dead-letter record."""
+    import aiohttp  # loaded by open() already; see there
+
     raw = b""
     try:
         # UTF-8 needs at most 4 bytes a character; a huge error page is not read to its end.
