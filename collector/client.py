@@ -248,7 +248,10 @@ class ApiClient:
             )
         else:
             self._http = HttpClient(
-                headers=headers, max_body=MAX_BODY_BYTES, max_idle_per_origin=connections
+                headers=headers,
+                max_body=MAX_BODY_BYTES,
+                max_in_flight=connections,
+                max_idle_per_origin=connections,
             )
         return self
 

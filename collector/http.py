@@ -45,6 +45,8 @@ from collector.auth import HttpReply
 
 DEFAULT_IDLE_TIMEOUT = 15.0
 """Seconds an idle connection is kept; servers commonly drop them after 30-75 s."""
+MAX_HEAD_BYTES = 64 * 1024
+"""Status line and headers of one response; a server sending more is not the API."""
 
 
 class ServerDisconnected(ConnectionResetError):
@@ -137,6 +139,7 @@ class _Connection(asyncio.Protocol):
         self._body: list[bytes] = []
         self._size = 0
         self._status = 0
+        self._head_bytes = 0
         self._until_close = False
 
     # --- asyncio.Protocol -------------------------------------------------------------------
@@ -151,6 +154,12 @@ class _Connection(asyncio.Protocol):
             self.close()
             return
         self._received = True
+        if not self._status:
+            # Still in the status line and headers, which httptools buffers without a bound.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(HttpProtocolError(f"response headers over {MAX_HEAD_BYTES} bytes"))
+                return
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade:
@@ -200,7 +209,8 @@ class _Connection(asyncio.Protocol):
             return
         self._status = status = self._parser.get_status_code()
         if status < 200:
-            return  # an interim response (100 Continue, 103 Early Hints): the real one follows
+            self._status = 0  # an interim response (100 Continue, 103 Early Hints): the real
+            return  # one follows, and its headers count against the limit afresh
         length = self._headers.get("content-length")
         if length is None:
             chunked = "chunked" in self._headers.get("transfer-encoding", "").lower()
@@ -221,8 +231,8 @@ class _Connection(asyncio.Protocol):
     def on_message_complete(self) -> None:
         if self.waiter is None:
             return
-        if self._status < 200:
-            self._reset()
+        if self._status == 0:
+            self._reset()  # the end of an interim response
             return
         self.keep_alive = self._parser.should_keep_alive()
         self._until_close = False
@@ -255,6 +265,7 @@ class _Connection(asyncio.Protocol):
         self._body = []
         self._size = 0
         self._status = 0
+        self._head_bytes = 0
         self._until_close = False
 
     def _complete(self) -> None:
@@ -328,8 +339,10 @@ class HttpClient:
     """Sends HTTP/1.1 requests over pooled keep-alive connections; ``await aclose()`` when done.
 
     ``headers`` go on every request (``User-Agent``, ``Accept``). ``max_body`` bounds every
-    response body, after decompression. ``ssl_context`` replaces the default (system trust
-    store, hostname checked) for ``https`` origins.
+    response body, after decompression. ``max_in_flight`` bounds requests under way at once (and
+    so open connections, with ``max_idle_per_origin``): a thousand tenants asking for tokens at
+    start-up queue here instead of opening a thousand sockets. ``ssl_context`` replaces the
+    default (system trust store, hostname checked) for ``https`` origins.
     """
 
     def __init__(
@@ -337,6 +350,7 @@ class HttpClient:
         *,
         headers: Mapping[str, str],
         max_body: int,
+        max_in_flight: int = 128,
         idle_timeout: float = DEFAULT_IDLE_TIMEOUT,
         max_idle_per_origin: int = 128,
         ssl_context: ssl.SSLContext | None = None,
@@ -347,6 +361,7 @@ class HttpClient:
         self._max_idle = max_idle_per_origin
         self._ssl_context = ssl_context
         self._origins: dict[str, _Origin] = {}
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._closed = False
 
     async def request(
@@ -359,13 +374,27 @@ class HttpClient:
         body: bytes | None = None,
         content_type: str | None = None,
     ) -> HttpReply:
-        """Send one request and return the whole response; see the module for what it raises."""
+        """Send one request and return the whole response; see the module for what it raises.
+
+        ``timeout`` starts once the request has a slot (``max_in_flight``): waiting for one is
+        queueing in this process, not an unresponsive server.
+        """
         if self._closed:
             raise RuntimeError("HttpClient is closed")
         origin, target = self._route(url)
         head = self._head(method, origin, target, headers, body, content_type)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        async with self._slots:
+            loop = asyncio.get_running_loop()
+            return await self._send(method, origin, head, loop.time() + timeout, loop)
+
+    async def _send(
+        self,
+        method: str,
+        origin: _Origin,
+        head: bytes,
+        deadline: float,
+        loop: asyncio.AbstractEventLoop,
+    ) -> HttpReply:
         connection = self._take_idle(origin, loop.time())
         if connection is not None:
             try:

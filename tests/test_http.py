@@ -316,6 +316,47 @@ async def test_cancelled_request_drops_its_connection(client: HttpClient) -> Non
     assert server.connections == 2
 
 
+async def test_requests_beyond_max_in_flight_wait_for_a_slot() -> None:
+    """With max_in_flight=2, five concurrent requests never hold more than two connections."""
+    busy = 0
+    most = 0
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: RawServer) -> None:
+        nonlocal busy, most
+        while await s.next_request(r):
+            busy += 1
+            most = max(most, busy)
+            await asyncio.sleep(0.05)
+            busy -= 1
+            w.write(OK)
+            await w.drain()
+
+    http = HttpClient(headers={}, max_body=1000, max_in_flight=2)
+    async with RawServer(handler) as server:
+        replies = await asyncio.gather(
+            *(http.request("GET", server.url + "/", timeout=5) for _ in range(5))
+        )
+        await http.aclose()
+    assert [r.body for r in replies] == [b"ok"] * 5
+    assert most == 2
+    assert server.connections == 2
+
+
+async def test_endless_headers_are_a_protocol_error(client: HttpClient) -> None:
+    """A server that keeps sending header bytes is cut off at 64 KiB, not buffered forever."""
+
+    async def handler(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: RawServer) -> None:
+        await s.next_request(r)
+        w.write(b"HTTP/1.1 200 OK\r\nX-Long: ")
+        for _ in range(100):
+            w.write(b"a" * 1024)
+            await w.drain()
+
+    async with RawServer(handler) as server:
+        with pytest.raises(HttpProtocolError, match="headers over 65536 bytes"):
+            await client.request("GET", server.url + "/", timeout=5)
+
+
 async def test_interim_response_is_skipped(client: HttpClient) -> None:
     """A 100 Continue before the real response is not mistaken for it."""
     response = b"HTTP/1.1 100 Continue\r\n\r\n" + OK
