@@ -7,16 +7,19 @@ import csv
 import datetime as dt
 import io
 import json
+import os
 import threading
+import time
 from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay
 from collector.testing import make_batch, make_tenant_day, refetched
-from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
+from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig, partition_path
 
 
 def read_csv(path: Path) -> list[list[str]]:
@@ -125,6 +128,36 @@ async def test_no_temporary_files_remain(sink: CsvSink) -> None:
     await sink.write(batch)
     leftovers = [p.name for p in sink.root.rglob("*") if p.is_file() and p.suffix != ".csv"]
     assert leftovers == []
+
+
+async def test_leftovers_of_a_killed_write_are_swept_where_the_sink_writes(tmp_path: Path) -> None:
+    """Temporary files older than the sink's start are deleted the first time it writes into
+    their directory; a newer one (another write under way) and other directories are left."""
+    root = tmp_path / "csv"
+    batch = make_batch(("acme",), 1)
+    first = CsvSink("sheets", CsvSinkConfig(type="csv", path=root))
+    await first.open()
+    await first.write(batch)
+    daily = partition_path(root, "acme", "usage_daily", batch[0].day).parent
+    elsewhere = root / "other-tenant" / "usage_daily"
+    elsewhere.mkdir(parents=True)
+    stale = [daily / ".2026-01-01.csv.abc123.tmp", elsewhere / ".2026-01-01.csv.def456.tmp"]
+    for path in stale:
+        path.write_bytes(b"half a fi")
+        os.utime(path, (time.time() - 3600, time.time() - 3600))
+    fresh = daily / ".2026-01-02.csv.ghi789.tmp"
+    fresh.write_bytes(b"being written")
+    os.utime(fresh, (time.time() + 3600, time.time() + 3600))
+
+    second = CsvSink("sheets", CsvSinkConfig(type="csv", path=root))  # the restarted process
+    with capture_logs() as logs:
+        await second.open()
+        await second.write(batch)
+    assert not stale[0].exists()
+    assert stale[1].exists()  # nothing was written there
+    assert fresh.exists()
+    assert_partition(root, batch[0])
+    assert [e["files"] for e in logs if e["event"].startswith("removed temporary")] == [1]
 
 
 @pytest.mark.parametrize("tenant", ["../evil", "a/b", "..", ".hidden", "", "con", "x" * 200, "ok."])

@@ -30,6 +30,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -38,6 +39,7 @@ from pydantic import Field
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
 from collector.hookspecs import hookimpl
+from collector.log import get_logger
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig, run_blocking
 
@@ -59,6 +61,8 @@ COLUMNS: dict[str, tuple[str, ...]] = {
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
+
+log = get_logger(__name__)
 
 
 class CsvSinkConfig(SinkConfig):
@@ -151,6 +155,28 @@ def write_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
         raise
 
 
+def sweep_leftovers(directory: Path, older_than: float) -> int:
+    """Delete temporary files of interrupted writes (``.DAY.csv.XXXX.tmp``) from ``directory``.
+
+    Only files last modified before ``older_than`` (a time stamp) go: a sink sweeps what was
+    there before it opened, which no write of this process can still be using.
+    """
+    removed = 0
+    try:
+        entries = list(os.scandir(directory))
+    except OSError:
+        return 0
+    for entry in entries:
+        name = entry.name
+        if not (name.startswith(".") and name.endswith(".tmp") and ".csv." in name):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.stat(follow_symlinks=False).st_mtime < older_than:
+                os.unlink(entry.path)
+                removed += 1
+    return removed
+
+
 def fsync_directory(directory: Path) -> None:
     """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
     try:
@@ -173,6 +199,8 @@ class CsvSink(Sink):
         super().__init__(name, config)
         self.config: CsvSinkConfig = config
         self.root = Path(config.path).expanduser()
+        self._opened_at = 0.0
+        self._swept: set[Path] = set()
 
     def __repr__(self) -> str:
         return f"CsvSink(name={self.name!r}, root={str(self.root)!r})"
@@ -188,6 +216,7 @@ class CsvSink(Sink):
             await run_blocking(self._write_sync, batch)
 
     def _open_sync(self) -> None:
+        self._opened_at = time.time()
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as error:
@@ -217,7 +246,23 @@ class CsvSink(Sink):
             raise self._translate(error) from None
 
     def _make_dirs(self, directory: Path, touched: set[Path]) -> None:
-        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync too."""
+        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync too.
+
+        The first time this process writes into a directory, it also deletes temporary files a
+        killed process left there: the day being written at the kill is delivered again, so the
+        leftovers sit exactly where the sink writes next, and no sweep of the whole tree at
+        start-up is needed.
+        """
+        if directory not in self._swept:
+            self._swept.add(directory)
+            removed = sweep_leftovers(directory, self._opened_at)
+            if removed:
+                log.info(
+                    "removed temporary files of an interrupted write",
+                    sink=self.name,
+                    directory=str(directory),
+                    files=removed,
+                )
         touched.add(directory)
         missing = [d for d in (directory.parent, directory) if not d.is_dir()]
         directory.mkdir(parents=True, exist_ok=True)
