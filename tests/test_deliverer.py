@@ -394,6 +394,27 @@ async def test_new_data_wakes_an_idle_sink_at_once(store: Store) -> None:
     assert took < 1.0
 
 
+async def test_days_stored_while_new_data_flows_go_out_in_one_write(store: Store) -> None:
+    """After a short pass the lane lingers, so days stored one commit after another during that
+    pause reach the sink in a single write instead of one write per commit."""
+    sink = RecordingSink("warehouse")
+    delivery = deliverer(store, {"warehouse": sink}, poll_interval=3600, linger=1.0)
+    runner = asyncio.create_task(delivery.run_forever())
+    try:
+        await wait_until(lambda: delivery.stats()["warehouse"].state == "idle")
+        await store.record_fetched([fetched("acme", DAY)])
+        delivery.notify_new_data()
+        await wait_until(lambda: len(sink.received) == 1, limit=3.0)
+        for offset in range(1, 4):  # three commits, each waking the lane
+            await store.record_fetched([fetched("acme", DAY + dt.timedelta(days=offset))])
+            delivery.notify_new_data()
+        await wait_until(lambda: len(sink.received) == 4, limit=5.0)
+    finally:
+        await delivery.stop(grace=1)
+        await runner
+    assert [len(batch) for batch in sink.batches] == [1, 3]
+
+
 async def test_each_sink_gets_its_pii_policy(store: Store) -> None:
     """The deliverer applies each sink's PII policy: emails kept, pseudonymized or dropped."""
     sinks: dict[str, Sink] = {

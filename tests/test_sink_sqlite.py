@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from msgspec.structs import replace
 from pydantic import SecretStr, ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
@@ -162,6 +163,32 @@ async def test_duplicate_tenant_day_in_one_batch_keeps_the_last(
     new = refetched(old)
     await sink.write([old, new])
     assert comparable(read_tables(target_url)) == expected_tables([new])
+
+
+async def test_a_name_repeated_within_one_day_keeps_its_last_row(
+    sink: SqliteSink, target_url: str
+) -> None:
+    """A user, IDE or language listed twice in one tenant-day is stored once, with the values of
+    its last occurrence, and names needing JSON escapes are stored as json.dumps writes them."""
+    td = make_tenant_day("acme", users=["b@example.com", "a@example.com"])
+    users = [replace(u, ides=('Vim "classic"',), languages=("F\\#", "Go\tlang")) for u in td.users]
+    again = replace(users[0], messages=users[0].messages + 100)
+    ide_again = replace(td.ides[0], engaged_users=99)
+    language_again = replace(td.languages[-1], engaged_users=98)
+    repeated = replace(
+        td,
+        users=(users[0], users[1], again),
+        ides=(*td.ides, ide_again),
+        languages=(language_again, *td.languages),
+    )
+    await sink.write([repeated])
+    last = replace(
+        td, users=(users[1], again), ides=(*td.ides[1:], ide_again), languages=td.languages
+    )
+    stored = read_tables(target_url)
+    assert comparable(stored) == expected_tables([last])
+    assert {row[5] for row in stored["usage_user_daily"]} == {'["Vim \\"classic\\""]'}
+    assert {row[6] for row in stored["usage_user_daily"]} == {json.dumps(["F\\#", "Go\tlang"])}
 
 
 async def test_large_batch_replaces_stored_days_and_adds_new_ones(

@@ -28,11 +28,11 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.dialects import postgresql, sqlite
 
 from collector.store.prepared import KEYS, BulkInsert, Codec, KeyLookup, Prepared
 from collector.store.schema import (
     delivery,
+    insert_for,
     sink_table,
     store_meta,
     tenant_day,
@@ -82,7 +82,7 @@ class HotStatements:
 
     def __init__(self, dialect: Dialect) -> None:
         self.codec = codec = Codec(dialect.name)
-        insert = postgresql.insert if dialect.name == "postgresql" else sqlite.insert
+        insert = insert_for(dialect.name)
 
         def store_days() -> Any:
             statement = insert(tenant_day)

@@ -9,9 +9,10 @@ Types ``sqlite`` and its alias ``sql``::
 Each ``write`` is one transaction. For every tenant-day of the batch it deletes that day's IDE,
 language and user rows and upserts the daily row, then inserts the new child rows, so a re-fetch
 replaces (a user missing from the new version disappears) and a redelivery never duplicates.
-Inserts are bulk ``executemany`` calls; the work runs in a worker thread. In SQLite the tables
-are created ``WITHOUT ROWID`` (the primary key is the table: one b-tree per row written, not
-two); files created by an earlier version keep their layout and work the same.
+Inserts are multi-row statements (:mod:`collector.store.prepared`); the work runs in a worker
+thread. In SQLite the tables are created ``WITHOUT ROWID`` (the primary key is the table: one
+b-tree per row written, not two); files created by an earlier version keep their layout and work
+the same.
 
 SQLite files run in WAL mode (readers never block the writer) with a busy timeout and, by
 default, ``synchronous=NORMAL``: a crash of the process loses nothing, a power cut may lose the
@@ -27,86 +28,87 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 from collections.abc import Iterable
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import sqlalchemy as sa
-from pydantic import Field as PydanticField
-from pydantic import SecretStr, model_validator
+from pydantic import Field, SecretStr, model_validator
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
-from sqlalchemy.orm import registry
 from sqlalchemy.sql.dml import Insert
-from sqlmodel import Field, SQLModel
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
 from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig, run_blocking
 from collector.store.prepared import KEYS, BulkInsert, Codec, KeyLookup, Prepared
+from collector.store.schema import insert_for
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
 }
 
 
-class UsageTable(SQLModel, registry=registry()):
-    """Base of the usage tables: their own metadata, apart from any other SQLModel tables."""
+METADATA = sa.MetaData()
+"""The four usage tables, apart from every other table (the state store has its own metadata)."""
+
+# Plain Core tables: declaring them as SQLModel classes imported SQLAlchemy's ORM (~0.1 s of
+# every start) for nothing, as rows are written and read at the Core level. The DDL is the same
+# as those classes produced: VARCHAR without a length (255 on MySQL, which needs one), every
+# column NOT NULL but ``last_active``, and ``WITHOUT ROWID`` in SQLite.
+_Text = sa.String().with_variant(sa.String(255), "mysql", "mariadb")
 
 
-class UsageDaily(UsageTable, table=True):
-    __tablename__ = "usage_daily"
-    __table_args__ = {"sqlite_with_rowid": False}
-
-    tenant: str = Field(primary_key=True)
-    day: dt.date = Field(primary_key=True)
-    active_users: int
-    messages: int
-    fetched_at: dt.datetime = Field(sa_type=sa.DateTime(timezone=True))
-    final: bool
+def _table(name: str, *columns: sa.Column[Any]) -> sa.Table:
+    return sa.Table(name, METADATA, *columns, sqlite_with_rowid=False)
 
 
-class UsageDailyIde(UsageTable, table=True):
-    __tablename__ = "usage_daily_ide"
-    __table_args__ = {"sqlite_with_rowid": False}
-
-    tenant: str = Field(primary_key=True)
-    day: dt.date = Field(primary_key=True)
-    ide_name: str = Field(primary_key=True)
-    engaged_users: int
+def _key(name: str, type_: Any = _Text) -> sa.Column[Any]:
+    return sa.Column(name, type_, primary_key=True, nullable=False)
 
 
-class UsageDailyLanguage(UsageTable, table=True):
-    __tablename__ = "usage_daily_language"
-    __table_args__ = {"sqlite_with_rowid": False}
-
-    tenant: str = Field(primary_key=True)
-    day: dt.date = Field(primary_key=True)
-    language_name: str = Field(primary_key=True)
-    engaged_users: int
+def _value(name: str, type_: Any, *, nullable: bool = False, default: Any = None) -> sa.Column[Any]:
+    return sa.Column(name, type_, nullable=nullable, default=default)
 
 
-class UsageUserDaily(UsageTable, table=True):
-    __tablename__ = "usage_user_daily"
-    __table_args__ = {"sqlite_with_rowid": False}
-
-    tenant: str = Field(primary_key=True)
-    day: dt.date = Field(primary_key=True)
-    user: str = Field(primary_key=True)
-    messages: int
-    last_active: dt.date | None = None
-    ides: str = Field(default="[]", description="JSON array of IDE names")
-    languages: str = Field(default="[]", description="JSON array of language names")
-
-
-DAILY: sa.Table = UsageDaily.__table__  # type: ignore[attr-defined]
-IDE: sa.Table = UsageDailyIde.__table__  # type: ignore[attr-defined]
-LANGUAGE: sa.Table = UsageDailyLanguage.__table__  # type: ignore[attr-defined]
-USER: sa.Table = UsageUserDaily.__table__  # type: ignore[attr-defined]
+DAILY = _table(
+    "usage_daily",
+    _key("tenant"),
+    _key("day", sa.Date()),
+    _value("active_users", sa.Integer()),
+    _value("messages", sa.Integer()),
+    _value("fetched_at", sa.DateTime(timezone=True)),
+    _value("final", sa.Boolean()),
+)
+IDE = _table(
+    "usage_daily_ide",
+    _key("tenant"),
+    _key("day", sa.Date()),
+    _key("ide_name"),
+    _value("engaged_users", sa.Integer()),
+)
+LANGUAGE = _table(
+    "usage_daily_language",
+    _key("tenant"),
+    _key("day", sa.Date()),
+    _key("language_name"),
+    _value("engaged_users", sa.Integer()),
+)
+USER = _table(
+    "usage_user_daily",
+    _key("tenant"),
+    _key("day", sa.Date()),
+    _key("user"),
+    _value("messages", sa.Integer()),
+    _value("last_active", sa.Date(), nullable=True),
+    # JSON arrays of names, e.g. ["VS Code", "JetBrains"]
+    _value("ides", _Text, default="[]"),
+    _value("languages", _Text, default="[]"),
+)
 TABLES: tuple[sa.Table, ...] = (DAILY, IDE, LANGUAGE, USER)
-METADATA: sa.MetaData = UsageTable.metadata
 _CHILDREN = (IDE, LANGUAGE, USER)
 
 
@@ -114,7 +116,7 @@ class SqliteSinkConfig(SinkConfig):
     """Settings of a ``sqlite`` / ``sql`` sink: give ``path`` or ``url``, not both."""
 
     type: Literal["sqlite", "sql"] = "sqlite"
-    batch_size: int = PydanticField(
+    batch_size: int = Field(
         default=500,
         ge=1,
         le=10_000,
@@ -123,29 +125,29 @@ class SqliteSinkConfig(SinkConfig):
         # in the store's rebuild cache instead of parsing every payload again.
         description="Tenant-days per write call (one transaction each).",
     )
-    path: Path | None = PydanticField(
+    path: Path | None = Field(
         default=None, description="SQLite database file; created with its directory if missing."
     )
-    url: SecretStr | None = PydanticField(
+    url: SecretStr | None = Field(
         default=None,
         description="SQLAlchemy database URL, e.g. postgresql+psycopg://user:pw@host/db "
         "(a secret: it may hold a password; use url_file or ${VAR}).",
     )
-    password: SecretStr | None = PydanticField(
+    password: SecretStr | None = Field(
         default=None,
         description="Database password put into the URL (or password_file), so the URL itself "
         "can stay free of secrets.",
     )
-    busy_timeout: dt.timedelta = PydanticField(
+    busy_timeout: dt.timedelta = Field(
         default=dt.timedelta(seconds=10),
         description="SQLite only: how long a write waits for another writer's lock.",
     )
-    synchronous: Literal["normal", "full"] = PydanticField(
+    synchronous: Literal["normal", "full"] = Field(
         default="normal",
         description="SQLite only: normal survives process crashes; full also survives power loss "
         "at the cost of an fsync per transaction.",
     )
-    create_tables: bool = PydanticField(
+    create_tables: bool = Field(
         default=True, description="Create the four tables if they do not exist."
     )
 
@@ -407,13 +409,11 @@ def _statements(dialect: sa.Dialect) -> _Statements:
 
 
 def _upsert(table: sa.Table, dialect: str) -> Insert:
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
-    statement = insert(table)
+    statement = insert_for(dialect)(table)
     keys = [c.name for c in table.primary_key.columns]
     values = {c.name: statement.excluded[c.name] for c in table.columns if c.name not in keys}
-    return statement.on_conflict_do_update(index_elements=keys, set_=values)
+    upsert: Insert = statement.on_conflict_do_update(index_elements=keys, set_=values)
+    return upsert
 
 
 Values = list[Any]
@@ -421,6 +421,9 @@ _day_key = attrgetter("tenant", "day")
 _ide_key = attrgetter("ide_name")
 _language_key = attrgetter("language_name")
 _user_key = attrgetter("user")
+_NO_NAME = object()  # before the first row of a day: equal to no name
+# What json.dumps escapes (ensure_ascii=False): quotes, backslashes and control characters.
+_needs_escape = re.compile(r'[\x00-\x1f"\\]').search
 
 
 class _Iso(dict[Any, Any]):
@@ -431,11 +434,31 @@ class _Iso(dict[Any, Any]):
         return value
 
 
+class _Same(dict[Any, Any]):
+    """Each date as it is: what :class:`_Iso` is for drivers that take Python dates."""
+
+    def __missing__(self, key: dt.date | None) -> dt.date | None:
+        self[key] = key
+        return key
+
+
 class _Json(dict[tuple[str, ...], str]):
     """The JSON array of each tuple of names, encoded once per batch."""
 
     def __missing__(self, key: tuple[str, ...]) -> str:
-        value = self[key] = json.dumps(list(key), ensure_ascii=False)
+        # The text json.dumps(list(key), ensure_ascii=False) gives, built directly when no
+        # name needs escaping (nearly always): a tenth of json.dumps' cost.
+        try:
+            plain = _needs_escape("".join(key)) is None
+        except TypeError:  # not all names are strings: leave it to json.dumps
+            plain = False
+        if not key:
+            value = "[]"
+        elif plain:
+            value = '["' + '", "'.join(key) + '"]'
+        else:
+            value = json.dumps(list(key), ensure_ascii=False)
+        self[key] = value
         return value
 
 
@@ -448,52 +471,52 @@ def _rows(
     thousands of containers alive per batch, and set off the cyclic garbage collector again and
     again. SQLite gets the exact text SQLAlchemy itself would store (ISO dates, ``YYYY-MM-DD
     HH:MM:SS.ffffff`` UTC timestamps, 0/1 booleans), so the tables read back through SQLAlchemy
-    or sqlmodel as usual; other drivers get Python dates and aware UTC datetimes.
+    as usual; other drivers get Python dates and aware UTC datetimes.
     """
     daily: Values = []
     ides: Values = []
     languages: Values = []
     users: Values = []
     as_json = _Json()
-    iso = _Iso()
+    dates: dict[Any, Any] = _Iso() if sqlite else _Same()
     # Rows in primary-key order: each insert lands next to the previous one in the table's
     # b-tree, which costs SQLite a quarter less than the order the days arrive in.
     for td in sorted(tenant_days, key=_day_key):
         tenant = td.tenant
-        day: Any = iso[td.day] if sqlite else td.day
+        day = dates[td.day]
         record = td.daily
         fetched_at = _utc(record.fetched_at)
-        daily += (
-            tenant,
-            day,
-            record.active_users,
-            record.messages,
-            fetched_at.replace(tzinfo=None).isoformat(" ", "microseconds")
-            if sqlite
-            else fetched_at,
-            int(record.final) if sqlite else record.final,
-        )
-        # A name repeated within one day keeps its last row: the primary key allows one.
-        day_ides = td.ides
-        if len({i.ide_name for i in day_ides}) != len(day_ides):
-            day_ides = tuple({i.ide_name: i for i in day_ides}.values())
-        for ide in sorted(day_ides, key=_ide_key):
-            ides += (tenant, day, ide.ide_name, ide.engaged_users)
-        day_languages = td.languages
-        if len({x.language_name for x in day_languages}) != len(day_languages):
-            day_languages = tuple({x.language_name: x for x in day_languages}.values())
-        for language in sorted(day_languages, key=_language_key):
-            languages += (tenant, day, language.language_name, language.engaged_users)
-        day_users = td.users
-        if len({u.user for u in day_users}) != len(day_users):
-            day_users = tuple({u.user: u for u in day_users}.values())
-        for user in sorted(day_users, key=_user_key):
+        if sqlite:
+            stamp: Any = fetched_at.replace(tzinfo=None).isoformat(" ", "microseconds")
+            daily += (tenant, day, record.active_users, record.messages, stamp, int(record.final))
+        else:
+            daily += (tenant, day, record.active_users, record.messages, fetched_at, record.final)
+        # A name repeated within one day keeps its last row (the primary key allows one): the
+        # sort is stable, so it is the last of the run of equal names, which replaces the rows
+        # before it. Cheaper than looking for repeats first, as there almost never are any.
+        name: Any = _NO_NAME
+        for ide in sorted(td.ides, key=_ide_key):
+            if ide.ide_name == name:
+                del ides[-4:]
+            name = ide.ide_name
+            ides += (tenant, day, name, ide.engaged_users)
+        name = _NO_NAME
+        for language in sorted(td.languages, key=_language_key):
+            if language.language_name == name:
+                del languages[-4:]
+            name = language.language_name
+            languages += (tenant, day, name, language.engaged_users)
+        name = _NO_NAME
+        for user in sorted(td.users, key=_user_key):
+            if user.user == name:
+                del users[-7:]
+            name = user.user
             users += (
                 tenant,
                 day,
-                user.user,
+                name,
                 user.messages,
-                iso[user.last_active] if sqlite else user.last_active,
+                dates[user.last_active],
                 as_json[user.ides],
                 as_json[user.languages],
             )
