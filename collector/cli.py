@@ -14,10 +14,12 @@ import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 from collector import __version__
 from collector.errors import CollectorError, ConfigError
+
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
@@ -317,9 +319,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     return run_async(handler(args))
 
 
-def run_async(coro: Coroutine[Any, Any, int]) -> int:
-    """Run a command's coroutine on uvloop when it is installed (about a sixth less CPU per
-    tenant-day than the default loop); ``ZENCODER_COLLECTOR_LOOP=asyncio`` opts out."""
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run a coroutine on uvloop when it is installed (about a sixth less CPU per tenant-day
+    than the default loop); ``ZENCODER_COLLECTOR_LOOP=asyncio`` opts out. Commands and the
+    simulator's server both run through here."""
     import asyncio  # not at the top: `--help` and usage errors do without it
 
     if os.environ.get("ZENCODER_COLLECTOR_LOOP", "uvloop") != "asyncio":

@@ -442,8 +442,14 @@ def serve(
     *,
     on_start: Callable[[Simulator], None] | None = None,
 ) -> None:
-    """Serve until SIGINT or SIGTERM (blocking); ``on_start`` runs once the port is bound."""
-    asyncio.run(_serve(settings, host, port, on_start))
+    """Serve until SIGINT or SIGTERM (blocking); ``on_start`` runs once the port is bound.
+
+    On uvloop when installed, like the collector: the simulator shares the machine with the
+    clients it serves in tests and benchmarks, so its CPU is taken from theirs.
+    """
+    from collector.cli import run_async  # the CLI's loop choice (and its opt-out variable)
+
+    run_async(_serve(settings, host, port, on_start))
 
 
 async def _serve(

@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
+
+import msgspec
 
 IDES: tuple[tuple[str, float], ...] = (
     ("VS Code", 0.42),
@@ -304,8 +305,9 @@ def single_day_data(
 
 
 def success_body(data: dict[str, Any]) -> bytes:
-    """The 200 envelope, compact."""
-    return json.dumps({"status": "success", "data": data}, separators=(",", ":")).encode()
+    """The 200 envelope, compact (msgspec: a fifth of the stdlib encoder's CPU, which matters
+    because the simulator shares the machine with the clients it serves in the benchmark)."""
+    return msgspec.json.encode({"status": "success", "data": data})
 
 
 class UsageGenerator:
