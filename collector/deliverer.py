@@ -39,22 +39,20 @@ import contextlib
 import datetime as dt
 import random
 import time
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
 
 from collector.errors import SinkPermanentError, SinkTransientError, StoreError
 from collector.log import get_logger
 from collector.models import TenantDay
 from collector.pii import apply_sink_policy
+from collector.plugin_manager import Notify, no_notify
 from collector.retry import waits_disabled
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
 
 log = get_logger("collector.deliverer")
 
-Notify = Callable[[str, dict[str, Any]], None]
-"""``notify(hook_name, kwargs)``: calls a notification hook (pluggy); must not raise."""
 
 Key = tuple[str, dt.date]
 
@@ -73,10 +71,6 @@ once on new data, and :meth:`Deliverer.stop` ends the wait."""
 
 _OUTAGE_PAUSE_FLOOR = 0.05
 _ERROR_MAX = 500
-
-
-def _no_notify(hook: str, kwargs: dict[str, Any]) -> None:
-    return None
 
 
 def _error_text(exc: BaseException, timeout: float) -> str:
@@ -156,7 +150,7 @@ class Deliverer:
         configs: Mapping[str, SinkConfig],
         routes: Mapping[str, Collection[str] | None] | None = None,
         *,
-        notify: Notify = _no_notify,
+        notify: Notify = no_notify,
         complete_routes: bool = False,
         poll_interval: float = 30.0,
         linger: float = LINGER,

@@ -26,6 +26,7 @@ import structlog
 from collector import planner
 from collector.errors import ApiError, AuthError, CollectorError
 from collector.models import TenantDay, normalize
+from collector.plugin_manager import Notify, no_notify
 
 if TYPE_CHECKING:
     from collector.client import ApiClient
@@ -83,13 +84,6 @@ class CycleResult:
 
 Payload = Mapping[str, Any] | str
 """The response body as received (kept as is), or its ``data`` object."""
-
-Notify = Callable[[str, dict[str, Any]], None]
-"""``notify(hook_name, kwargs)``: calls a notification hook; must not raise."""
-
-
-def _no_notify(hook: str, kwargs: dict[str, Any]) -> None:
-    return None
 
 
 class _StoreWriter:
@@ -166,7 +160,7 @@ class Collector:
         store: Store,
         deliverer: Deliverer | None = None,
         *,
-        notify: Notify = _no_notify,
+        notify: Notify = no_notify,
         today: Callable[[], dt.date] = utc_today,
         per_tenant_inflight: int = 2,
         metrics: Metrics | None = None,

@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import json
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -388,6 +388,15 @@ def _origin_of(plugin: object) -> PluginOrigin:
 
 
 # --- calling hooks ------------------------------------------------------------------------------
+
+Notify = Callable[[str, dict[str, Any]], None]
+"""``notify(hook_name, kwargs)``: calls a notification hook (pluggy); must not raise. The
+pipeline and the deliverer take one; the runtime binds :func:`notify` to its plugin manager."""
+
+
+def no_notify(hook: str, kwargs: dict[str, Any]) -> None:
+    """The notifier of a pipeline or deliverer built without plugins: calls nothing."""
+    return None
 
 
 def notify(pm: pluggy.PluginManager, hook_name: str, /, **kwargs: Any) -> int:
