@@ -7,6 +7,7 @@ import gzip
 import ssl
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 
 import pytest
 import trustme
@@ -485,6 +486,21 @@ async def test_https_refuses_an_untrusted_certificate(https_url: str) -> None:
             await http.request("GET", https_url + "/hello", timeout=5)
     finally:
         await http.aclose()
+
+
+async def test_ssl_cert_file_names_a_private_ca(
+    authority: trustme.CA, https_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``SSL_CERT_FILE`` replaces the trust store, as docs/configuration.md tells users."""
+    bundle = tmp_path / "ca.pem"
+    authority.cert_pem.write_to_path(str(bundle))
+    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
+    http = HttpClient(headers={}, max_body=1000)
+    try:
+        reply = await http.request("GET", https_url + "/hello", timeout=5)
+    finally:
+        await http.aclose()
+    assert reply.status == 200
 
 
 async def test_connection_refused_is_an_os_error(client: HttpClient) -> None:
