@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
 from collector.client import ApiClient, FetchedDay
-from collector.config import ApiConfig, RateLimitConfig, RetryConfig, TenantConfig
+from collector.config import RateLimitConfig, TenantConfig
 from collector.errors import (
     ApiError,
     ApiTimeout,
@@ -26,64 +24,21 @@ from collector.errors import (
 from collector.retry import NO_WAIT_ENV, no_wait
 from collector.simulator import (
     BAD_RESPONSE_MODES,
-    SimTenant,
     Simulator,
     SimulatorSettings,
     demo_tenants,
     running_simulator,
 )
+from tests.client_helpers import DAY, TODAY, api_config, closed_port, sim_config, tenant_config
 
-TODAY = dt.date(2025, 10, 1)
-DAY = dt.date(2025, 9, 29)
 SIM_TENANTS = demo_tenants(3)
 A, B, C = SIM_TENANTS
-
-
-def api_config(base_url: str, token_url: str, **overrides: Any) -> ApiConfig:
-    retry = {
-        "max_attempts": 3,
-        "max_time": dt.timedelta(seconds=60),
-        "backoff_initial": dt.timedelta(seconds=0.25),
-        "backoff_max": dt.timedelta(seconds=1),
-    }
-    retry.update(overrides.pop("retry", {}))
-    values: dict[str, Any] = {
-        "base_url": base_url,
-        "token_url": token_url,
-        "timeout": dt.timedelta(seconds=5),
-        "max_concurrency": 64,
-        "rate_limit": RateLimitConfig(per_second=10_000, burst=10_000),
-        "retry": RetryConfig(**retry),
-    }
-    values.update(overrides)
-    return ApiConfig(**values)
-
-
-def sim_config(sim: Simulator, **overrides: Any) -> ApiConfig:
-    return api_config(sim.base_url, sim.token_url, **overrides)
-
-
-def tenant_config(sim_tenant: SimTenant, **overrides: Any) -> TenantConfig:
-    values: dict[str, Any] = {
-        "id": sim_tenant.id,
-        "client_id": sim_tenant.client_id,
-        "client_secret": sim_tenant.client_secret,
-    }
-    values.update(overrides)
-    return TenantConfig(**values)
 
 
 @pytest.fixture
 async def sim() -> AsyncIterator[Simulator]:
     async with running_simulator(SimulatorSettings(tenants=SIM_TENANTS, today=TODAY)) as server:
         yield server
-
-
-def closed_port() -> int:
-    """A local port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # --- the happy path ----------------------------------------------------------------------------

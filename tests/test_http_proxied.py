@@ -13,7 +13,7 @@ from collector.client import ApiClient
 from collector.http import BodyTooLarge
 from collector.http_proxied import ProxiedHttpClient
 from collector.simulator import Simulator, SimulatorSettings, demo_tenants, running_simulator
-from tests.test_client import DAY, TODAY, closed_port, sim_config, tenant_config
+from tests.client_helpers import DAY, TODAY, closed_port, sim_config, tenant_config
 
 TENANT = demo_tenants(1)[0]
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
