@@ -37,11 +37,13 @@ import ssl
 import zlib
 from collections import deque
 from collections.abc import Iterator, Mapping
-from typing import cast
+from typing import TypeVar, cast, overload
 
 import httptools
 
 from collector.auth import HttpReply
+
+_T = TypeVar("_T")
 
 DEFAULT_IDLE_TIMEOUT = 15.0
 """Seconds an idle connection is kept; servers commonly drop them after 30-75 s."""
@@ -89,7 +91,12 @@ class Headers(Mapping[str, str]):
     def __getitem__(self, name: str) -> str:
         return self._fields[name.lower()]
 
-    def get(self, name: str, default: str | None = None) -> str | None:  # type: ignore[override]
+    @overload
+    def get(self, name: str, /) -> str | None: ...
+    @overload
+    def get(self, name: str, /, default: str | _T) -> str | _T: ...
+
+    def get(self, name: str, /, default: object = None) -> object:
         # Mapping.get would go through __getitem__ and an exception for every missing header.
         return self._fields.get(name.lower(), default)
 
