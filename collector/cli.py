@@ -296,7 +296,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         end_startup()
         return run_export(args)
-    # Imported here, not at the top: it pulls in the whole runtime (aiohttp, SQLAlchemy, ...).
+    # Imported here, not at the top: it pulls in the whole runtime (SQLAlchemy, pydantic, ...).
     from collector import commands
 
     if command not in _LOADS_CONFIG:

@@ -85,7 +85,8 @@ USAGE_PATH = "/api/v1/data/usage"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """A day's payload is kilobytes; anything this big is not the documented API."""
 TOKEN_CONNECTION_HEADROOM = 16
-"""Connections kept free of the usage-request cap, so token requests never queue behind them."""
+"""Requests in flight beyond the usage-request cap (the HTTP client's own cap is the sum), so
+token requests never queue behind usage requests."""
 
 
 class ApiSettings(Protocol):

@@ -65,9 +65,9 @@ LINGER = 0.25
 While fetching goes on, every commit wakes the lanes; without a pause each pass would write the
 few days stored during the previous write (a hundred or so in a backfill), and a SQLite sink
 pays for every write about as much again as for its rows (each commit rewrites the pages it
-touched). Waiting a quarter of a second lets the next write take up to a full batch, which cut
-the SQL sink's CPU by a tenth in the 200-tenant benchmark. A lane that was idle still starts at
-once on new data, and :meth:`Deliverer.stop` ends the wait."""
+touched). Waiting a quarter of a second lets the next write take up to a full batch: 16 writes
+instead of 31-38 in the 200-tenant benchmark. A lane that was idle still starts at once on new
+data, and :meth:`Deliverer.stop` ends the wait."""
 
 _OUTAGE_PAUSE_FLOOR = 0.05
 _ERROR_MAX = 500

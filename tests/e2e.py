@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sqlite3
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +14,8 @@ from typing import Any
 import yaml
 
 from collector.simulator import SimTenant, Simulator
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
@@ -88,6 +91,14 @@ async def run_cli(
     stdout, stderr = await asyncio.wait_for(process.communicate(), deadline)
     assert process.returncode is not None
     return CliResult(process.returncode, stdout.decode(), stderr.decode())
+
+
+def run_python(code: str) -> subprocess.CompletedProcess[str]:
+    """Run ``code`` in a fresh interpreter (its own ``sys.modules``) from the repository root;
+    it must exit 0."""
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
 
 
 def table_rows(db: Path, table: str) -> list[tuple[Any, ...]]:

@@ -24,17 +24,17 @@ from collector.auth import (
     scrub,
 )
 from collector.client import ApiClient
-from collector.config import ApiConfig, RateLimitConfig, RetryConfig, TenantConfig
+from collector.config import ApiConfig, TenantConfig
 from collector.errors import ApiTimeout, AuthError, ServerError
 from collector.retry import no_wait
 from collector.simulator import (
     OMIT,
-    SimTenant,
     Simulator,
     SimulatorSettings,
     demo_tenants,
     running_simulator,
 )
+from tests.client_helpers import sim_config, tenant_config
 
 TODAY = dt.date(2025, 10, 1)
 DAY = dt.date(2025, 9, 30)
@@ -53,31 +53,8 @@ class FakeClock:
 
 
 def api_config(sim: Simulator, **overrides: Any) -> ApiConfig:
-    values: dict[str, Any] = {
-        "base_url": sim.base_url,
-        "token_url": sim.token_url,
-        "timeout": dt.timedelta(seconds=5),
-        "max_concurrency": 64,
-        "rate_limit": RateLimitConfig(per_second=10_000, burst=10_000),
-        "retry": RetryConfig(
-            max_attempts=3,
-            max_time=dt.timedelta(seconds=60),
-            backoff_initial=dt.timedelta(seconds=0.1),
-            backoff_max=dt.timedelta(seconds=1),
-        ),
-    }
-    values.update(overrides)
-    return ApiConfig(**values)
-
-
-def tenant_config(sim_tenant: SimTenant, **overrides: Any) -> TenantConfig:
-    values: dict[str, Any] = {
-        "id": sim_tenant.id,
-        "client_id": sim_tenant.client_id,
-        "client_secret": sim_tenant.client_secret,
-    }
-    values.update(overrides)
-    return TenantConfig(**values)
+    """The client tests' config, with a shorter first backoff."""
+    return sim_config(sim, retry={"backoff_initial": dt.timedelta(seconds=0.1)}, **overrides)
 
 
 @pytest.fixture

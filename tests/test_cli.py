@@ -6,8 +6,6 @@ import csv
 import io
 import json
 import sqlite3
-import subprocess
-import sys
 from pathlib import Path
 
 from collector.app import load_plugins
@@ -15,9 +13,7 @@ from collector.config import json_schema
 from collector.pipeline import utc_today
 from collector.retry import NO_WAIT_ENV
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
-from tests.e2e import count_rows, run_cli, write_config
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.e2e import REPO, count_rows, run_cli, run_python, write_config
 
 
 def first_party_schema() -> dict[str, object]:
@@ -126,11 +122,19 @@ _NOT_FOR_THE_PARSER = {
 
 def _imported_by(code: str) -> set[str]:
     """The modules in sys.modules after running ``code`` in a fresh interpreter."""
-    script = f"{code}\nimport sys\nprint('\\n'.join(sys.modules))"
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    return set(run_python(f"{code}\nimport sys\nprint('\\n'.join(sys.modules))").stdout.split())
+
+
+def _small_config(tmp_path: Path, sinks: str = "") -> Path:
+    """A one-tenant config whose API nobody listens on (port 9), state in ``tmp_path``."""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "api: {base_url: 'http://127.0.0.1:9', token_url: 'http://127.0.0.1:9/oauth/token'}\n"
+        f"state: {{url: 'sqlite:///{tmp_path / 'state.db'}'}}\n"
+        f"{sinks}"
+        "tenants: [{id: acme, client_id: acme-client, client_secret: acme-secret}]\n"
     )
-    return set(result.stdout.split())
+    return config
 
 
 def test_cli_parser_imports_no_runtime_package() -> None:
@@ -145,13 +149,10 @@ def test_cli_parser_imports_no_runtime_package() -> None:
 def test_a_run_without_proxy_or_http_sinks_never_imports_aiohttp(tmp_path: Path) -> None:
     """`run --once` with a SQLite sink and no proxy talks to the API without importing aiohttp
     (its import costs about 0.1 s of every start), though every first-party sink is loaded."""
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        "api: {base_url: 'http://127.0.0.1:9', token_url: 'http://127.0.0.1:9/oauth/token'}\n"
-        f"state: {{url: 'sqlite:///{tmp_path / 'state.db'}'}}\n"
+    config = _small_config(
+        tmp_path,
         f"sinks: {{db: {{type: sqlite, path: '{tmp_path / 'usage.db'}'}}}}\n"
-        "collection: {lookback_days: 1}\n"
-        "tenants: [{id: acme, client_id: acme-client, client_secret: acme-secret}]\n"
+        "collection: {lookback_days: 1}\n",
     )
     code = (
         "import os, sys\n"
@@ -163,9 +164,7 @@ def test_a_run_without_proxy_or_http_sinks_never_imports_aiohttp(tmp_path: Path)
         "print('exit', code)\n"
         "print('\\n'.join(sys.modules))"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    )
+    result = run_python(code)
     loaded = set(result.stdout.split())
     assert "exit 1" in result.stdout  # nothing listens on port 9: the token request failed
     assert "token request failed" in result.stderr
@@ -186,12 +185,7 @@ def test_parsing_simulate_loads_its_options_on_demand() -> None:
 def test_loading_the_config_ends_the_startup_gc_pause(tmp_path: Path) -> None:
     """Once a command has loaded its config the garbage collector runs again, with start-up's
     objects frozen, so a daemon never runs with collection paused."""
-    config = tmp_path / "c.yaml"
-    config.write_text(
-        "api: {base_url: 'http://127.0.0.1:9', token_url: 'http://127.0.0.1:9/oauth/token'}\n"
-        f"state: {{url: 'sqlite:///{tmp_path / 'state.db'}'}}\n"
-        "tenants: [{id: acme, client_id: acme-client, client_secret: acme-secret}]\n"
-    )
+    config = _small_config(tmp_path)
     code = (
         "import argparse, asyncio, gc\n"
         "from collector import cli, commands\n"
@@ -201,7 +195,5 @@ def test_loading_the_config_ends_the_startup_gc_pause(tmp_path: Path) -> None:
         "asyncio.run(commands.validate(args))\n"
         "print('gc', gc.isenabled(), gc.get_freeze_count() > 0)"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    )
+    result = run_python(code)
     assert "gc True True" in result.stdout.splitlines()

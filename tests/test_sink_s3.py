@@ -7,11 +7,8 @@ import datetime as dt
 import gzip
 import io
 import json
-import subprocess
-import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
@@ -24,6 +21,7 @@ from collector.testing import SinkConformance
 from collector_sinks import s3 as s3_module
 from collector_sinks.csv import render_tables
 from collector_sinks.s3 import S3Sink, S3SinkConfig, partition_value
+from tests.e2e import run_python
 from tests.servers import (
     MOTO_CREDENTIALS,
     S3ErrorServer,
@@ -34,7 +32,6 @@ from tests.servers import (
     sample_day,
 )
 
-REPO = Path(__file__).resolve().parent.parent
 DAY = dt.date(2024, 5, 6)
 TABLES = ("usage_daily", "usage_daily_ide", "usage_daily_language", "usage_user_daily")
 
@@ -475,38 +472,30 @@ def test_registers_through_the_plugin_hook() -> None:
     assert SinkRegistry.from_plugin_manager(pm).types() == {"s3": S3Sink}
 
 
-def _run_python(code: str) -> str:
-    """Run ``code`` in a fresh interpreter (its own sys.modules) and return what it printed."""
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    return result.stdout
-
-
 def test_loading_the_plugin_leaves_the_aws_client_libraries_unimported() -> None:
     """Loading every sink plugin registers 's3' without importing aiobotocore or botocore's
     client machinery (a quarter second of start-up for collectors without an s3 sink)."""
-    out = _run_python(
+    out = run_python(
         "import sys\n"
         "from collector.app import load_plugins\n"
         "registry = load_plugins().registry\n"
         "heavy = ('aiobotocore', 'botocore.client', 'botocore.session')\n"
         "print('s3' in registry.types(), sorted(m for m in heavy if m in sys.modules))"
-    )
+    ).stdout
     assert out.splitlines()[-1] == "True []"
 
 
 def test_without_aiobotocore_the_sink_is_unavailable_naming_the_extra() -> None:
     """With aiobotocore not installed, 's3' is a broken sink type whose message names the missing
     module and the `s3` extra that installs it, as before the import became lazy."""
-    out = _run_python(
+    out = run_python(
         "import sys\n"
         "sys.modules['aiobotocore'] = None  # import fails as if not installed\n"
         "from collector.app import load_plugins\n"
         "registry = load_plugins().registry\n"
         "print('s3' in registry.types())\n"
         "print(*[b.message() for b in registry.broken() if b.name == 's3'])"
-    )
+    ).stdout
     available, message = out.splitlines()[-2:]
     assert available == "False"
     assert "No module named 'aiobotocore'" in message
@@ -516,7 +505,7 @@ def test_without_aiobotocore_the_sink_is_unavailable_naming_the_extra() -> None:
 def test_config_is_refused_when_aiobotocore_is_present_but_broken() -> None:
     """An s3 sink's config is refused, naming the error and the extra, when aiobotocore is
     installed but cannot be imported, so the collector does not start with a sink it cannot open."""
-    out = _run_python(
+    out = run_python(
         "import sys\n"
         "sys.modules['aiobotocore.session'] = None  # importing it fails\n"
         "from pydantic import ValidationError\n"
@@ -525,7 +514,7 @@ def test_config_is_refused_when_aiobotocore_is_present_but_broken() -> None:
         "    S3SinkConfig.model_validate({'type': 's3', 'bucket': 'usage'})\n"
         "except ValidationError as exc:\n"
         "    print(exc.errors()[0]['msg'])"
-    )
+    ).stdout
     message = out.splitlines()[-1]
     assert "sink type 's3' is not available: ModuleNotFoundError" in message
     assert message.endswith("to fix: pip install 'zencoder-collector[s3]'")

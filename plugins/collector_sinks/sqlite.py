@@ -261,7 +261,7 @@ class SqliteSink(Sink):
         # Within one batch a tenant-day delivered twice keeps its last version.
         latest: dict[tuple[str, dt.date], TenantDay] = {(td.tenant, td.day): td for td in batch}
         statements = _statements(engine.dialect)
-        rows = _rows(latest.values(), sqlite=statements.sqlite)
+        rows = _rows(latest.values(), statements.codec)
         try:
             with engine.begin() as conn:
                 statements.write(conn, list(latest), rows)
@@ -327,8 +327,7 @@ class _Statements:
     for why they bypass SQLAlchemy's per-row parameter processing)."""
 
     def __init__(self, dialect: sa.Dialect) -> None:
-        self.sqlite = dialect.name == "sqlite"
-        self._codec = Codec(dialect.name)
+        self.codec = Codec(dialect.name)
         tenant: sa.BindParameter[str] = sa.bindparam("k_tenant")
         day: sa.BindParameter[dt.date] = sa.bindparam("k_day")
         # SQLite and PostgreSQL: many rows per statement, upserts, and the children of a day
@@ -369,7 +368,7 @@ class _Statements:
             ]
 
     def day(self, day: dt.date) -> Any:
-        return self._codec.day(day)
+        return self.codec.day(day)
 
     def write(
         self,
@@ -462,9 +461,7 @@ class _Json(dict[tuple[str, ...], str]):
         return value
 
 
-def _rows(
-    tenant_days: Iterable[TenantDay], *, sqlite: bool
-) -> tuple[Values, Values, Values, Values]:
+def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Values, Values, Values]:
     """Driver parameters for the four tables, in each table's column order (the hot path).
 
     One flat list of values per table, row after row: a tuple per row would keep tens of
@@ -478,19 +475,21 @@ def _rows(
     languages: Values = []
     users: Values = []
     as_json = _Json()
-    dates: dict[Any, Any] = _Iso() if sqlite else _Same()
+    dates: dict[Any, Any] = _Iso() if codec.sqlite else _Same()
     # Rows in primary-key order: each insert lands next to the previous one in the table's
     # b-tree, which costs SQLite a quarter less than the order the days arrive in.
     for td in sorted(tenant_days, key=_day_key):
         tenant = td.tenant
         day = dates[td.day]
         record = td.daily
-        fetched_at = _utc(record.fetched_at)
-        if sqlite:
-            stamp: Any = fetched_at.replace(tzinfo=None).isoformat(" ", "microseconds")
-            daily += (tenant, day, record.active_users, record.messages, stamp, int(record.final))
-        else:
-            daily += (tenant, day, record.active_users, record.messages, fetched_at, record.final)
+        daily += (
+            tenant,
+            day,
+            record.active_users,
+            record.messages,
+            codec.moment(record.fetched_at),
+            codec.flag(record.final),
+        )
         # A name repeated within one day keeps its last row (the primary key allows one): the
         # sort is stable, so it is the last of the run of equal names, which replaces the rows
         # before it. Cheaper than looking for repeats first, as there almost never are any.
@@ -521,13 +520,6 @@ def _rows(
                 as_json[user.languages],
             )
     return daily, ides, languages, users
-
-
-def _utc(moment: dt.datetime) -> dt.datetime:
-    # A naive timestamp is taken as UTC; SQLite has no time zones, so everything is stored in UTC.
-    if moment.tzinfo is None:
-        return moment.replace(tzinfo=dt.UTC)
-    return moment.astimezone(dt.UTC)
 
 
 @hookimpl
