@@ -55,6 +55,7 @@ def expected_rows(td: TenantDay) -> dict[str, list[list[str]]]:
                 u.last_active.isoformat() if u.last_active else "",
                 json.dumps(list(u.ides), ensure_ascii=False),
                 json.dumps(list(u.languages), ensure_ascii=False),
+                u.last_active_at.astimezone(dt.UTC).isoformat() if u.last_active_at else "",
             ]
             for u in td.users
         ],

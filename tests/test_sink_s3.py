@@ -101,9 +101,9 @@ def expected_user_rows(tenant: str = "acme") -> list[dict[str, Any]]:
     return [
         {"tenant": tenant, "day": "2024-05-06", "user": "ada@acme.example", "messages": 30,
          "last_active": "2024-05-06", "ides": ["vscode", "jetbrains"],
-         "languages": ["python", "go"]},
+         "languages": ["python", "go"], "last_active_at": None},
         {"tenant": tenant, "day": "2024-05-06", "user": "bob@acme.example", "messages": 12,
-         "last_active": None, "ides": ["vscode"], "languages": []},
+         "last_active": None, "ides": ["vscode"], "languages": [], "last_active_at": None},
     ]  # fmt: skip
 
 
@@ -159,9 +159,9 @@ async def test_csv_gzip_objects_round_trip(sink_factory: Any, admin: Any, bucket
     assert rows == [
         {"tenant": "acme", "day": "2024-05-06", "user": "ada@acme.example", "messages": "30",
          "last_active": "2024-05-06", "ides": '["vscode", "jetbrains"]',
-         "languages": '["python", "go"]'},
+         "languages": '["python", "go"]', "last_active_at": ""},
         {"tenant": "acme", "day": "2024-05-06", "user": "bob@acme.example", "messages": "12",
-         "last_active": "", "ides": '["vscode"]', "languages": "[]"},
+         "last_active": "", "ides": '["vscode"]', "languages": "[]", "last_active_at": ""},
     ]  # fmt: skip
     daily, _ = read_object(admin, bucket, "usage_daily/tenant=acme/day=2024-05-06/part-0.csv.gz")
     assert gzip.decompress(daily).decode() == (

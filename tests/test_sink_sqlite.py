@@ -21,6 +21,7 @@ from collector.models import TenantDay, UserDayRecord
 from collector.testing import make_batch, make_tenant_day, refetched
 from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
 
+FIXTURES = Path(__file__).parent / "fixtures"
 TABLE_KEYS = {
     "usage_daily": ("tenant", "day"),
     "usage_daily_ide": ("tenant", "day", "ide_name"),
@@ -73,6 +74,7 @@ def expected_tables(tenant_days: list[TenantDay]) -> dict[str, list[tuple[Any, .
                 u.last_active.isoformat() if u.last_active else None,
                 u.ides,
                 u.languages,
+                _text(u.last_active_at),
             )
             for u in td.users
         ]
@@ -92,7 +94,12 @@ def comparable(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple
         for row in tables["usage_daily"]
     )
     result["usage_user_daily"] = sorted(
-        (*row[:5], tuple(json.loads(row[5])), tuple(json.loads(row[6])))
+        (
+            *row[:5],
+            tuple(json.loads(row[5])),
+            tuple(json.loads(row[6])),
+            None if row[7] is None else _text(dt.datetime.fromisoformat(str(row[7]))),
+        )
         for row in tables["usage_user_daily"]
     )
     for name in ("usage_daily_ide", "usage_daily_language"):
@@ -224,6 +231,57 @@ async def test_naive_and_offset_timestamps_are_stored_in_utc(
     await sink.write([aware, naive])
     stamps = [row[4] for row in comparable(read_tables(target_url))["usage_daily"]]
     assert stamps == ["2025-01-16 06:30:00", "2025-01-16 07:45:00"]
+
+
+async def test_last_active_at_is_stored_in_utc_or_null(sink: SqliteSink, target_url: str) -> None:
+    """A user's last_active_at is stored as the same instant in UTC, and None as NULL."""
+    td = make_tenant_day("acme", users=3)
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    stamps = [dt.datetime(2025, 1, 14, 23, 59, 58, 250000, tzinfo=plus_two), None, None]
+    users = [replace(u, last_active_at=at) for u, at in zip(td.users, stamps, strict=True)]
+    await sink.write([td.with_users(users)])
+    stored = comparable(read_tables(target_url))["usage_user_daily"]
+    assert [row[7] for row in stored] == ["2025-01-14 21:59:58.250000", None, None]
+    assert stored == expected_tables([td.with_users(users)])["usage_user_daily"]
+
+
+async def test_a_database_of_the_previous_release_gains_last_active_at(tmp_path: Path) -> None:
+    """Opening a SQLite file written before last_active_at existed adds the column, keeps every
+    row (their last_active_at is NULL), and new days store it."""
+    path = tmp_path / "usage.db"
+    path.write_bytes((FIXTURES / "sink_sqlite_before_last_active_at.db").read_bytes())
+    before = read_tables(f"sqlite:///{path}")
+    assert len(before["usage_user_daily"]) == 12
+    assert all(len(row) == 7 for row in before["usage_user_daily"])
+    sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
+    await sink.open()
+    after = read_tables(f"sqlite:///{path}")
+    assert after["usage_user_daily"] == [(*row, None) for row in before["usage_user_daily"]]
+    assert {t: rows for t, rows in after.items() if t != "usage_user_daily"} == {
+        t: rows for t, rows in before.items() if t != "usage_user_daily"
+    }
+    td = make_tenant_day("initech", dt.date(2025, 1, 20), users=1)
+    at = dt.datetime(2025, 1, 20, 9, 30, tzinfo=dt.UTC)
+    await sink.write([td.with_users([replace(td.users[0], last_active_at=at)])])
+    await sink.aclose()
+    with sqlite3.connect(path) as conn:
+        stored = conn.execute(
+            "SELECT last_active_at FROM usage_user_daily WHERE tenant = 'initech'"
+        ).fetchall()
+    assert stored == [("2025-01-20 09:30:00.000000",)]
+    again = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
+    await again.open()  # the column is there now: nothing to add, nothing fails
+    await again.aclose()
+
+
+async def test_a_missing_column_without_create_tables_is_a_clear_error(tmp_path: Path) -> None:
+    """With create_tables off, an old table is not altered: opening names the missing column."""
+    path = tmp_path / "usage.db"
+    path.write_bytes((FIXTURES / "sink_sqlite_before_last_active_at.db").read_bytes())
+    sink = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
+    with pytest.raises(SinkPermanentError, match=r"lacks the column.* last_active_at"):
+        await sink.open()
+    await sink.aclose()
 
 
 async def test_data_error_is_permanent_and_hides_values(sink: SqliteSink) -> None:

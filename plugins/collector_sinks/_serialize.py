@@ -3,11 +3,12 @@
 The rows carry exactly the columns of the normalized data model (docs/data-model.md), in the same
 order, so a file written by the S3 sink, a webhook body and a SQL table all line up:
 
-- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` an ISO 8601 timestamp in UTC (``+00:00``);
+- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` and ``last_active_at`` ISO 8601 timestamps in
+  UTC (``+00:00``);
 - in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are JSON arrays in
   one cell (``["vscode", "jetbrains"]``), ``final`` is ``true``/``false``, a missing
-  ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
-  ``csv`` sink writes, so files from both sinks can be concatenated.
+  ``last_active`` or ``last_active_at`` is an empty cell, and lines end in CRLF (RFC 4180) —
+  byte for byte what the ``csv`` sink writes, so files from both sinks can be concatenated.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
@@ -33,7 +34,16 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     USAGE_DAILY: ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
     USAGE_DAILY_IDE: ("tenant", "day", "ide_name", "engaged_users"),
     USAGE_DAILY_LANGUAGE: ("tenant", "day", "language_name", "engaged_users"),
-    USAGE_USER_DAILY: ("tenant", "day", "user", "messages", "last_active", "ides", "languages"),
+    USAGE_USER_DAILY: (
+        "tenant",
+        "day",
+        "user",
+        "messages",
+        "last_active",
+        "ides",
+        "languages",
+        "last_active_at",  # added later, so last: older files gain a column at the end
+    ),
 }
 """Every table, in a fixed order, with its columns in the order files and bodies use."""
 
@@ -91,6 +101,7 @@ def table_rows(day: TenantDay) -> dict[str, list[Row]]:
                 "last_active": user.last_active.isoformat() if user.last_active else None,
                 "ides": list(user.ides),
                 "languages": list(user.languages),
+                "last_active_at": _timestamp(at) if (at := user.last_active_at) else None,
             }
             for user in day.users
         ],

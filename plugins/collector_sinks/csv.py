@@ -55,6 +55,7 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "last_active",
         "ides",
         "languages",
+        "last_active_at",  # added later, so last
     ),
 }
 """Table name -> CSV header, in file column order."""
@@ -122,6 +123,7 @@ def render_tables(td: TenantDay) -> dict[str, bytes]:
                 u.last_active.isoformat() if u.last_active else "",
                 json.dumps(list(u.ides), ensure_ascii=False),
                 json.dumps(list(u.languages), ensure_ascii=False),
+                u.last_active_at.astimezone(dt.UTC).isoformat() if u.last_active_at else "",
             )
             for u in td.users
         ],
