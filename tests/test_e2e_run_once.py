@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import datetime as dt
-import importlib.util
 import sqlite3
 import ssl
 from pathlib import Path
@@ -20,7 +19,7 @@ from collector.simulator import (
     demo_tenants,
     running_simulator,
 )
-from tests.e2e import count_rows, run_cli, write_config
+from tests.e2e import OLD_HTTP_CLIENT, count_rows, run_cli, write_config
 from tests.variant_corpus import Variant, corpus
 
 LOOKBACK = 5
@@ -169,7 +168,6 @@ def _expected_rows(sim: Simulator, case: Variant, day: dt.date) -> tuple[tuple[i
 
 
 LARGE_ORGANIZATION = 2000
-OLD_TRANSPORT = importlib.util.find_spec("collector.http") is not None
 
 
 @pytest.mark.parametrize("scheme", ["http", "https"])
@@ -184,12 +182,7 @@ async def test_run_once_over_the_corpus_of_api_variants(
     await _run_variants(tmp_path, cases, scheme, authority)
 
 
-@pytest.mark.xfail(
-    OLD_TRANSPORT,
-    reason="the hand-written HTTP client counts the start of a large body against its header "
-    "limit (issue 10, item 1: replaced by aiohttp)",
-    strict=True,
-)
+@pytest.mark.xfail(OLD_HTTP_CLIENT, reason="large bodies need the aiohttp client", strict=True)
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_run_once_collects_organizations_of_2000_and_5000_users(
     tmp_path: Path, scheme: str, authority: trustme.CA
