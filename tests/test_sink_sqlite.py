@@ -274,6 +274,55 @@ async def test_a_database_of_the_previous_release_gains_last_active_at(tmp_path:
     await again.aclose()
 
 
+@pytest.mark.postgres
+async def test_a_postgresql_table_of_the_previous_release_gains_last_active_at(
+    postgres_schema_url: str,
+) -> None:
+    """In PostgreSQL too, a usage_user_daily created before last_active_at gets the column (a
+    timestamptz) when the sink opens, and its rows stay."""
+    engine = sa.create_engine(postgres_schema_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+                    ' "user" VARCHAR NOT NULL, messages INTEGER NOT NULL, last_active DATE,'
+                    " ides VARCHAR NOT NULL, languages VARCHAR NOT NULL,"
+                    ' PRIMARY KEY (tenant, day, "user"))'
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO usage_user_daily VALUES"
+                    " ('acme', '2025-01-14', 'ada@acme.example', 3, '2025-01-14', '[]', '[]')"
+                )
+            )
+        sink = SqlSink(
+            "warehouse", SqliteSinkConfig(type="sql", url=SecretStr(postgres_schema_url))
+        )
+        await sink.open()
+        await sink.aclose()
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM usage_user_daily")).fetchall()
+        columns = {c["name"]: c for c in sa.inspect(engine).get_columns("usage_user_daily")}
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        (
+            "acme",
+            dt.date(2025, 1, 14),
+            "ada@acme.example",
+            3,
+            dt.date(2025, 1, 14),
+            "[]",
+            "[]",
+            None,
+        )
+    ]
+    assert isinstance(columns["last_active_at"]["type"], sa.DateTime)
+    assert columns["last_active_at"]["type"].timezone
+
+
 async def test_a_missing_column_without_create_tables_is_a_clear_error(tmp_path: Path) -> None:
     """With create_tables off, an old table is not altered: opening names the missing column."""
     path = tmp_path / "usage.db"
