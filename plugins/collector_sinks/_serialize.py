@@ -7,8 +7,8 @@ order, so a file written by the S3 sink, a webhook body and a SQL table all line
   UTC (``+00:00``);
 - in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are JSON arrays in
   one cell (``["vscode", "jetbrains"]``), ``final`` is ``true``/``false``, a missing
-  ``last_active`` or ``last_active_at`` is an empty cell, and lines end in CRLF (RFC 4180) —
-  byte for byte what the ``csv`` sink writes, so files from both sinks can be concatenated.
+  ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
+  ``csv`` sink writes, so files from both sinks can be concatenated.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
