@@ -63,13 +63,20 @@ class LastActive:
     ``at`` (aware, UTC) when the API sent a date-time rather than a bare date.
 
     A date-time without an offset is read as UTC, the zone of every date the API serves.
+    Immutable, like the structs holding it: one parsed value is shared by every body that has
+    the same text.
     """
 
     __slots__ = ("at", "day")
+    day: dt.date
+    at: dt.datetime | None
 
     def __init__(self, day: dt.date, at: dt.datetime | None) -> None:
-        self.day = day
-        self.at = at
+        object.__setattr__(self, "day", day)
+        object.__setattr__(self, "at", at)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"LastActive is immutable (cannot set {name})")
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, LastActive):
