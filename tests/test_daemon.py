@@ -403,3 +403,32 @@ async def test_readyz_waits_for_an_unreachable_state_store(
                 assert await d.stop() == 0
     assert real.password
     assert real.password not in d.output()
+
+
+async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
+    tmp_path: Path,
+) -> None:
+    """A running daemon's /metrics has every configured tenant's error counter at 0, its
+    schedule interval, the API requests by outcome, the process_* metrics and build_info."""
+    tenants = demo_tenants(2)
+    lookback = 2
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = _daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
+        async with DaemonProcess(config) as d:
+            await eventually(
+                lambda: sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback),
+                within=60,
+                what="the first cycle delivered",
+                daemon=d,
+            )
+            metrics = await d.metrics()
+    for tenant in tenants:
+        assert metrics[f'zencoder_collector_fetch_errors_total{{tenant="{tenant.id}"}}'] == 0
+        assert (
+            metrics[f'zencoder_collector_schedule_interval_seconds{{tenant="{tenant.id}"}}'] == 3600
+        )
+        ok = f'zencoder_collector_api_requests_total{{outcome="ok",tenant="{tenant.id}"}}'
+        assert metrics[ok] >= lookback
+    assert metrics['zencoder_collector_sink_failures_total{sink="warehouse"}'] == 0
+    assert metrics["process_resident_memory_bytes"] > 0
+    assert any(key.startswith("zencoder_collector_build_info{") for key in metrics)
