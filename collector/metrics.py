@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 from prometheus_client import CollectorRegistry, Histogram, Info, ProcessCollector, generate_latest
 from prometheus_client.metrics_core import Metric as MetricFamily
-from prometheus_client.parser import text_string_to_metric_families
 
 from collector import __version__
 
@@ -29,13 +28,6 @@ PREFIX = "zencoder_collector_"
 LabelKey = tuple[tuple[str, str], ...]
 
 _DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-
-# The sample names a family of each type exposes (PromQL sees these, not the family name).
-_SERIES_SUFFIXES = {
-    "counter": ("_total",),
-    "gauge": ("",),
-    "histogram": ("_bucket", "_sum", "_count"),
-}
 
 
 class Metric:
@@ -243,30 +235,6 @@ class Metrics:
     def render(self) -> str:
         """Every registered metric in the Prometheus text exposition format (0.0.4)."""
         return generate_latest(self.registry).decode("utf-8")
-
-    def exported(self) -> dict[str, str]:
-        """Each exported family as its exposed name (``*_total``, ``*_info``) and type.
-
-        The ``*_created`` gauge that the text format adds beside the histogram (its start time)
-        belongs to the histogram and is not listed on its own."""
-        families = {
-            family.name + ("_total" if family.type == "counter" else ""): family.type
-            for family in text_string_to_metric_families(self.render())
-        }
-        return {
-            name: kind
-            for name, kind in families.items()
-            if families.get(name.removesuffix("_created")) != "histogram"
-            or not name.endswith("_created")
-        }
-
-    def series_names(self) -> set[str]:
-        """Every sample name a PromQL query can select (``_bucket``, ``_sum``... included)."""
-        names: set[str] = set()
-        for name, kind in self.exported().items():
-            base = name.removesuffix("_total") if kind == "counter" else name
-            names.update(base + suffix for suffix in _SERIES_SUFFIXES.get(kind, ("",)))
-        return names
 
     def start_series(self, *, tenants: Iterable[str] = (), sinks: Iterable[str] = ()) -> None:
         """Export every per-tenant and per-sink counter at 0 for these tenants and sinks, so a

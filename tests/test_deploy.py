@@ -28,6 +28,7 @@ from collector.config import AppConfig, load_config
 from collector.metrics import Metrics
 from collector.server import make_app, serving
 from tests.e2e import REPO
+from tests.metrics_helpers import series_names
 
 DEPLOY = REPO / "deploy"
 KUBERNETES = DEPLOY / "kubernetes"
@@ -308,7 +309,7 @@ def test_every_alert_and_dashboard_query_names_an_exported_metric() -> None:
     """Each metric in an alert expression or a dashboard query (panels and variables) is a
     series the collector's registry exports, so a renamed metric breaks this test, not a
     dashboard in production."""
-    exported = Metrics().series_names()
+    exported = series_names(Metrics())
     queries = [rule["expr"] for rule in alert_rules()] + dashboard_queries()
     used: set[str] = set()
     for query in queries:
