@@ -27,6 +27,17 @@ from collector import __version__
 PREFIX = "zencoder_collector_"
 LabelKey = tuple[tuple[str, str], ...]
 
+API_OUTCOMES = (
+    "ok",
+    "unauthorized",
+    "rate_limited",
+    "server_error",
+    "rejected",
+    "timeout",
+    "transport_error",
+)
+"""The outcomes the API client counts requests by (collector.client.ClientMetrics.requests)."""
+
 _DEFAULT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 
 
@@ -237,8 +248,9 @@ class Metrics:
         return generate_latest(self.registry).decode("utf-8")
 
     def start_series(self, *, tenants: Iterable[str] = (), sinks: Iterable[str] = ()) -> None:
-        """Export every per-tenant and per-sink counter at 0 for these tenants and sinks, so a
-        first fetch error or failed delivery is an increase that alerts see, not a new series."""
+        """Export every per-tenant and per-sink counter at 0 for these tenants and sinks (the API
+        requests: each outcome), so a first fetch error, 429 or failed delivery is an increase
+        that alerts and rate() see, not a new series."""
         tenant_ids, sink_names = list(tenants), list(sinks)
         for family in self.families():
             if family.kind != "counter":
@@ -249,6 +261,10 @@ class Metrics:
             elif family.labels == ("sink",):
                 for sink_name in sink_names:
                     family.ensure(sink=sink_name)
+            elif family.labels == ("tenant", "outcome"):
+                for tenant_id in tenant_ids:
+                    for outcome in API_OUTCOMES:
+                        family.ensure(tenant=tenant_id, outcome=outcome)
 
     def forget_tenant(self, tenant: str) -> None:
         for family in self.families():

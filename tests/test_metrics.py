@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from collector import __version__
-from collector.metrics import PREFIX, Metric, Metrics
+from collector.metrics import API_OUTCOMES, PREFIX, Metric, Metrics
 from tests.metrics_helpers import exported, series_names
 
 OPERATIONS_DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
@@ -96,8 +96,8 @@ def test_unlabelled_counters_are_exported_at_zero_from_the_start() -> None:
 
 
 def test_start_series_exports_per_tenant_and_per_sink_counters_at_zero() -> None:
-    """``start_series`` creates a 0 sample of every per-tenant and per-sink counter and keeps
-    existing values; gauges get no invented value."""
+    """``start_series`` creates a 0 sample of every per-tenant and per-sink counter (and of each
+    API request outcome) and keeps existing values; gauges get no invented value."""
     metrics = Metrics()
     metrics.fetches.inc(3, tenant="acme")
     metrics.start_series(tenants=["acme", "globex"], sinks=["lake"])
@@ -105,6 +105,8 @@ def test_start_series_exports_per_tenant_and_per_sink_counters_at_zero() -> None
     assert values['zencoder_collector_fetches_total{tenant="acme"}'] == 3
     assert values['zencoder_collector_fetch_errors_total{tenant="globex"}'] == 0
     assert values['zencoder_collector_sink_failures_total{sink="lake"}'] == 0
+    rate_limited = 'zencoder_collector_api_requests_total{outcome="rate_limited",tenant="globex"}'
+    assert values[rate_limited] == 0
     assert 'zencoder_collector_days_complete{tenant="globex"}' not in values
 
 
@@ -184,3 +186,13 @@ def test_every_metric_is_documented_in_operations_md() -> None:
     rows = r"^\| `((?:zencoder_collector|process)_\w+)` \|"
     documented = set(re.findall(rows, doc, re.MULTILINE))
     assert documented == set(families)
+
+
+def test_api_outcomes_cover_every_outcome_the_client_counts() -> None:
+    """Every outcome the API client can record for a response or a failure is pre-exported."""
+    from collector.client import _status_outcome  # the client's own status classification
+
+    statuses = (200, 204, 301, 400, 401, 403, 404, 429, 500, 502, 503)
+    assert {_status_outcome(s) for s in statuses} | {"timeout", "transport_error"} == set(
+        API_OUTCOMES
+    )
