@@ -363,6 +363,18 @@ def test_dashboard_sections_and_datasource_variable() -> None:
             assert panel["targets"], panel["title"]
 
 
+def test_dashboard_panels_do_not_overlap() -> None:
+    """No two panels share a cell of Grafana's 24-column grid."""
+    cells: dict[tuple[int, int], str] = {}
+    for panel in dashboard()["panels"]:
+        grid = panel["gridPos"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        for x in range(grid["x"], grid["x"] + grid["w"]):
+            for y in range(grid["y"], grid["y"] + grid["h"]):
+                assert (x, y) not in cells, f"{panel['title']} overlaps {cells[(x, y)]}"
+                cells[(x, y)] = panel["title"]
+
+
 # --- Dockerfile -----------------------------------------------------------------------------
 
 
