@@ -84,7 +84,7 @@ def _table(
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def _tenant_series(tenants: Sequence[TenantUsage], field: str) -> list[Series]:
+def tenant_series(tenants: Sequence[TenantUsage], field: str) -> list[Series]:
     """One line per tenant, busiest first; beyond the palette the rest become one line."""
     ordered = sorted(tenants, key=lambda t: (-t.messages, t.tenant.casefold()))
     shown = ordered if len(ordered) <= MAX_LINES else ordered[: MAX_LINES - 1]
@@ -165,9 +165,9 @@ def render_html(report: UsageReport) -> str:
     pii = f"; PII policy of the sink: {report.pii}" if report.pii else ""
     charts_activity = (
         line_chart("active-users", "Daily active users per tenant", dates,
-                   _tenant_series(report.tenants, "active_users"), "active users")
+                   tenant_series(report.tenants, "active_users"), "active users")
         + line_chart("messages", "Messages per tenant", dates,
-                     _tenant_series(report.tenants, "messages"), "messages")
+                     tenant_series(report.tenants, "messages"), "messages")
     )  # fmt: skip
     charts_mix = (
         bar_chart("ides", "IDE mix (share of engaged user-days)",
