@@ -378,3 +378,29 @@ def test_output_option_writes_the_file(collected: Collected, tmp_path: Path) -> 
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert target.read_text(encoding="utf-8").startswith("tenant,days,messages")
+
+
+def test_unreachable_database_error_never_shows_the_password() -> None:
+    """A database that cannot be reached is a one-line error naming the URL with its password
+    masked, and the password appears nowhere."""
+    url = "postgresql+psycopg://reader:report-pw-canary@127.0.0.1:1/usage?connect_timeout=2"
+    result = _cli("--db", url)
+    assert result.returncode == 2
+    assert "cannot read postgresql+psycopg://reader:***@127.0.0.1:1/usage" in result.stderr
+    assert "report-pw-canary" not in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_window_that_ends_before_it_starts_is_refused(tmp_path: Path) -> None:
+    """--since after --until, --days 0 and a negative --stale-days are usage errors that say
+    which option is wrong."""
+    db = str(tmp_path / "x.db")
+    backwards = _cli("--db", db, "--since", "2026-02-01", "--until", "2026-01-31")
+    assert backwards.returncode == 2
+    assert "the window starts (2026-02-01) after it ends (2026-01-31)" in backwards.stderr
+    no_days = _cli("--db", db, "--days", "0")
+    assert no_days.returncode == 2
+    assert "--days must be at least 1" in no_days.stderr
+    negative = _cli("--db", db, "--stale-days", "-1")
+    assert negative.returncode == 2
+    assert "--stale-days must be 0 or more" in negative.stderr
