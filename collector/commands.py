@@ -9,6 +9,7 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -17,7 +18,10 @@ from collector.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_s
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
-from collector.report import ReportSource, Window, cycle_summary
+from collector.report import cycle_summary
+
+if TYPE_CHECKING:
+    from collector.report.sources import ReportSource
 
 log = structlog.get_logger("collector.cli")
 
@@ -164,7 +168,9 @@ async def replay(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from collector.report import ReportError, Window, make_report, render
+    from collector.report.model import ReportError, Window
+    from collector.report.render import render
+    from collector.report.sources import make_report
 
     try:
         until: dt.date = args.until or utc_today()
@@ -185,7 +191,8 @@ def report(args: argparse.Namespace) -> int:
 def _report_source(args: argparse.Namespace) -> tuple[ReportSource, dict[str, str]]:
     """What ``report`` reads (``--db``, ``--csv`` or a sink of the config) and the tenant names
     of the config, if one is given."""
-    from collector.report import CsvSource, ReportError, SqlSource, choose_sink
+    from collector.report.model import ReportError
+    from collector.report.sources import CsvSource, SqlSource, choose_sink
 
     if sum(bool(x) for x in (args.db, args.csv, args.sink)) > 1:
         raise ReportError("give one of --sink, --db and --csv")
@@ -218,7 +225,9 @@ async def demo(args: argparse.Namespace) -> int:
         print(f"simulator on {sim.base_url} with 5 demo organizations; collecting 30 days...\n")
         result, delivered = await _cycle(config, plugins_, None)
     print(cycle_summary(result))
-    from collector.report import choose_sink, make_report, render
+    from collector.report.model import Window
+    from collector.report.render import render
+    from collector.report.sources import choose_sink, make_report
 
     usage = make_report(choose_sink(config.sinks, None), Window.last(30, utc_today()))
     print()

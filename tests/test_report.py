@@ -25,17 +25,9 @@ import yaml
 
 from collector.app import load, load_plugins
 from collector.config import AppConfig
-from collector.report import (
-    CsvSource,
-    ReportError,
-    SqlSource,
-    UsageReport,
-    Window,
-    choose_sink,
-    make_report,
-    render,
-)
-from collector.report.render import NO_USER_ROWS, report_dict
+from collector.report.model import ReportError, UsageReport, Window
+from collector.report.render import NO_USER_ROWS, render, report_dict
+from collector.report.sources import CsvSource, SqlSource, choose_sink, make_report
 from tests.e2e import REPO
 from tests.report_data import NAMES, Collected, collect, pseudonym
 

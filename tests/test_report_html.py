@@ -19,10 +19,11 @@ from typing import Any
 import pytest
 
 from collector.app import load, load_plugins
-from collector.report import UsageReport, Window, choose_sink, make_report, render
 from collector.report.charts import MAX_BARS, MAX_LINES, nice_step, top_with_other
 from collector.report.html import tenant_series
-from collector.report.model import DayFigures, TenantUsage
+from collector.report.model import DayFigures, TenantUsage, UsageReport, Window
+from collector.report.render import render
+from collector.report.sources import choose_sink, make_report
 from tests.report_data import NAMES, Collected, collect
 
 CHROMIUM = Path(os.environ.get("COLLECTOR_TEST_CHROMIUM", "/usr/bin/chromium"))

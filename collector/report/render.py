@@ -16,6 +16,7 @@ from collector.report.model import DayFigures, SeatRow, TenantUsage, UsageReport
 from collector.report.tables import render_table
 
 Section = Literal["usage", "seats"]
+Format = Literal["table", "csv", "json", "html"]
 
 USAGE_COLUMNS = (
     "tenant",
@@ -150,3 +151,17 @@ def _day_dict(figures: DayFigures) -> dict[str, Any]:
 
 def render_json(report: UsageReport) -> str:
     return json.dumps(report_dict(report), indent=2, ensure_ascii=False)
+
+
+def render(report: UsageReport, fmt: Format, section: Section | None = None) -> str:
+    """The report in one format; ``section`` limits the text formats to usage or seats (CSV
+    shows usage unless told otherwise, HTML always shows everything)."""
+    if fmt == "html":
+        from collector.report.html import render_html
+
+        return render_html(report)
+    if fmt == "json":
+        return render_json(report)
+    if fmt == "csv":
+        return render_csv(report, section or "usage")
+    return render_text(report, (section,) if section else ("usage", "seats"))

@@ -25,8 +25,8 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
-from collector.report.model import ReportError, Window
-from collector.report.query import TABLE_NAMES
+from collector.report.model import ReportError, UsageReport, Window
+from collector.report.query import TABLE_NAMES, build_report
 
 _INSERT_CHUNK = 5_000
 
@@ -238,3 +238,24 @@ def choose_sink(sinks: Mapping[str, Any], name: str | None) -> ReportSource:
             "sinks (sqlite, sql) and csv sinks, or give --db URL / --csv DIR"
         )
     return sink_source(readable[0], sinks[readable[0]])
+
+
+def make_report(
+    source: ReportSource,
+    window: Window,
+    *,
+    names: Mapping[str, str] | None = None,
+    stale_days: int = 14,
+) -> UsageReport:
+    """Read ``window`` from ``source`` into a report; ``names`` maps tenant ids to names."""
+    if stale_days < 0:
+        raise ReportError(f"--stale-days must be 0 or more, not {stale_days}")
+    with source.connect(window) as conn:
+        return build_report(
+            conn,
+            window,
+            names=names,
+            stale_days=stale_days,
+            source=source.description,
+            pii=source.pii,
+        )
