@@ -350,7 +350,7 @@ def test_bad_csv_file_is_named_with_its_line(collected: Collected, tmp_path: Pat
     fields = first.split(",")
     fields[3] = "many"
     day_file.write_text("\n".join([header, ",".join(fields), *rest]) + "\n", encoding="utf-8")
-    with pytest.raises(ReportError, match=f"{day_file}:2: a value is not what its column holds"):
+    with pytest.raises(ReportError, match=f"{day_file}:2: messages is not a whole number"):
         make_report(CsvSource(root, "test"), window)
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -92,28 +92,32 @@ class SqlSource:
             engine.dispose()
 
 
-# The CSV sink's documented file columns (docs/data-model.md); extra columns are ignored.
+def _optional_day(value: str) -> dt.date | None:
+    return dt.date.fromisoformat(value[:10]) if value else None
+
+
+# What the report reads from each CSV file, by the documented columns (docs/data-model.md);
+# the files' other columns (fetched_at, final, ides, languages) are not needed.
+_CSV_COLUMNS: dict[str, tuple[str, ...]] = {
+    "usage_daily": ("tenant", "day", "active_users", "messages"),
+    "usage_daily_ide": ("tenant", "day", "ide_name", "engaged_users"),
+    "usage_daily_language": ("tenant", "day", "language_name", "engaged_users"),
+    "usage_user_daily": ("tenant", "day", "user", "messages", "last_active"),
+}
+_NOT_TEXT: dict[str, tuple[Any, Callable[[str], Any]]] = {
+    "day": (sa.Date, dt.date.fromisoformat),
+    "last_active": (sa.Date, _optional_day),
+    "active_users": (sa.Integer, int),
+    "messages": (sa.Integer, int),
+    "engaged_users": (sa.Integer, int),
+}
+"""Column -> (SQL type, parser of the CSV text); every other column is text."""
 _CSV_TABLES = sa.MetaData()
-_CSV_COLUMNS: dict[str, dict[str, Callable[[str], Any]]] = {
-    "usage_daily": {"tenant": str, "day": dt.date.fromisoformat, "active_users": int,
-                    "messages": int},
-    "usage_daily_ide": {"tenant": str, "day": dt.date.fromisoformat, "ide_name": str,
-                        "engaged_users": int},
-    "usage_daily_language": {"tenant": str, "day": dt.date.fromisoformat, "language_name": str,
-                             "engaged_users": int},
-    "usage_user_daily": {"tenant": str, "day": dt.date.fromisoformat, "user": str,
-                         "messages": int,
-                         "last_active": lambda v: dt.date.fromisoformat(v[:10]) if v else None},
-}  # fmt: skip
-_SQL_TYPES: dict[str, Any] = {"day": sa.Date, "last_active": sa.Date}
-for _name, _columns in _CSV_COLUMNS.items():
+for _table, _columns in _CSV_COLUMNS.items():
     sa.Table(
-        _name,
+        _table,
         _CSV_TABLES,
-        *(
-            sa.Column(c, _SQL_TYPES.get(c, sa.Integer if p is int else sa.String))
-            for c, p in _columns.items()
-        ),
+        *(sa.Column(c, _NOT_TEXT.get(c, (sa.String, str))[0]) for c in _columns),
     )
 
 
@@ -173,21 +177,26 @@ class CsvSource:
                     yield path
 
 
-def _read_csv(path: Path, columns: Mapping[str, Callable[[str], Any]]) -> list[dict[str, Any]]:
+def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
     try:
         with path.open(encoding="utf-8", newline="") as handle:
             reader = csv.DictReader(handle)
             missing = [c for c in columns if c not in (reader.fieldnames or ())]
             if missing:
                 raise ReportError(f"{path}: no column {', '.join(missing)} in the header row")
+            parsers = [(c, _NOT_TEXT[c][1] if c in _NOT_TEXT else str) for c in columns]
             rows = []
             for row in reader:
-                try:
-                    rows.append({c: parse(row[c]) for c, parse in columns.items()})
-                except (ValueError, TypeError):
-                    raise ReportError(
-                        f"{path}:{reader.line_num}: a value is not what its column holds"
-                    ) from None
+                record = {}
+                for column, parse in parsers:
+                    try:
+                        record[column] = parse(row[column])
+                    except (ValueError, TypeError):
+                        kind = "a date" if _NOT_TEXT[column][0] is sa.Date else "a whole number"
+                        raise ReportError(
+                            f"{path}:{reader.line_num}: {column} is not {kind}"
+                        ) from None
+                rows.append(record)
             return rows
     except (OSError, UnicodeDecodeError) as error:
         reason = getattr(error, "strerror", None) or type(error).__name__
