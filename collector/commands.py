@@ -181,10 +181,14 @@ def report(args: argparse.Namespace) -> int:
     except ReportError as error:
         print(f"error: {error}", file=sys.stderr)
         return EXIT_USAGE
-    if args.output:
-        Path(args.output).write_text(text if text.endswith("\n") else text + "\n", "utf-8")
-    else:
+    if not args.output:
         print(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text if text.endswith("\n") else text + "\n", "utf-8")
+    except OSError as error:
+        print(f"error: cannot write {args.output}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 

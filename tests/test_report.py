@@ -363,13 +363,17 @@ def test_csv_directory_option_reads_the_files(collected: Collected) -> None:
 
 
 def test_output_option_writes_the_file(collected: Collected, tmp_path: Path) -> None:
-    """``-o FILE`` writes the rendering to the file and nothing to stdout."""
+    """``-o FILE`` writes the rendering to the file and nothing to stdout; a file that cannot
+    be written is a one-line error."""
     target = tmp_path / "usage.csv"
     result = _cli("--db", str(collected.workdir / "usage.db"), "--format", "csv", "-o",
                   str(target))  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert result.stdout == ""
     assert target.read_text(encoding="utf-8").startswith("tenant,days,messages")
+    nowhere = _cli("--db", str(collected.workdir / "usage.db"), "-o", str(tmp_path / "no" / "x"))
+    assert nowhere.returncode == 2
+    assert f"cannot write {tmp_path / 'no' / 'x'}: No such file or directory" in nowhere.stderr
 
 
 def test_unreachable_database_error_never_shows_the_password() -> None:
