@@ -24,6 +24,7 @@ from collector.report.html import tenant_series
 from collector.report.model import DayFigures, TenantUsage, UsageReport, Window
 from collector.report.render import render
 from collector.report.sources import choose_sink, make_report
+from tests.e2e import run_cli
 from tests.report_data import NAMES, Collected, collect
 
 CHROMIUM = Path(os.environ.get("COLLECTOR_TEST_CHROMIUM", "/usr/bin/chromium"))
@@ -225,3 +226,14 @@ def _browser_or_skip() -> Any:
     if os.environ.get("CI") == "true":
         pytest.fail(f"the browser test needs {missing}")
     pytest.skip(f"the browser test needs {missing}")
+
+
+async def test_demo_writes_the_html_report(tmp_path: Path) -> None:
+    """``demo`` leaves the HTML report of its five organizations next to its data files."""
+    result = await run_cli("demo", "--output", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stdout + result.stderr
+    page = (tmp_path / "out" / "report.html").read_text(encoding="utf-8")
+    parser = _Charts()
+    parser.feed(page)
+    assert len(parser.series["active-users"]) == 5
+    assert f"{tmp_path / 'out' / 'report.html'} (HTML report)" in result.stdout
