@@ -20,7 +20,7 @@ from collector.report.charts import (
     top_with_other,
 )
 from collector.report.model import TenantUsage, UsageReport
-from collector.report.render import NO_USER_ROWS, seat_rule, title
+from collector.report.render import NO_USER_ROWS, seat_rule, seat_totals, title
 
 _CSS = """
 :root { color-scheme: light; --ink: #1d2733; --muted: #5a6675; --line: #dde3ea; }
@@ -108,8 +108,8 @@ def _tiles(report: UsageReport) -> str:
         (fmt(p.avg_daily_active), "average daily active users"),
         (fmt(p.peak_daily_active), "peak daily active users"),
     ]
-    if report.has_user_rows:
-        stale = sum(1 for s in report.seats if s.status == "stale")
+    stale = seat_totals(report)[0]
+    if stale is not None:
         tiles.append((fmt(stale), f"stale seats (> {report.stale_days} days)"))
     items = "".join(f"<li><b>{_e(v)}</b><span>{_e(label)}</span></li>" for v, label in tiles)
     return f'<ul class="tiles">{items}</ul>'
@@ -125,12 +125,8 @@ def _usage_table(report: UsageReport) -> str:
         for t in report.tenants
     ]  # fmt: skip
     p = report.portfolio
-    stale = [s for s in report.seats if s.status == "stale"]
-    seats: list[object] = (
-        [len(stale), len(report.seats) - len(stale)] if report.has_user_rows else [None, None]
-    )
     rows.append(["All tenants", "", p.messages, p.distinct_users, p.avg_daily_active,
-                 p.peak_daily_active, "", "", *seats])  # fmt: skip
+                 p.peak_daily_active, "", "", *seat_totals(report)])  # fmt: skip
     return _table(headers, rows, total=True)
 
 

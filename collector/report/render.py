@@ -65,7 +65,7 @@ def render_text(report: UsageReport, sections: Sequence[Section] = ("usage", "se
     if "usage" in sections:
         p = report.portfolio
         total = ["ALL", "", p.messages, p.distinct_users, p.avg_daily_active, p.peak_daily_active]
-        total += ["", "", *_seat_totals(report)]
+        total += ["", "", *seat_totals(report)]
         rows = [_usage_values(t) for t in report.tenants]
         parts.append(render_table(USAGE_COLUMNS, [*rows, total]))
     if "seats" in sections:
@@ -79,7 +79,8 @@ def render_text(report: UsageReport, sections: Sequence[Section] = ("usage", "se
     return "\n\n".join(parts)
 
 
-def _seat_totals(report: UsageReport) -> list[int | None]:
+def seat_totals(report: UsageReport) -> list[int | None]:
+    """[stale, quiet] users over every tenant; None when there are no per-user rows."""
     if not report.has_user_rows:
         return [None, None]
     return [
