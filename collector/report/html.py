@@ -31,12 +31,13 @@ h1 { font-size: 1.6rem; margin: 0 0 4px; }
 h2 { font-size: 1.2rem; margin: 32px 0 8px; border-bottom: 1px solid var(--line);
   padding-bottom: 4px; }
 .meta, .note { color: var(--muted); margin: 4px 0; }
-.tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(150px, 1fr)); gap: 12px;
+.tiles { display: grid; grid-template-columns: repeat(auto-fit, minmax(140px, 1fr)); gap: 12px;
   margin: 16px 0; padding: 0; list-style: none; }
 .tiles li { border: 1px solid var(--line); border-radius: 8px; padding: 10px 14px; }
 .tiles b { display: block; font-size: 1.5rem; }
 .tiles span { color: var(--muted); font-size: .85rem; }
-.grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(440px, 1fr)); gap: 16px; }
+.grid { display: grid; gap: 16px;
+  grid-template-columns: repeat(auto-fit, minmax(min(440px, 100%), 1fr)); }
 figure.chart { margin: 12px 0; border: 1px solid var(--line); border-radius: 8px;
   padding: 10px 12px; }
 figure.chart figcaption { font-weight: 600; margin-bottom: 6px; }
@@ -44,6 +45,7 @@ ul.legend { list-style: none; padding: 0; margin: 6px 0 0; display: flex; flex-w
   gap: 4px 16px; font-size: .85rem; }
 .swatch { display: inline-block; width: 12px; height: 12px; border-radius: 2px;
   margin-right: 6px; vertical-align: -1px; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; width: 100%; font-size: .9rem; margin: 8px 0; }
 th, td { padding: 5px 8px; border-bottom: 1px solid var(--line); text-align: left; }
 th { background: #f5f7fa; }
@@ -81,7 +83,13 @@ def _table(
         cells = "".join(_cell(v, n) for v, (_, n) in zip(row, headers, strict=True))
         last = total and index == len(rows) - 1
         body.append(f'<tr class="total">{cells}</tr>' if last else f"<tr>{cells}</tr>")
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return _scrolling(head, body)
+
+
+def _scrolling(head: str, body: Sequence[str]) -> str:
+    """A table that scrolls sideways on a narrow screen instead of widening the page."""
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+    return f'<div class="scroll">{table}</div>'
 
 
 def tenant_series(tenants: Sequence[TenantUsage], field: str) -> list[Series]:
@@ -149,8 +157,7 @@ def _seats_section(report: UsageReport) -> str:
             f"{_cell(s.window_messages, True)}</tr>"
         )
     head = "".join(f'<th scope="col"{" class=n" if n else ""}>{_e(h)}</th>' for h, n in headers)
-    table = f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
-    return rule + table
+    return rule + _scrolling(head, body)
 
 
 def render_html(report: UsageReport) -> str:
