@@ -198,8 +198,8 @@ def publish_days(days: Sequence[Sequence[Staged]], *, fsync: bool = True) -> Non
     markers of days being replaced are removed, then every other file is renamed into place,
     then the markers are. So a marker on disk always has the other three files of its own
     version beside it, even after a crash or power cut at any point (with ``fsync``, each step is
-    made durable before the next begins). A failure stops the publication and leaves the
-    remaining temporary files to the caller.
+    made durable, by fsyncing the directories it changed, before the next begins). A failure
+    stops the publication and leaves the remaining temporary files to the caller.
     """
     markers = [day[0] for day in days]
     replaced = [m.target for m in markers if m.target.exists()]
@@ -215,6 +215,8 @@ def publish_days(days: Sequence[Sequence[Staged]], *, fsync: bool = True) -> Non
         _fsync_directories(s.target.parent for s in details)
     for staged in markers:
         os.replace(staged.temp, staged.target)
+    if fsync:
+        _fsync_directories(m.target.parent for m in markers)
 
 
 def _fsync_directories(directories: Iterable[Path]) -> None:
@@ -298,7 +300,8 @@ class CsvSink(Sink):
         # Validate every tenant id before touching the disk: a bad one fails the batch as a whole.
         for tenant, _day in latest:
             safe_segment(tenant)
-        touched: set[Path] = set()
+        ready: set[Path] = set()  # table directories that exist (and were swept)
+        new_entries: set[Path] = set()  # directories in which this write created a directory
         staged: list[list[Staged]] = []
         fsync, shared = self.config.fsync, self.host.shared_group
         try:
@@ -311,23 +314,24 @@ class CsvSink(Sink):
                     staged.append(day)
                     for table in MARKER_FIRST:
                         target = partition_path(self.root, td.tenant, table, td.day)
-                        if target.parent not in touched:
-                            self._make_dirs(target.parent, touched)
+                        if target.parent not in ready:
+                            self._make_dirs(target.parent, ready, new_entries)
                         day.append(
                             write_temp(target, tables[table], fsync=fsync, shared_group=shared)
                         )
+                if fsync:  # new directories first, or a power cut could lose what is in them
+                    _fsync_directories(new_entries)
                 publish_days(staged, fsync=fsync)
-            finally:
+            except BaseException:
                 for staged_file in (s for day in staged for s in day):
                     with contextlib.suppress(FileNotFoundError):
-                        os.unlink(staged_file.temp)  # only what was not published is left
-            if fsync:
-                _fsync_directories(touched)
+                        os.unlink(staged_file.temp)  # what was not published
+                raise
         except OSError as error:
             raise self._translate(error) from None
 
-    def _make_dirs(self, directory: Path, touched: set[Path]) -> None:
-        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync too.
+    def _make_dirs(self, directory: Path, ready: set[Path], new_entries: set[Path]) -> None:
+        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync.
 
         The first time this process writes into a directory, it also deletes temporary files a
         killed process left there: the day being written at the kill is delivered again, so the
@@ -344,9 +348,9 @@ class CsvSink(Sink):
                     directory=str(directory),
                     files=removed,
                 )
-        touched.add(directory)
+        ready.add(directory)
         for created in ensure_private_dir(directory, self.host.shared_group):
-            touched.add(created.parent)
+            new_entries.add(created.parent)
 
     def _translate(self, error: OSError) -> SinkError:
         # Every file-system failure is the target's state (full, read-only, missing, permissions),
