@@ -427,6 +427,14 @@ def notify(pm: pluggy.PluginManager, hook_name: str, /, **kwargs: Any) -> int:
             log.warning(
                 "plugin hook raised", plugin=impl.plugin_name, hook=hook_name, error=_describe(exc)
             )
+            # The traceback is for the plugin's authors: at debug, so a hook failing on every
+            # event does not fill the log.
+            log.debug(
+                "plugin hook traceback",
+                plugin=impl.plugin_name,
+                hook=hook_name,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
     return failures
 
 
