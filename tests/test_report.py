@@ -354,6 +354,25 @@ def test_bad_csv_file_is_named_with_its_line(collected: Collected, tmp_path: Pat
         make_report(CsvSource(root, "test"), window)
 
 
+def test_csv_day_without_its_usage_daily_file_is_left_out(
+    collected: Collected, tmp_path: Path
+) -> None:
+    """Detail files of a day whose usage_daily file is missing (a day the csv sink has not
+    completed) are not counted: the report equals one without any file of that day."""
+    window = _window(collected)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(collected.workdir / "csv", incomplete)
+    name = f"{collected.until}.csv"
+    (incomplete / "tenant-01" / "usage_daily" / name).unlink()
+    absent = tmp_path / "absent"
+    shutil.copytree(incomplete, absent)
+    for table in ("usage_daily_ide", "usage_daily_language", "usage_user_daily"):
+        (absent / "tenant-01" / table / name).unlink()
+    assert _comparable(make_report(CsvSource(incomplete, "test"), window)) == _comparable(
+        make_report(CsvSource(absent, "test"), window)
+    )
+
+
 def test_csv_directory_option_reads_the_files(collected: Collected) -> None:
     """``--csv DIR`` (no config) reads a CSV sink's files; tenants then show by id."""
     result = _cli("--csv", str(collected.workdir / "csv"), "--until", str(collected.until),
