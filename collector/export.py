@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import TextIO
 
 from collector.errors import CollectorError
-from collector.files import create_temp_file, ensure_private_dir
-from collector_sinks._serialize import guard_formula
+from collector.files import create_temp_file, ensure_private_dir, guard_formula
 from collector_sinks.csv import COLUMNS, fsync_directory, safe_segment
 
 MARKER = "usage_daily"

@@ -26,8 +26,10 @@ import yaml
 from collector.app import load, load_plugins
 from collector.config import AppConfig
 from collector.report.model import ReportError, UsageReport, Window
-from collector.report.render import NO_USER_ROWS, render, report_dict
+from collector.report.render import NO_USER_ROWS, render, render_csv, report_dict
 from collector.report.sources import CsvSource, SqlSource, choose_sink, make_report
+from collector.testing import make_tenant_day
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig
 from tests.e2e import REPO
 from tests.report_data import NAMES, Collected, collect, pseudonym
 
@@ -263,6 +265,32 @@ def test_seats_section_as_csv(collected: Collected, config: AppConfig) -> None:
         (t, e, s) for t, e, s, _ in expected
     }
     assert {r["tenant"] for r in rows} <= set(NAMES.values())
+
+
+async def test_csv_rendering_neutralizes_formula_cells(tmp_path: Path) -> None:
+    """Tenant names and emails that a spreadsheet would run as formulas get a leading quote in
+    ``--format csv`` (usage and seats); numbers stay numbers."""
+    formulas = ('=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3+cmd")
+    until = dt.date(2026, 1, 31)
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=tmp_path / "usage.db"))
+    await sink.write(
+        [
+            make_tenant_day("acme", until - dt.timedelta(days=20), list(formulas)),
+            make_tenant_day("acme", until, ["still.here@example.com"]),
+        ]
+    )
+    await sink.aclose()
+    report = make_report(
+        SqlSource.from_argument(str(tmp_path / "usage.db")),
+        Window.last(7, until),
+        names={"acme": "=1+1"},
+    )
+    [usage] = list(csv.DictReader(io.StringIO(render_csv(report, "usage"))))
+    assert (usage["tenant"], usage["tenant_id"]) == ("'=1+1", "acme")
+    assert usage["messages"].isdigit()
+    seats = list(csv.DictReader(io.StringIO(render_csv(report, "seats"))))
+    assert sorted(row["user"] for row in seats) == sorted("'" + f for f in formulas)
+    assert all(row["idle_days"].isdigit() for row in seats)
 
 
 def test_since_until_window_equals_the_same_days_window(collected: Collected) -> None:

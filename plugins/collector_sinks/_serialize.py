@@ -9,9 +9,9 @@ order, so a file written by the S3 sink, a webhook body and a SQL table all line
   ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
   ``csv`` sink writes, so files from both sinks can be concatenated;
 - in CSV, a text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``,
-  ``-``, ``@``, a tab or a carriage return: emails, IDE and language names come from the API) gets
-  a leading ``'`` (:func:`guard_formula`, the OWASP rule), unless the sink turns the guard off;
-  numbers are never touched.
+  ``-``, ``@``, a tab or a carriage return: emails, IDE and language names come from the API)
+  gets a leading ``'`` (:func:`collector.files.guard_formula`, the OWASP rule), unless the sink
+  turns the guard off; numbers are never touched.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
@@ -24,9 +24,9 @@ import datetime as dt
 import gzip
 import io
 import json
-from collections.abc import Sequence
 from typing import Any, Final
 
+from collector.files import guard_row
 from collector.models import TenantDay
 
 USAGE_DAILY: Final = "usage_daily"
@@ -132,25 +132,6 @@ def to_ndjson(rows: list[Row]) -> bytes:
     return "".join(dumps(row) + "\n" for row in rows).encode("utf-8")
 
 
-FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
-"""First characters that make Excel, LibreOffice or Google Sheets read a cell as a formula."""
-
-
-def guard_formula(text: str) -> str:
-    """``text`` with a leading ``'`` if a spreadsheet would run it as a formula, else unchanged.
-
-    The OWASP rule against CSV injection: a cell such as ``=HYPERLINK("http://x","y")`` or
-    ``@SUM(1+1)`` becomes ``'=HYPERLINK(...)``, which spreadsheets show as text. A guarded cell
-    starts with ``'``, so guarding again changes nothing.
-    """
-    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
-
-
-def guard_row(row: Sequence[Any]) -> list[Any]:
-    """The cells of one CSV row, every text cell guarded (numbers and other values as they are)."""
-    return [guard_formula(cell) if isinstance(cell, str) else cell for cell in row]
-
-
 def _csv_cell(value: Any) -> str:
     if value is None:
         return ""
@@ -164,7 +145,8 @@ def _csv_cell(value: Any) -> str:
 def to_csv(table: str, rows: list[Row], *, formula_guard: bool = True) -> bytes:
     """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends).
 
-    With ``formula_guard`` (the default) text cells are guarded by :func:`guard_formula`.
+    With ``formula_guard`` (the default) text cells are guarded
+    (:func:`collector.files.guard_formula`).
     """
     columns = COLUMNS[table]
     buffer = io.StringIO()

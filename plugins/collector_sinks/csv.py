@@ -45,12 +45,11 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.files import create_temp_file, ensure_private_dir
+from collector.files import create_temp_file, ensure_private_dir, guard_row
 from collector.hookspecs import hookimpl
 from collector.log import get_logger
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig, run_blocking
-from collector_sinks._serialize import guard_row
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "usage_daily": ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
@@ -117,7 +116,7 @@ def render_tables(td: TenantDay, *, formula_guard: bool = True) -> dict[str, byt
     """The four CSV files of one tenant-day, UTF-8 with a header row each.
 
     With ``formula_guard`` (the default) every text cell a spreadsheet would run as a formula gets
-    a leading ``'`` (:func:`~collector_sinks._serialize.guard_formula`); numbers stay numbers.
+    a leading ``'`` (:func:`collector.files.guard_formula`); numbers stay numbers.
     """
     fetched_at = td.daily.fetched_at
     if fetched_at.tzinfo is None:
