@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,6 +20,7 @@ from pydantic import SecretStr, ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay, UserDayRecord
+from collector.sink import SinkHost
 from collector.testing import make_batch, make_tenant_day, refetched
 from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
 
@@ -489,3 +492,72 @@ async def test_write_cost_per_tenant_day(tmp_path: Path) -> None:
     per_tenant_day = (time.process_time() - started) / sum(len(b) for b in batches)
     await sink.aclose()
     assert per_tenant_day < 0.001, f"{per_tenant_day * 1000:.3f} ms per tenant-day"
+
+
+async def test_an_integer_the_database_cannot_store_is_permanent(sink: SqliteSink) -> None:
+    """A count beyond the column's range (2**64: past SQLite's 64 bits, PostgreSQL's INTEGER) is
+    a permanent error naming the sink, not a driver exception that would be retried forever."""
+    td = make_tenant_day("acme", users=["big.counter@example.com"])
+    huge = [replace(user, messages=2**64) for user in td.users]
+    with pytest.raises(SinkPermanentError, match="sink warehouse") as caught:
+        await sink.write([td.with_users(huge)])
+    assert "big.counter" not in str(caught.value)
+
+
+async def test_a_constraint_violation_is_permanent(tmp_path: Path) -> None:
+    """A row that breaks a constraint of a DBA-managed table (create_tables: false) is permanent."""
+    path = tmp_path / "usage.db"
+    creator = SqliteSink("a", SqliteSinkConfig(type="sqlite", path=path))
+    await creator.open()
+    await creator.aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE usage_user_daily")
+        conn.execute(
+            "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL, "
+            "user VARCHAR NOT NULL, messages INTEGER NOT NULL CHECK (messages < 1000), "
+            "last_active DATE, ides VARCHAR NOT NULL, languages VARCHAR NOT NULL, "
+            "PRIMARY KEY (tenant, day, user))"
+        )
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
+    td = make_tenant_day("acme", users=1)
+    with pytest.raises(SinkPermanentError, match="IntegrityError"):
+        await sink.write([td.with_users([replace(td.users[0], messages=5000)])])
+    await sink.write([td])  # within the constraint: stored
+    await sink.aclose()
+
+
+async def test_a_created_database_is_owner_only(tmp_path: Path) -> None:
+    """Under umask 022 a new SQLite file, its -wal and -shm files are 0600 and its new
+    directory 0700; with files.shared_group 0640 and 0750."""
+    old = os.umask(0o022)
+    try:
+        private = SqliteSink("p", SqliteSinkConfig(type="sqlite", path=tmp_path / "p" / "u.db"))
+        await private.write(make_batch(("acme",), 1))
+        shared = SqliteSink("s", SqliteSinkConfig(type="sqlite", path=tmp_path / "s" / "u.db"))
+        shared.host = SinkHost(shared_group=True)
+        await shared.write(make_batch(("acme",), 1))
+    finally:
+        os.umask(old)
+    for directory, dir_mode, file_mode in (
+        (tmp_path / "p", 0o700, 0o600),
+        (tmp_path / "s", 0o750, 0o640),
+    ):
+        assert stat.S_IMODE(directory.stat().st_mode) == dir_mode
+        names = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert names == {"u.db": file_mode, "u.db-wal": file_mode, "u.db-shm": file_mode}
+    await private.aclose()
+    await shared.aclose()
+
+
+async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    """A database file that already exists is used as it is, contents and mode."""
+    path = tmp_path / "usage.db"
+    first = SqliteSink("a", SqliteSinkConfig(type="sqlite", path=path))
+    await first.write(make_batch(("acme",), 1))
+    await first.aclose()
+    path.chmod(0o644)
+    again = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path))
+    await again.write(make_batch(("globex",), 1))
+    await again.aclose()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert {row[0] for row in read_tables(f"sqlite:///{path}")["usage_daily"]} == {"acme", "globex"}

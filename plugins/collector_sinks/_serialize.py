@@ -8,7 +8,11 @@ order, so a file written by the S3 sink, a webhook body and a SQL table all line
 - in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are JSON arrays in
   one cell (``["vscode", "jetbrains"]``), ``final`` is ``true``/``false``, a missing
   ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
-  ``csv`` sink writes, so files from both sinks can be concatenated.
+  ``csv`` sink writes, so files from both sinks can be concatenated;
+- in CSV, a text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``,
+  ``-``, ``@``, a tab or a carriage return: emails, IDE and language names come from the API)
+  gets a leading ``'`` (:func:`collector.files.guard_formula`, the OWASP rule), unless the sink
+  turns the guard off; numbers are never touched.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
@@ -23,6 +27,7 @@ import io
 import json
 from typing import Any, Final
 
+from collector.files import guard_row
 from collector.models import TenantDay
 
 USAGE_DAILY: Final = "usage_daily"
@@ -148,14 +153,21 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def to_csv(table: str, rows: list[Row]) -> bytes:
-    """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends)."""
+def to_csv(table: str, rows: list[Row], *, formula_guard: bool = True) -> bytes:
+    """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends).
+
+    With ``formula_guard`` (the default) text cells are guarded
+    (:func:`collector.files.guard_formula`).
+    """
     columns = COLUMNS[table]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row[column]) for column in columns])
+        cells = [row[column] for column in columns]
+        if formula_guard:
+            cells = guard_row(cells)
+        writer.writerow([_csv_cell(cell) for cell in cells])
     return buffer.getvalue().encode("utf-8")
 
 

@@ -20,8 +20,9 @@ last commits (a ``replay`` restores them; ``synchronous: full`` avoids it at the
 per transaction). Write transactions start with ``BEGIN IMMEDIATE``
 so two writers queue instead of failing half-way. Errors leave as
 :class:`~collector.errors.SinkTransientError` (locked, connection lost, disk full) or
-:class:`~collector.errors.SinkPermanentError` (integrity and data errors); their messages carry
-the driver's first line only, never row values or the URL's password.
+:class:`~collector.errors.SinkPermanentError` (integrity and data errors, an integer SQLite cannot
+store); their messages carry the driver's first line only, never row values or the URL's
+password. A SQLite file the sink creates is 0600 (0640 with ``files.shared_group``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
+from collector.files import create_private_file, ensure_private_dir
 from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig, run_blocking
@@ -239,7 +241,11 @@ class SqliteSink(Sink):
             url = self.config.sqlalchemy_url()
             is_sqlite = url.get_backend_name() == "sqlite"
             if is_sqlite and url.database not in (None, "", ":memory:"):
-                Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+                # Created here first, the file (and its -wal and -shm files, which SQLite gives
+                # the database's mode) is owner-only whatever the umask: it holds emails.
+                database = Path(url.database or "").expanduser()
+                ensure_private_dir(database.parent, self.host.shared_group)
+                create_private_file(database, self.host.shared_group)
             engine = _create_engine(url, self.config.busy_timeout, self.config.synchronous)
             if self.config.create_tables:
                 METADATA.create_all(engine)
@@ -276,7 +282,8 @@ class SqliteSink(Sink):
         try:
             with engine.begin() as conn:
                 statements.write(conn, list(latest), rows)
-        except (exc.SQLAlchemyError, OSError) as error:
+        except (exc.SQLAlchemyError, OSError, OverflowError) as error:
+            # OverflowError: sqlite3 cannot bind an integer beyond 64 bits, a value of the data.
             raise self._translate(error) from None
 
     def _translate(self, error: BaseException) -> SinkError:
@@ -287,7 +294,9 @@ class SqliteSink(Sink):
         if self._password:
             detail = detail.replace(self._password, "***")
         message = f"sink {self.name}: {detail}"
-        if isinstance(error, exc.IntegrityError | exc.DataError):
+        if isinstance(error, exc.IntegrityError | exc.DataError | OverflowError):
+            # The database refuses a value of this data (a constraint, a type's range): the same
+            # rows fail every time, so only a dead letter (and a fix, then replay) helps.
             return SinkPermanentError(message)
         return SinkTransientError(message)
 
