@@ -22,7 +22,7 @@ import io
 import json
 from typing import Any, Final
 
-from collector.models import TenantDay
+from collector.plugin import TenantDay
 
 USAGE_DAILY: Final = "usage_daily"
 USAGE_DAILY_IDE: Final = "usage_daily_ide"

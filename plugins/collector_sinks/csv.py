@@ -37,11 +37,18 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.log import get_logger
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
+from collector.plugin import (
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    get_logger,
+    hookimpl,
+    run_blocking,
+)
 
 COLUMNS: dict[str, tuple[str, ...]] = {
     "usage_daily": ("tenant", "day", "active_users", "messages", "fetched_at", "final"),

@@ -40,12 +40,23 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
-from collector.store.prepared import KEYS, BulkInsert, Codec, KeyLookup, Prepared
-from collector.store.schema import insert_for
+from collector.plugin import (
+    KEYS,
+    Batch,
+    BulkInsert,
+    Codec,
+    KeyLookup,
+    Prepared,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    hookimpl,
+    insert_for,
+    run_blocking,
+)
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
