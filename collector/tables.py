@@ -118,6 +118,7 @@ class UsageDailyLanguage(SQLModel, table=True):
     engaged_users: int = _value(
         "Users who used Zencoder with this language that day.",
         "data.daily[0].languages[].engaged_users",
+        sa_type=_Count,
     )
 
 
