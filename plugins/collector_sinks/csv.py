@@ -44,29 +44,26 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.files import create_temp_file, ensure_private_dir, guard_row
-from collector.hookspecs import hookimpl
-from collector.log import get_logger
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
+from collector.plugin import (
+    USAGE_COLUMNS,
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    create_temp_file,
+    ensure_private_dir,
+    fsync_directory,
+    get_logger,
+    guard_row,
+    hookimpl,
+    run_blocking,
+)
 
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "usage_daily": ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
-    "usage_daily_ide": ("tenant", "day", "ide_name", "engaged_users"),
-    "usage_daily_language": ("tenant", "day", "language_name", "engaged_users"),
-    "usage_user_daily": (
-        "tenant",
-        "day",
-        "user",
-        "messages",
-        "last_active",
-        "ides",
-        "languages",
-        "last_active_at",  # added later, so last
-    ),
-}
-"""Table name -> CSV header, in file column order."""
+COLUMNS = USAGE_COLUMNS
+"""Table name -> CSV header, in file column order (from :mod:`collector.tables`)."""
 
 MARKER_FIRST: tuple[str, ...] = (
     "usage_daily",
@@ -245,18 +242,6 @@ def sweep_leftovers(directory: Path, older_than: float) -> int:
                 os.unlink(entry.path)
                 removed += 1
     return removed
-
-
-def fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are durable on return
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class CsvSink(Sink):

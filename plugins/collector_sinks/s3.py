@@ -36,10 +36,16 @@ from botocore.exceptions import (
 )
 from pydantic import ConfigDict, Field, SecretStr, field_validator, model_validator
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig
+from collector.plugin import (
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    hookimpl,
+)
 from collector_sinks import _serialize as ser
 
 # aiobotocore (with botocore's client machinery) takes about a quarter of a second to import, so it
