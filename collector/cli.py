@@ -66,6 +66,56 @@ def _bad_day(value: str) -> dt.date:
     )
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_log_level(value: str) -> str:
+    """argparse type for ``--log-level``: one of :data:`LOG_LEVELS`, any case."""
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """``--log-level`` and ``--log-format``, before the command or (``after_command``) after it.
+
+    After the command they default to SUPPRESS, so a subcommand that is not given them keeps
+    what was given before it (or the defaults).
+    """
+    parser.add_argument(
+        "--log-level",
+        type=parse_log_level,
+        default=argparse.SUPPRESS
+        if after_command
+        else os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL"),
+        help="debug, info (default), warning, error, critical; the demo defaults to warning "
+        "(default: $ZENCODER_COLLECTOR_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=argparse.SUPPRESS if after_command else "auto",
+        help="auto: console on a terminal, JSON otherwise",
+    )
+
+
+def _progress_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary (the exit code tells); errors still go to stderr",
+    )
+    # The option of earlier versions; --quiet also drops the summary.
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--json", action="store_true", help="print the outcome as JSON (docs/operations.md)"
+    )
+
+
 def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "-c",
@@ -77,7 +127,10 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 class _SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser that can add its arguments on first use.
+    """A subcommand's parser: takes the global options too, and can add its arguments on first use.
+
+    Every command accepts ``--log-level`` and ``--log-format`` after its name as well
+    (``status -c x --log-level debug``), as users type them.
 
     ``simulate`` and ``export`` take their options from modules that import aiohttp.web, the
     simulator and the CSV sink; adding them only when that subcommand is parsed (or its help shown)
@@ -92,6 +145,7 @@ class _SubcommandParser(argparse.ArgumentParser):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._populate = populate
+        _global_options(self, after_command=True)
 
     def _ensure_populated(self) -> None:
         populate, self._populate = self._populate, None
@@ -134,17 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL"),
-        help="debug, info (default), warning, error; the demo defaults to warning",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "console"],
-        default="auto",
-        help="auto: console on a terminal, JSON otherwise",
-    )
+    _global_options(parser, after_command=False)
     sub = parser.add_subparsers(
         dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser
     )
@@ -157,6 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="one cycle, then exit; exit code 0 only if every tenant succeeded",
     )
     run.add_argument("--tenant", action="append", help="limit to these tenant ids (repeatable)")
+    _progress_args(run)
 
     validate = sub.add_parser(
         "validate",
@@ -168,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="ask the API for a token (or one day) per tenant",
     )
+    validate.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     backfill = sub.add_parser("backfill", help="fetch an explicit date range for one tenant or all")
     _config_arg(backfill)
@@ -176,7 +222,13 @@ def build_parser() -> argparse.ArgumentParser:
     backfill.add_argument(
         "--until", type=parse_day, help="last day, YYYY-MM-DD (default: today UTC)"
     )
-    backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    backfill.add_argument(
+        "--refetch",
+        action="store_true",
+        help="fetch every day again, also those already stored as final (default: skip them, so "
+        "an interrupted backfill resumes where it stopped)",
+    )
+    _progress_args(backfill)
 
     status = sub.add_parser("status", help="per-tenant and per-sink state from the state store")
     _config_arg(status)
@@ -213,6 +265,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser("schema", help="print the config JSON Schema")
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the configuration reference as Markdown (docs/config-reference.md)",
+    )
 
     sub.add_parser(
         "simulate",
@@ -226,6 +283,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="demo-output", help="directory for the demo's files")
 
     sub.add_parser("export", help="export stored data", populate=_add_export_arguments)
+
+    tenant = sub.add_parser("tenant", help="export or purge one tenant's data (offboarding)")
+    tenant_sub = tenant.add_subparsers(dest="tenant_action", required=True, metavar="ACTION")
+    export_one = tenant_sub.add_parser(
+        "export", help="every stored table of one tenant, as CSV and JSON"
+    )
+    _config_arg(export_one)
+    export_one.add_argument("tenant_id", metavar="TENANT", help="tenant id")
+    export_one.add_argument("-o", "--output", required=True, help="directory for the files")
+    purge = tenant_sub.add_parser(
+        "purge",
+        help="delete one tenant from the state store and every sink that can delete",
+    )
+    _config_arg(purge)
+    purge.add_argument("tenant_id", metavar="TENANT", help="tenant id")
+    purge.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--json", action="store_true", help="print the outcome as JSON")
     return parser
 
 
@@ -262,10 +336,14 @@ def _main(argv: Sequence[str] | None) -> int:
 
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     level = args.log_level or ("warning" if args.command in {"demo", "report"} else "info")
+    # Kept for commands that set logging up again (the progress display redirects stderr).
+    args.log_setup = (level, fmt)
     configure_logging(level, json=fmt)
     try:
         return _dispatch(args)
     except ConfigError as exc:
+        if args.command == "validate" and args.json:
+            print(dump_json({"ok": False, "problems": list(exc.problems)}))
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
@@ -281,7 +359,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
 
 
-_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay"})
+_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay", "tenant"})
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -315,6 +393,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "backfill": commands.backfill,
         "status": commands.status,
         "replay": commands.replay,
+        "tenant": commands.tenant,
     }[command]
     return run_async(handler(args))
 
