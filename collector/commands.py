@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     import sqlalchemy as sa
 
     from collector.config import TenantConfig
+    from collector.simulator import SimTenant
 
 log = structlog.get_logger("collector.cli")
 
@@ -365,8 +366,45 @@ async def demo(args: argparse.Namespace) -> int:
         print()
         print(render_usage(usage_report(url, since, until), "table", since, until))
     print(f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state)")
-    print(f"next: zencoder-collector report --db {output}/usage.db --format csv")
+    command = _cli_command()
+    print(f"next: {command} report --db {output}/usage.db --format csv")
+    ready = await asyncio.to_thread(_write_simulator_config, output, settings.tenants)
+    print(
+        f"your own sink: `{command} simulate --tenants 5` serves these organizations on "
+        f"{SIMULATE_URL};\n  {ready} collects them (URL and credentials filled in): put your "
+        f"sink under `sinks:`, then `{command} run --once -c {ready}`"
+    )
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
+
+
+SIMULATE_URL = "http://127.0.0.1:8080"
+"""Where ``zencoder-collector simulate`` listens by default."""
+
+
+def _write_simulator_config(output: Path, tenants: list[SimTenant]) -> Path:
+    from collector.simulator.cli import ready_config
+
+    path = output / "simulator.yaml"
+    path.write_text(
+        ready_config(SIMULATE_URL, tenants, workdir=str(output / "own-sink")), encoding="utf-8"
+    )
+    return path
+
+
+def _cli_command() -> str:
+    """How to run this CLI again from the current shell: ``zencoder-collector`` when that is on
+    PATH, else the script's own path (e.g. ``.venv/bin/zencoder-collector`` without an activated
+    venv), else ``python -m collector``."""
+    import shutil
+
+    script = Path(sys.argv[0])
+    if script.name == "zencoder-collector":
+        found = shutil.which("zencoder-collector")
+        if found is not None and Path(found).resolve() == script.resolve():
+            return "zencoder-collector"
+        if script.is_file():
+            return str(script)
+    return f"{sys.executable} -m collector"
 
 
 def _demo_config_path() -> Path:

@@ -16,11 +16,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import yaml
+
 from collector.app import load_plugins
 from collector.config import json_schema
 from collector.pipeline import utc_today
 from collector.retry import NO_WAIT_ENV
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
+from collector.simulator.cli import ready_config
 from tests.e2e import REPO, count_rows, run_cli, run_python, write_config
 
 
@@ -108,6 +111,21 @@ async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
     assert "Zencoder usage" in result.stdout
     assert count_rows(tmp_path / "out" / "usage.db")["usage_daily"] == 5 * 30
     assert len(list((tmp_path / "out" / "csv").rglob("usage_daily/*.csv"))) == 5 * 30
+    assert f"{tmp_path / 'out' / 'simulator.yaml'} collects them" in result.stdout
+    ready = yaml.safe_load((tmp_path / "out" / "simulator.yaml").read_text())
+    assert ready["api"]["base_url"] == "http://127.0.0.1:8080"
+    assert [t["id"] for t in ready["tenants"]] == [t.id for t in demo_tenants(5)]
+
+
+async def test_simulators_ready_config_collects_every_tenant(tmp_path: Path) -> None:
+    """The config `simulate` prints (and `demo` writes) collects every simulated tenant as it is."""
+    tenants = demo_tenants(3)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = tmp_path / "sim.yaml"
+        config.write_text(ready_config(sim.base_url, sim.tenants, workdir=str(tmp_path / "o")))
+        result = await run_cli("run", "--once", "-q", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o" / "csv").iterdir()) == [t.id for t in tenants]
 
 
 # What `run --once` must not pay for at start-up unless the command needs it: the simulator's web
