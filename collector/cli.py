@@ -10,11 +10,14 @@ import argparse
 import contextlib
 import datetime as dt
 import gc
+import importlib
+import inspect
 import json
 import os
 import sys
 from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar, cast
 
 from collector import __version__
 from collector.errors import CollectorError, ConfigError
@@ -182,18 +185,10 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="zencoder-collector",
-        description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    _global_options(parser, after_command=False)
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser
-    )
+# --- the commands: one table, one argument function each ----------------------------------------
 
-    run = sub.add_parser("run", help="run the daemon (or one cycle with --once)")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     _config_arg(run)
     run.add_argument(
         "--once",
@@ -203,10 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tenant", action="append", help="limit to these tenant ids (repeatable)")
     _progress_args(run)
 
-    validate = sub.add_parser(
-        "validate",
-        help="check the config (and with --check-credentials, each tenant's credentials)",
-    )
+
+def _validate_arguments(validate: argparse.ArgumentParser) -> None:
     _config_arg(validate)
     validate.add_argument(
         "--check-credentials",
@@ -215,7 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     validate.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
-    backfill = sub.add_parser("backfill", help="fetch an explicit date range for one tenant or all")
+
+def _backfill_arguments(backfill: argparse.ArgumentParser) -> None:
     _config_arg(backfill)
     backfill.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all")
     backfill.add_argument("--since", type=parse_day, required=True, help="first day, YYYY-MM-DD")
@@ -230,11 +224,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _progress_args(backfill)
 
-    status = sub.add_parser("status", help="per-tenant and per-sink state from the state store")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print JSON (same as GET /status)")
 
-    report = sub.add_parser("report", help="cross-tenant usage summary from a SQL sink")
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
     _config_arg(report, required=False)
     report.add_argument("--db", help="SQLAlchemy URL or SQLite path of a SQL sink's database")
     report.add_argument(
@@ -246,9 +242,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("--format", choices=["table", "csv", "json"], default="table")
 
-    replay = sub.add_parser(
-        "replay", help="redeliver stored history to a sink without calling the API"
-    )
+
+def _replay_arguments(replay: argparse.ArgumentParser) -> None:
     _config_arg(replay)
     replay.add_argument("--sink", required=True, help="sink instance name")
     replay.add_argument(
@@ -257,13 +252,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--since", type=parse_day, help="first day to redeliver")
     replay.add_argument("--dead-letters", action="store_true", help="only dead-lettered days")
 
-    plugins = sub.add_parser("plugins", help="list discovered sink types, origin and config schema")
+
+def _plugins_arguments(plugins: argparse.ArgumentParser) -> None:
     plugins.add_argument("--json", action="store_true")
     plugins.add_argument(
         "--schemas", action="store_true", help="include each sink's config JSON Schema"
     )
 
-    schema = sub.add_parser("schema", help="print the config JSON Schema")
+
+def _schema_arguments(schema: argparse.ArgumentParser) -> None:
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
     schema.add_argument(
         "--markdown",
@@ -271,20 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the configuration reference as Markdown (docs/config-reference.md)",
     )
 
-    sub.add_parser(
-        "simulate",
-        help="serve the built-in Zencoder API simulator",
-        populate=_add_simulate_arguments,
-    )
 
-    demo = sub.add_parser(
-        "demo", help="simulator + collection into SQLite and CSV + report, in one go"
-    )
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--output", default="demo-output", help="directory for the demo's files")
 
-    sub.add_parser("export", help="export stored data", populate=_add_export_arguments)
 
-    tenant = sub.add_parser("tenant", help="export or purge one tenant's data (offboarding)")
+def _tenant_arguments(tenant: argparse.ArgumentParser) -> None:
     tenant_sub = tenant.add_subparsers(dest="tenant_action", required=True, metavar="ACTION")
     export_one = tenant_sub.add_parser(
         "export", help="every stored table of one tenant, as CSV and JSON"
@@ -300,6 +289,122 @@ def build_parser() -> argparse.ArgumentParser:
     purge.add_argument("tenant_id", metavar="TENANT", help="tenant id")
     purge.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
     purge.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb of the CLI, complete: a new command is one entry in :data:`COMMANDS`."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: str
+    """``module:function``, imported only when the command runs (the parser stays light). The
+    function takes the parsed arguments and returns the exit code, or a coroutine of it."""
+    loads_config: bool = False
+    """The handler ends the start-up GC pause itself once its config is loaded (see
+    :func:`end_startup`); the others end it before the handler runs."""
+    lazy_arguments: bool = False
+    """Add the arguments only when this command is parsed: they come from heavy modules."""
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "run",
+        "run the daemon (or one cycle with --once)",
+        _run_arguments,
+        "collector.commands:run",
+        loads_config=True,
+    ),
+    Command(
+        "validate",
+        "check the config (and with --check-credentials, each tenant's credentials)",
+        _validate_arguments,
+        "collector.commands:validate",
+        loads_config=True,
+    ),
+    Command(
+        "backfill",
+        "fetch an explicit date range for one tenant or all",
+        _backfill_arguments,
+        "collector.commands:backfill",
+        loads_config=True,
+    ),
+    Command(
+        "status",
+        "per-tenant and per-sink state from the state store",
+        _status_arguments,
+        "collector.commands:status",
+        loads_config=True,
+    ),
+    Command(
+        "report",
+        "cross-tenant usage summary from a SQL sink",
+        _report_arguments,
+        "collector.commands:report",
+    ),
+    Command(
+        "replay",
+        "redeliver stored history to a sink without calling the API",
+        _replay_arguments,
+        "collector.commands:replay",
+        loads_config=True,
+    ),
+    Command(
+        "plugins",
+        "list discovered sink types, origin and config schema",
+        _plugins_arguments,
+        "collector.commands:plugins",
+    ),
+    Command(
+        "schema", "print the config JSON Schema", _schema_arguments, "collector.commands:schema"
+    ),
+    Command(
+        "simulate",
+        "serve the built-in Zencoder API simulator",
+        _add_simulate_arguments,
+        "collector.simulator.cli:run_simulate",
+        lazy_arguments=True,
+    ),
+    Command(
+        "demo",
+        "simulator + collection into SQLite and CSV + report, in one go",
+        _demo_arguments,
+        "collector.commands:demo",
+    ),
+    Command(
+        "export",
+        "export stored data",
+        _add_export_arguments,
+        "collector.export:run_export",
+        lazy_arguments=True,
+    ),
+    Command(
+        "tenant",
+        "export or purge one tenant's data (offboarding)",
+        _tenant_arguments,
+        "collector.commands:tenant",
+        loads_config=True,
+    ),
+)
+COMMANDS_BY_NAME = {command.name: command for command in COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zencoder-collector",
+        description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, after_command=False)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser
+    )
+    for command in COMMANDS:
+        if command.lazy_arguments:
+            sub.add_parser(command.name, help=command.help, populate=command.arguments)
+        else:
+            command.arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
@@ -359,43 +464,18 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
 
 
-_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay", "tenant"})
-
-
 def _dispatch(args: argparse.Namespace) -> int:
-    command: str = args.command
-    if command == "simulate":
-        from collector.simulator.cli import run_simulate
-
-        end_startup()
-        return run_simulate(args)
-    if command == "export":
-        from collector.export import run_export
-
-        end_startup()
-        return run_export(args)
-    # Imported here, not at the top: it pulls in the whole runtime (SQLAlchemy, pydantic, ...).
-    from collector import commands
-
-    if command not in _LOADS_CONFIG:
+    command = COMMANDS_BY_NAME[args.command]
+    module_name, _, function_name = command.handler.partition(":")
+    # Imported here, not at the top: most handlers pull in the whole runtime (SQLAlchemy,
+    # pydantic, ...), which `--help` and usage errors do without.
+    handler: Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]] = getattr(
+        importlib.import_module(module_name), function_name
+    )
+    if not command.loads_config:
         end_startup()  # the others end start-up once their config is loaded (commands._load)
-    if command == "schema":
-        return commands.schema(args)
-    if command == "plugins":
-        return commands.plugins(args)
-    if command == "demo":
-        return run_async(commands.demo(args))
-    if command == "report":
-        return commands.report(args)
-    handler = {
-        "validate": commands.validate,
-        "run": commands.run,
-        "backfill": commands.backfill,
-        "status": commands.status,
-        "replay": commands.replay,
-        "tenant": commands.tenant,
-    }[command]
-    return run_async(handler(args))
+    outcome = handler(args)
+    return run_async(outcome) if inspect.iscoroutine(outcome) else cast(int, outcome)
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:

@@ -200,7 +200,7 @@ async def run(args: argparse.Namespace) -> int:
     if not args.once:
         from collector.daemon import run_daemon
 
-        return await run_daemon(args.config, loaded, tenants=args.tenant)
+        return await run_daemon(args.config, loaded, tenants=args.tenant, config=config)
     result, delivered = await _cycle_with_progress(args, config, loaded, tenants)
     _print_outcome(args, result, delivered)
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE

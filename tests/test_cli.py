@@ -429,3 +429,17 @@ def test_no_color_turns_off_colours_on_a_terminal(tmp_path: Path) -> None:
     assert "\x1b[" in coloured
     assert "token request failed" in plain
     assert "\x1b[" not in plain
+
+
+def test_every_command_of_the_table_has_a_parser_and_a_handler() -> None:
+    """Each entry of the command table is a subcommand with help, and its handler exists."""
+    import importlib
+
+    from collector.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for command in COMMANDS:
+        assert command.name in help_text
+        module_name, _, function_name = command.handler.partition(":")
+        assert callable(getattr(importlib.import_module(module_name), function_name))
