@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import datetime as dt
 import json
 import os
 import sqlite3
@@ -20,7 +21,7 @@ from collector.app import load, load_plugins
 from collector.hookspecs import hookimpl
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector.sink import Sink
-from collector.tenant_admin import purge_sinks
+from collector.tenant_admin import TenantStore, purge_sinks
 from tests.e2e import CliResult, run_cli, write_config
 from tests.servers import (
     MOTO_CREDENTIALS,
@@ -28,6 +29,7 @@ from tests.servers import (
     list_keys,
     running_moto_s3,
     s3_admin_client,
+    sample_day,
 )
 
 SECRET = "purge-test-webhook-secret"
@@ -237,3 +239,30 @@ async def test_a_failing_purge_hook_fails_only_its_sink(tmp_path: Path) -> None:
     assert (tmp_path / "a" / "tenant-01").is_dir()
     assert results["other"].outcome == "purged"
     assert not (tmp_path / "b" / "tenant-01").exists()
+
+
+async def test_store_rows_and_purge_of_one_tenant(store_url: str) -> None:
+    """On SQLite and PostgreSQL the store reads and deletes exactly one tenant's rows of every
+    per-tenant table, deliveries before days."""
+    days = [dt.date(2024, 5, 6), dt.date(2024, 5, 7)]
+    store = await TenantStore.open(store_url)
+    try:
+        await store.sync_sinks({"db": None})
+        fetched = [(sample_day(t, d), "{}") for t in ("acme", "globex") for d in days]
+        await store.record_fetched(fetched)
+        await store.set_tenant_success("acme")
+        await store.set_tenant_success("globex")
+        rows = await store.tenant_rows("acme")
+        assert {name: len(r) for name, r in rows.items()} == {
+            "tenant_day": 2, "tenant_status": 1, "delivery": 2
+        }  # fmt: skip
+        assert [r["day"] for r in rows["tenant_day"]] == days
+        deleted = await store.purge_tenant("acme")
+        assert deleted == {"delivery": 2, "tenant_status": 1, "tenant_day": 2}
+        assert not any((await store.tenant_rows("acme")).values())
+        left = await store.tenant_rows("globex")
+        assert {name: len(r) for name, r in left.items()} == {
+            "tenant_day": 2, "tenant_status": 1, "delivery": 2
+        }  # fmt: skip
+    finally:
+        await store.aclose()
