@@ -194,6 +194,9 @@ async def _cycle(
 
 
 async def run(args: argparse.Namespace) -> int:
+    if not args.once and (args.json or args.quiet or args.no_progress):
+        print("error: --json, --quiet and --no-progress go with run --once", file=sys.stderr)
+        return EXIT_USAGE
     config, loaded = _load(args)
     tenants = _select(config, args.tenant)
     if not args.once:

@@ -365,6 +365,13 @@ async def test_a_cycle_with_failures_is_logged_at_warning(tmp_path: Path) -> Non
     assert [(entry["tenant"], entry["level"]) for entry in done] == [("acme", "warning")]
 
 
+async def test_output_options_of_run_once_are_refused_for_the_daemon(tmp_path: Path) -> None:
+    """`run --json` (no --once) is a usage error, not a daemon that ignores the option."""
+    result = await run_cli("run", "--json", "-c", str(_small_config(tmp_path)))
+    assert result.returncode == 2
+    assert "--json, --quiet and --no-progress go with run --once" in result.stderr
+
+
 async def test_unknown_log_level_is_one_line_listing_the_valid_ones(tmp_path: Path) -> None:
     """An unknown --log-level (or $ZENCODER_COLLECTOR_LOG_LEVEL) is a usage error that lists the
     levels, with no traceback."""
