@@ -428,9 +428,8 @@ def _cli_command() -> str:
 
 
 def _demo_config_path() -> Path:
-    local = Path("config/demo.yaml")
-    if local.is_file():
-        return local
+    """The demo config is package data: wheel and editable installs both have it, whatever the
+    working directory (config/demo.yaml in the repository is a link to it)."""
     from importlib import resources
 
     return Path(str(resources.files("collector") / "_data" / "demo.yaml"))
