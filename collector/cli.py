@@ -281,6 +281,12 @@ def _tenant_arguments(tenant: argparse.ArgumentParser) -> None:
     purge.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
 
+def _add_state_arguments(parser: argparse.ArgumentParser) -> None:
+    from collector.state_migrate import add_state_arguments
+
+    add_state_arguments(parser)
+
+
 @dataclass(frozen=True)
 class Command:
     """One verb of the CLI, complete: a new command is one entry in :data:`COMMANDS`."""
@@ -375,6 +381,13 @@ COMMANDS: tuple[Command, ...] = (
         _tenant_arguments,
         "collector.commands:tenant",
         loads_config=True,
+    ),
+    Command(
+        "state",
+        "state database maintenance: migrate a SQLite state store to PostgreSQL",
+        _add_state_arguments,
+        "collector.state_migrate:state_command",
+        lazy_arguments=True,
     ),
 )
 COMMANDS_BY_NAME = {command.name: command for command in COMMANDS}
