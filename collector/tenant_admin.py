@@ -38,8 +38,9 @@ log = structlog.get_logger("collector.tenant")
 
 
 def tenant_tables() -> list[Table]:
-    """The state store's tables that hold per-tenant rows, parents before children."""
-    return [t for t in metadata.sorted_tables if "tenant" in t.c]
+    """The state store's tables that hold per-tenant data, parents before children (not the
+    replicas' leases: coordination, kept so a re-added tenant's fencing token still grows)."""
+    return [t for t in metadata.sorted_tables if "tenant" in t.c and not t.info.get("coordination")]
 
 
 def _jsonable(value: Any) -> Any:

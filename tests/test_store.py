@@ -18,6 +18,7 @@ import sqlalchemy
 from collector.errors import StoreError
 from collector.models import TenantDay, normalize, parse_usage
 from collector.store import Store
+from collector.store.schema import SCHEMA_VERSION
 
 DAY = dt.date(2025, 1, 10)
 FETCHED_AT = dt.datetime(2025, 1, 11, 6, 0, tzinfo=dt.UTC)
@@ -409,7 +410,7 @@ async def test_sqlite_file_is_in_wal_mode_with_the_chosen_durability(tmp_path: P
             assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
             assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             version = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
-            assert version == 1
+            assert version == SCHEMA_VERSION
     finally:
         await store.aclose()
 

@@ -19,14 +19,16 @@ the disk. docs/architecture.md ("State store and outbox") describes it for opera
 The parts: :mod:`.schema` (tables and returned values), :mod:`.base` (engine, transactions,
 errors), :mod:`.days` (fetched days, retention), :mod:`.outbox` (sinks and delivery),
 :mod:`.pending` (reading a sink's queue, the cache of new days), :mod:`.status` (tenant
-outcomes, the ``status`` snapshot), and :mod:`.hot` with :mod:`.prepared` (the statements every
-tenant-day goes through, compiled once and run many rows at a time).
+outcomes, the ``status`` snapshot), :mod:`.leases` (replicas, tenant leases, fencing), and
+:mod:`.hot` with :mod:`.prepared` (the statements every tenant-day goes through, compiled once
+and run many rows at a time).
 """
 
 from __future__ import annotations
 
 from collector.planner import DayState, DayStatus
 from collector.store.days import DaysStore
+from collector.store.leases import LeasesStore
 from collector.store.schema import (
     DeadLetter,
     PendingBatch,
@@ -50,7 +52,7 @@ __all__ = [
 ]
 
 
-class Store(DaysStore, StatusStore):
+class Store(DaysStore, StatusStore, LeasesStore):
     """Async facade over the state database: ``store = await Store.open(url)``, then
     ``await store.aclose()`` at the end. Every method raises only
     :class:`~collector.errors.StoreError` for database failures."""

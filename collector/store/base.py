@@ -40,6 +40,7 @@ from sqlalchemy import (
     func,
     or_,
     select,
+    text,
     tuple_,
 )
 from sqlalchemy.engine import URL, make_url
@@ -47,6 +48,12 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from collector.errors import StoreError
 from collector.planner import DayStatus
+from collector.store.fencing import (
+    FENCE_SETTING,
+    fencing_error,
+    install_fencing,
+    prepare_migration,
+)
 from collector.store.hot import HotStatements
 from collector.store.schema import (
     SCHEMA_VERSION,
@@ -135,6 +142,9 @@ class StoreBase:
     ) -> None:
         self._engine = engine
         self._display_url = display_url
+        # A replica's fencing tokens (collector.store.fencing), put on every write; None: the
+        # process is not a replica and is not fenced.
+        self.fence: str | None = None
         self._now = clock
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
@@ -251,20 +261,23 @@ class StoreBase:
         with self._engine.connect() as conn:
             conn.execution_options(collector_write=True)
             with conn.begin():
+                prepare_migration(conn)
                 metadata.create_all(conn, checkfirst=True)
                 found = conn.execute(select(func.max(schema_version.c.version))).scalar()
-                if found is None:
+                if found is not None and found > SCHEMA_VERSION:
+                    raise StoreError(
+                        f"the state database has schema version {found}, newer than this "
+                        f"collector supports ({SCHEMA_VERSION}): upgrade the collector"
+                    )
+                if found is None or found < SCHEMA_VERSION:
+                    # Version 2 (replica leases): create_all added the lease tables; the
+                    # fencing trigger is installed here. A later version adds its steps after.
+                    install_fencing(conn)
                     conn.execute(
                         schema_version.insert().values(
                             version=SCHEMA_VERSION, applied_at=self._now()
                         )
                     )
-                elif found > SCHEMA_VERSION:
-                    raise StoreError(
-                        f"the state database has schema version {found}, newer than this "
-                        f"collector supports ({SCHEMA_VERSION}): upgrade the collector"
-                    )
-                # A later schema version adds its migration steps here, from `found` upwards.
                 conn.execute(upsert(conn, store_meta, ["key"]), [{"key": "seq", "value": 0}])
 
     def _run(self, fn: Callable[[Connection], T], write: bool) -> T:
@@ -275,9 +288,15 @@ class StoreBase:
                 if write:
                     conn.execution_options(collector_write=True)
                 with conn.begin():
+                    fence = self.fence
+                    if write and fence is not None:
+                        conn.execute(
+                            text("SELECT set_config(:name, :fence, true)"),
+                            {"name": FENCE_SETTING, "fence": fence},
+                        )
                     return fn(conn)
         except SQLAlchemyError as exc:
-            raise StoreError(describe(exc)) from exc
+            raise fencing_error(exc, describe(exc)) or StoreError(describe(exc)) from exc
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.to_thread(self._run, fn, False)

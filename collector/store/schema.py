@@ -5,8 +5,8 @@ own), so ``create_all`` on it never puts another component's tables into the sta
 also gives the dialect upserts (``INSERT ... ON CONFLICT``) the hot path needs, with the same code
 on SQLite and PostgreSQL.
 
-Schema version 1 (``schema_version`` table); a later version adds its migration in
-``StoreBase._migrate``.
+Schema version 2 (``schema_version`` table): version 1 plus the replica and lease tables of
+:mod:`.leases` and, on PostgreSQL, their fencing trigger; ``StoreBase._migrate`` upgrades.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from sqlalchemy import (
 
 from collector.models import TenantDay
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 FINAL_SUFFIX = ":final"
 
 
