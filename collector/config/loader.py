@@ -26,7 +26,14 @@ from collector.config.models import (
     format_duration,
     parse_duration,
 )
-from collector.config.source import FILE_SUFFIX, ConfigPath, Source, is_secret_key, parse_source
+from collector.config.source import (
+    FILE_SUFFIX,
+    MAX_CONFIG_BYTES,
+    ConfigPath,
+    Source,
+    is_secret_key,
+    parse_source,
+)
 from collector.errors import ConfigError, ConfigProblem
 from collector.sink import SinkConfig
 
@@ -65,7 +72,13 @@ def load_config(
     """
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            # One byte past the bound is enough to know; a huge file is never read whole.
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            limit = f"{MAX_CONFIG_BYTES // (1024 * 1024)} MiB"
+            raise ConfigError([ConfigProblem(file, None, "", f"the file is larger than {limit}")])
+        text = raw.decode("utf-8")
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -87,6 +100,7 @@ def parse_config(
     source = parse_source(text, source_name, os.environ if environ is None else environ)
     if not isinstance(source.data, dict):
         raise ConfigError(_sorted(source.problems))
+    _forgive_idle_secrets(source)
     # top-level x-* keys hold YAML anchors for reuse (as in docker compose); they are not settings
     data = {k: v for k, v in source.data.items() if not k.startswith("x-")}
     raw_sinks = data.pop("sinks", None)
@@ -106,7 +120,50 @@ def parse_config(
     if source.problems or config is None:
         raise ConfigError(_sorted(source.problems))
     config.sinks = sinks
+    config.warnings.extend(_shared_credentials(config, source))
     return config
+
+
+_CREDENTIAL_KEYS = ("client_id", "client_secret", "api_key")
+
+
+def _forgive_idle_secrets(source: Source) -> None:
+    """A tenant with ``enabled: false`` needs no secrets: drop the problems about reading them
+    (an unset variable, a missing secret file), so the tenant can wait for its credentials."""
+    tenants = source.data.get("tenants")
+    if not isinstance(tenants, list):
+        return
+    forgiven: set[str] = set()
+    for index, tenant in enumerate(tenants):
+        if isinstance(tenant, dict) and tenant.get("enabled") is False:
+            for key in _CREDENTIAL_KEYS:
+                forgiven |= {f"tenants[{index}].{key}", f"tenants[{index}].{key}{FILE_SUFFIX}"}
+    source.problems = [p for p in source.problems if p.path not in forgiven]
+
+
+def _shared_credentials(config: AppConfig, source: Source) -> list[ConfigProblem]:
+    """Warnings for tenants whose credentials equal an earlier tenant's: both would fetch one
+    organization's data twice (and share its rate budget) under two ids."""
+    first: dict[str, str] = {}
+    warnings: list[ConfigProblem] = []
+    for index, tenant in enumerate(config.tenants):
+        if tenant.client_id is None and tenant.api_key is None:
+            continue  # a disabled tenant without credentials
+        fingerprint = tenant.credentials_fingerprint
+        if fingerprint not in first:
+            first[fingerprint] = tenant.id
+            continue
+        path: ConfigPath = ("tenants", index, "id")
+        warnings.append(
+            ConfigProblem(
+                source.file,
+                source.line_of(path),
+                f"tenants[{index}]",
+                f"tenant {tenant.id!r} has the same credentials as tenant "
+                f"{first[fingerprint]!r}: both would collect the same organization",
+            )
+        )
+    return warnings
 
 
 def _sorted(problems: list[ConfigProblem]) -> list[ConfigProblem]:
@@ -132,22 +189,28 @@ def _validate_sinks(
             source.add((*path, "type"), "expected a string")
             continue
         model: type[SinkConfig] = GenericSinkConfig
+        known = sink_types is None or type_name in sink_types
         if sink_types is not None:
-            if type_name not in sink_types:
+            if known:
+                model = sink_types[type_name]
+            else:
                 installed = ", ".join(sorted(sink_types)) or "none"
                 source.add(
                     (*path, "type"), f"unknown sink type {type_name!r}; installed: {installed}"
                 )
-                continue
-            model = sink_types[type_name]
+                # Still check the keys every sink has (batch_size, pii, ...), so installing the
+                # plugin does not reveal a second round of problems.
         values = _coerce_durations(dict(raw), model)
         _settle_file_keys(values, path, model, source)
         if model is GenericSinkConfig:
             values = {k: _maybe_secret(k, v) for k, v in values.items()}
         try:
-            sinks[name] = model.model_validate(values)
+            validated = model.model_validate(values)
         except ValidationError as exc:
             _report(exc, path, model, source)
+            continue
+        if known:
+            sinks[name] = validated
     return sinks
 
 
