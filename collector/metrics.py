@@ -173,6 +173,15 @@ class Metrics:
             "process_resident_memory_bytes", "Resident memory (RSS) of the daemon process."
         )
         self.open_fds = gauge("process_open_fds", "Open file descriptors of the daemon process.")
+        self.state_store_up = gauge(
+            "state_store_up", "0 while the state store fails (e.g. a full disk), else 1."
+        )
+        self.state_store_errors = counter(
+            "state_store_errors_total", "Failed state store operations (reads and writes)."
+        )
+        self.bad_requests = counter(
+            "ops_bad_requests_total", "Malformed requests the ops server rejected."
+        )
         self.up = gauge("up", "1 while the daemon runs.")
 
     def families(self) -> list[Metric | Histogram]:

@@ -21,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     PlainSerializer,
+    PrivateAttr,
     SecretStr,
     SerializeAsAny,
     ValidationInfo,
@@ -30,12 +31,20 @@ from pydantic import (
 )
 
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
+from collector.errors import ConfigProblem
 from collector.log import get_logger, register_secrets
 from collector.sink import SinkConfig
 
 log = get_logger("collector.config")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+# Names Windows reserves for devices, with or without an extension ("nul", "con.txt"): a tenant id
+# is a directory name in the csv sink, so the rule is the one every file system accepts.
+_RESERVED_NAME = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
+TENANT_ID_RULE = (
+    "1-64 letters, digits, '_', '.', '-', starting with a letter or digit, not ending with '.', "
+    "not a device name (con, nul, com1, ...)"
+)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Fingerprints only need to differ when credentials differ within this process; a per-process key
@@ -94,6 +103,14 @@ Duration = Annotated[
     PlainSerializer(format_duration, return_type=str, when_used="json"),
     WithJsonSchema(DURATION_JSON_SCHEMA),
 ]
+
+
+def tenant_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a tenant id, or None. The id names a directory (csv sink), an S3
+    partition and a metric label, so it is the one rule every first-party sink accepts."""
+    if not NAME_PATTERN.fullmatch(value) or value.endswith(".") or _RESERVED_NAME.fullmatch(value):
+        return f"invalid tenant id {value!r}: {TENANT_ID_RULE}"
+    return None
 
 
 def _http_url(value: str) -> str:
@@ -254,6 +271,24 @@ class StateConfig(_Model):
     payload_retention_days: int | None = Field(
         default=None, ge=1, description="Drop raw payloads older than this; null keeps them all."
     )
+    raw_pii: Literal["keep", "pseudonymize"] = Field(
+        default="keep",
+        description="Emails in the stored raw payloads: keep, or pseudonymize (keyed pseudonyms "
+        "replace them before anything is stored; sinks then receive the pseudonyms).",
+    )
+    pii_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the raw_pii: pseudonymize pseudonyms (or pii_key_file); keep it "
+        "stable, or the same user gets a new pseudonym.",
+    )
+
+    @model_validator(mode="after")
+    def _key_for_pseudonyms(self) -> StateConfig:
+        if self.raw_pii == "pseudonymize" and (
+            self.pii_key is None or not self.pii_key.get_secret_value()
+        ):
+            raise ValueError("raw_pii: pseudonymize needs a non-empty pii_key (or pii_key_file)")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -283,12 +318,22 @@ class StateConfig(_Model):
         return parts._replace(netloc=netloc).geturl()
 
     def secret_values(self) -> list[str]:
-        """The password, from ``password`` or written inside the URL."""
-        found = [self.password.get_secret_value()] if self.password else []
+        """The password (from ``password`` or written inside the URL) and the ``pii_key``."""
+        found = [s.get_secret_value() for s in (self.password, self.pii_key) if s is not None]
         inline = urlsplit(self.url).password
         if inline:
             found += [inline, unquote(inline)]
         return found
+
+
+class FilesConfig(_Model):
+    """Modes of the files and directories the collector creates (state database, sinks' files)."""
+
+    shared_group: bool = Field(
+        default=False,
+        description="false: files 0600, directories 0700 (owner only); true: 0640 / 0750, "
+        "for a team sharing the data directory through a group.",
+    )
 
 
 class ServerConfig(_Model):
@@ -350,11 +395,9 @@ class TenantConfig(_Model):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        if not NAME_PATTERN.fullmatch(value):
-            raise ValueError(
-                f"invalid tenant id {value!r}: 1-64 letters, digits, '_', '.', '-', "
-                "starting with a letter or digit"
-            )
+        problem = tenant_id_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("client_id", "client_secret", "api_key", mode="before")
@@ -375,7 +418,9 @@ class TenantConfig(_Model):
         oauth = self.client_id is not None or self.client_secret is not None
         if oauth and self.api_key is not None:
             raise ValueError("give either api_key or client_id + client_secret, not both")
-        if self.api_key is None:
+        # An idle tenant makes no request: its secrets may be absent (not yet issued, or already
+        # revoked) without failing the whole config.
+        if self.enabled and self.api_key is None:
             if not oauth:
                 raise ValueError(
                     "no credentials: give client_id + client_secret (OAuth) or api_key"
@@ -463,10 +508,18 @@ class AppConfig(_Model):
     collection: CollectionConfig = Field(default_factory=CollectionConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
     sinks: dict[str, SerializeAsAny[SinkConfig]] = Field(
         default_factory=dict, description="Sink instances by name; the name is the routing key."
     )
     tenants: list[TenantConfig] = Field(default_factory=list)
+    _warnings: list[ConfigProblem] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[ConfigProblem]:
+        """What the loader found doubtful but not wrong (e.g. two tenants with one set of
+        credentials): logged at start and by ``validate``, never a reason to refuse the file."""
+        return self._warnings
 
     @property
     def enabled_tenants(self) -> list[TenantConfig]:
