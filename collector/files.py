@@ -75,10 +75,9 @@ def create_private_file(path: str | Path, shared_group: bool = False) -> bool:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     except FileExistsError:
         return False
-    try:
-        os.fchmod(fd, mode)
-    finally:
-        os.close(fd)
+    os.close(fd)
+    # The mode given to open() is filtered by the umask; chmod sets it exactly.
+    os.chmod(path, mode)
     return True
 
 
@@ -92,7 +91,7 @@ def create_temp_file(
     """
     fd, name = tempfile.mkstemp(dir=directory, prefix=prefix, suffix=".tmp")
     try:
-        os.fchmod(fd, file_mode(shared_group))
+        os.chmod(name, file_mode(shared_group))
     except BaseException:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):

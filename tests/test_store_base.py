@@ -16,6 +16,7 @@ from structlog.testing import capture_logs
 from collector.errors import StoreError
 from collector.pii import Pseudonymizer, raw_payload_policy
 from collector.store import Store
+from collector.store.base import HEALTH_LOG_INTERVAL, StoreHealth
 from tests.disk import fill, small_disk
 from tests.test_store import DAY, days, fetched
 
@@ -146,3 +147,25 @@ async def test_kept_raw_payloads_are_stored_as_received(tmp_path: Path) -> None:
         assert sorted(u.user for u in day.users) == ["user0@acme.example", "user1@acme.example"]
     finally:
         await store.aclose()
+
+
+def test_a_flapping_store_is_logged_once_per_interval() -> None:
+    """Failures alternating with successes (small writes fitting where big ones do not) give one
+    error and one recovery line per interval; the next error line counts those not logged."""
+    now = [1000.0]
+    health = StoreHealth(clock=lambda: now[0])
+    with capture_logs() as logs:
+        for reason in ("database or disk is full", "disk I/O error", "database or disk is full"):
+            health.failed(reason)
+            health.succeeded()
+        health.failed("database or disk is full")
+        now[0] += HEALTH_LOG_INTERVAL
+        health.failed("disk I/O error")
+    assert [(e["event"], e.get("similar_errors_not_logged")) for e in logs] == [
+        ("state store failing: nothing new is stored until it recovers", 0),
+        ("state store recovered", None),
+        ("state store failing: nothing new is stored until it recovers", 3),
+    ]
+    assert health.failing
+    assert health.error == "disk I/O error"
+    assert health.failures == 5

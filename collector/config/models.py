@@ -326,16 +326,6 @@ class StateConfig(_Model):
         return found
 
 
-class FilesConfig(_Model):
-    """Modes of the files and directories the collector creates (state database, sinks' files)."""
-
-    shared_group: bool = Field(
-        default=False,
-        description="false: files 0600, directories 0700 (owner only); true: 0640 / 0750, "
-        "for a team sharing the data directory through a group.",
-    )
-
-
 class ServerConfig(_Model):
     """The ops HTTP server (/healthz /readyz /metrics /status)."""
 
@@ -362,6 +352,16 @@ class ServerConfig(_Model):
     def port(self) -> int | None:
         """The port part of ``listen``."""
         return None if self.listen is None else int(self.listen.rpartition(":")[2])
+
+
+class FilesConfig(_Model):
+    """Modes of the files and directories the collector creates (state database, sinks, export)."""
+
+    shared_group: bool = Field(
+        default=False,
+        description="false: files 0600 and directories 0700 (owner only); true: 0640 and 0750, "
+        "readable by the group, for teams that share a data directory.",
+    )
 
 
 class TenantConfig(_Model):

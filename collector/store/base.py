@@ -142,9 +142,11 @@ def store_error(exc: SQLAlchemyError, prefix: str = "") -> StoreError:
 class StoreHealth:
     """Whether the state store's last operation failed, since when and why; thread-safe.
 
-    Every failed operation is counted (``failures``), but only the first of an outage, a change
-    of reason, or the same reason again after :data:`HEALTH_LOG_INTERVAL` seconds is logged, so a
-    full disk under a thousand tenants is one error line a minute, not one traceback per tenant.
+    Every failed operation is counted (``failures``), but an error is logged at most once per
+    :data:`HEALTH_LOG_INTERVAL` seconds, whatever the reason and even across a quick recovery
+    (a nearly full disk may let small writes through between failing ones), so a full disk under
+    a thousand tenants is one error line a minute, not one traceback per tenant. The recovery is
+    logged when it ends an outage whose error was logged.
     """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
@@ -154,6 +156,7 @@ class StoreHealth:
         self.error: str | None = None
         self.since: dt.datetime | None = None
         self._logged_at: float | None = None
+        self._outage_logged = False
         self._suppressed = 0
 
     @property
@@ -165,19 +168,19 @@ class StoreHealth:
         with self._lock:
             self.failures += 1
             now = self._clock()
-            changed = error != self.error
             if self.error is None:
                 self.since = dt.datetime.now(dt.UTC)
             self.error = error
-            due = self._logged_at is None or now - self._logged_at >= HEALTH_LOG_INTERVAL
-            if not (changed or due):
+            if self._logged_at is not None and now - self._logged_at < HEALTH_LOG_INTERVAL:
                 self._suppressed += 1
                 return
             suppressed, self._suppressed, self._logged_at = self._suppressed, 0, now
+            self._outage_logged = True
+            since = self.since
         log.error(
             "state store failing: nothing new is stored until it recovers",
             error=error,
-            since=self.since.isoformat() if self.since else None,
+            since=since.isoformat() if since else None,
             similar_errors_not_logged=suppressed,
         )
 
@@ -185,14 +188,15 @@ class StoreHealth:
         if self.error is None:  # the common case, without taking the lock
             return
         with self._lock:
-            error, since = self.error, self.since
-            self.error = self.since = self._logged_at = None
-            self._suppressed = 0
-        log.warning(
-            "state store recovered",
-            error_was=error,
-            since=since.isoformat() if since else None,
-        )
+            error, since, logged = self.error, self.since, self._outage_logged
+            self.error = self.since = None
+            self._outage_logged = False
+        if logged:
+            log.warning(
+                "state store recovered",
+                error_was=error,
+                since=since.isoformat() if since else None,
+            )
 
 
 def keys_in(conn: Connection, tenant: Any, day: Any, keys: Sequence[Key]) -> ColumnElement[bool]:
