@@ -429,9 +429,11 @@ def _allow_file_keys(node: dict[str, Any]) -> None:
 def summarize(config: AppConfig) -> str:
     """One line for ``validate``: tenants by auth mode, sinks by name and type."""
     tenants = config.tenants
-    oauth = sum(1 for t in tenants if t.auth_mode == "oauth")
+    # by the credentials given: a disabled tenant may have none
+    oauth = sum(1 for t in tenants if t.client_id is not None)
+    api_key = sum(1 for t in tenants if t.api_key is not None)
     disabled = len(tenants) - len(config.enabled_tenants)
-    modes = f"{oauth} oauth, {len(tenants) - oauth} api_key"
+    modes = f"{oauth} oauth, {api_key} api_key"
     if disabled:
         modes += f", {disabled} disabled"
     sinks = ", ".join(f"{name} ({sink.type})" for name, sink in config.sinks.items())
