@@ -489,12 +489,7 @@ class Daemon:
             parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
         )
         health = runtime.store.health
-        snapshot["state_store"] = {
-            "state": "failing" if health.failing else "ok",
-            "error": health.error,
-            "since": health.since.isoformat() if health.since else None,
-            "errors": health.failures,
-        }
+        snapshot["state_store"] = health.snapshot()
         if health.failing:
             # Nothing can be written while it fails, so the store's own tenant rows cannot say
             # why a tenant is behind: its last cycle, kept here in memory, does.

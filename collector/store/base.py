@@ -18,9 +18,9 @@ Errors: every SQLAlchemy/driver exception becomes :class:`~collector.errors.Stor
 driver's first message line; SQL parameters are hidden from messages (payloads hold emails), and
 the URL is only ever shown with its password masked. A file that is not a database or is corrupt
 raises :class:`~collector.store.lock.StoreUnusable` (retrying cannot help). Every failure and the
-first success after one are recorded in :class:`StoreHealth` (``store.health``): one error log per
-outage and reason at most every :data:`HEALTH_LOG_INTERVAL` seconds, ``/readyz`` and the metrics
-read it, and a write that succeeds again ends the outage.
+first success after one are recorded in :class:`StoreHealth` (``store.health``): at most one
+error log every :data:`HEALTH_LOG_INTERVAL` seconds, ``/readyz`` and the metrics read it, and a
+write that succeeds again ends the outage.
 
 Files (SQLite): the database, its ``-wal``/``-shm`` files and its directory are created owner-only
 (``files.shared_group`` adds the group), see :mod:`collector.files`; an exclusive opener (``run``,
@@ -86,7 +86,7 @@ _STATUSES: frozenset[str] = frozenset({"missing", "fetched", "final", "failed"})
 _SQLITE_NOTADB = 26
 _SQLITE_CORRUPT = 11
 HEALTH_LOG_INTERVAL = 60.0
-"""Seconds between two error logs of the same state store outage."""
+"""Seconds between two error logs of state store failures."""
 
 
 def _utcnow() -> dt.datetime:
@@ -163,6 +163,15 @@ class StoreHealth:
     def failing(self) -> bool:
         """True from a failed operation until the next one that succeeds."""
         return self.error is not None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``state_store`` object of ``/status``."""
+        return {
+            "state": "failing" if self.failing else "ok",
+            "error": self.error,
+            "since": self.since.isoformat() if self.since else None,
+            "errors": self.failures,
+        }
 
     def failed(self, error: str) -> None:
         with self._lock:
