@@ -240,6 +240,17 @@ def test_a_disabled_tenant_needs_no_secrets(tmp_path: Path) -> None:
     assert [t.api_key for t in config.tenants[1:3]] == [None, None]
 
 
+def test_a_disabled_tenant_still_gets_mistakes_reported(tmp_path: Path) -> None:
+    """Forgiving missing secrets does not hide a credential written twice."""
+    path = write(
+        tmp_path,
+        "tenants:\n  - {id: later, enabled: false, api_key: k, api_key_file: /nowhere}\n",
+    )
+    assert problems(path) == [
+        f"{path}:2: tenants[0].api_key_file: give either api_key or api_key_file, not both"
+    ]
+
+
 def test_an_enabled_tenant_still_needs_its_secrets(tmp_path: Path) -> None:
     """Only ``enabled: false`` forgives missing secrets."""
     path = write(tmp_path, "tenants:\n  - {id: acme, api_key: '${ACME_KEY}'}\n")

@@ -31,6 +31,7 @@ from collector.config.source import (
     MAX_CONFIG_BYTES,
     ConfigPath,
     Source,
+    format_path,
     is_secret_key,
     parse_source,
 )
@@ -124,20 +125,25 @@ def parse_config(
     return config
 
 
-_CREDENTIAL_KEYS = ("client_id", "client_secret", "api_key")
+_CREDENTIALS = ("client_id", "client_secret", "api_key")
 
 
 def _forgive_idle_secrets(source: Source) -> None:
-    """A tenant with ``enabled: false`` needs no secrets: drop the problems about reading them
-    (an unset variable, a missing secret file), so the tenant can wait for its credentials."""
+    """A tenant with ``enabled: false`` needs no secrets: drop the problems about values that
+    could not be produced for its credentials (an unset variable, a missing secret file), so the
+    tenant can wait for them. Mistakes in how they are written are still reported."""
     tenants = source.data.get("tenants")
     if not isinstance(tenants, list):
         return
+    idle = {
+        index
+        for index, tenant in enumerate(tenants)
+        if isinstance(tenant, dict) and tenant.get("enabled") is False
+    }
     forgiven: set[str] = set()
-    for index, tenant in enumerate(tenants):
-        if isinstance(tenant, dict) and tenant.get("enabled") is False:
-            for key in _CREDENTIAL_KEYS:
-                forgiven |= {f"tenants[{index}].{key}", f"tenants[{index}].{key}{FILE_SUFFIX}"}
+    for spot in source.placeholders:
+        if len(spot) == 3 and spot[0] == "tenants" and spot[1] in idle and spot[2] in _CREDENTIALS:
+            forgiven |= {format_path(spot), format_path(source.file_keys.get(spot, spot))}
     source.problems = [p for p in source.problems if p.path not in forgiven]
 
 
