@@ -6,7 +6,8 @@ Lifecycle:
   ops server starts, so ``/healthz`` answers at once and ``/readyz`` says 503 until the state
   store is open (an unreachable database is retried with backoff, not fatal; a state file that is
   corrupt, truncated to zero bytes or locked by another collector is: the daemon exits 1 with the
-  same message as ``run --once``);
+  same message as ``run --once``; so does a database found corrupt while running, after the
+  usual graceful stop);
 - a state store that fails while running (a full disk) is one rate-limited error log (see
   :class:`~collector.store.base.StoreHealth`), ``/readyz`` 503 with the reason, ``/status`` and the
   ``state_store_*`` metrics; the next write that succeeds ends it, and the days missed are
@@ -181,6 +182,8 @@ class Daemon:
             finally:
                 await self._shutdown()
         log.info("daemon stopped")
+        if runtime.store.health.unusable is not None:
+            raise StoreUnusable(runtime.store.health.unusable)  # exit 1, as at start
         return 0
 
     async def _open_runtime(
@@ -221,6 +224,12 @@ class Daemon:
         assert runtime is not None
         await self._schedule_new(runtime.config)
         while not self._stopping.is_set():
+            if runtime.store.health.unusable is not None:
+                log.error(
+                    "state store unusable; stopping", error=runtime.store.health.unusable
+                )
+                self.request_stop()
+                break
             if self._reload_requested:
                 self._reload_requested = False
                 await self._reload()

@@ -4,9 +4,11 @@ collector on the same state. Real daemon processes against the simulator, a real
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
+import sqlite3
 from pathlib import Path
 from typing import Any
 
@@ -173,3 +175,29 @@ async def test_a_second_daemon_on_the_same_state_refuses_to_start(tmp_path: Path
         async with DaemonProcess(config) as third:
             await eventually(lambda: ready(third), within=30, what="third ready", daemon=third)
             assert await third.stop() == 0
+
+
+async def test_a_corrupt_table_found_while_running_stops_the_daemon(tmp_path: Path) -> None:
+    """A database that opens but whose table of days is corrupt: the first cycle that reads it
+    stops the daemon gracefully, exit 1 with the database's message, instead of failing every
+    cycle for ever."""
+    tenants = demo_tenants(1)
+    state = tmp_path / "state.db"
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = _config(tmp_path, sim, tenants, state, lookback=2)
+        first = await run_cli("run", "--once", "-c", str(config))
+        assert first.returncode == 0, first.stderr
+        with contextlib.closing(sqlite3.connect(state)) as raw:
+            page_size = raw.execute("PRAGMA page_size").fetchone()[0]
+            [root] = raw.execute("SELECT rootpage FROM sqlite_master WHERE name = 'tenant_day'")
+        with state.open("r+b") as handle:  # what a bad disk block leaves behind
+            handle.seek(page_size * (root[0] - 1))
+            handle.write(b"\xff" * page_size)
+        async with DaemonProcess(config) as d:
+            code = await d.wait(30)
+    assert code == 1
+    [stopping] = d.events("state store unusable; stopping")
+    assert "database disk image is malformed" in stopping["error"]
+    assert d.events("daemon started")
+    assert d.events("daemon stopped")
+    assert "error: " in d.output()

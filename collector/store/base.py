@@ -158,6 +158,8 @@ class StoreHealth:
         self._logged_at: float | None = None
         self._outage_logged = False
         self._suppressed = 0
+        self.unusable: str | None = None
+        """Set when the database turned out corrupt while in use: no retry can cure that."""
 
     @property
     def failing(self) -> bool:
@@ -424,6 +426,8 @@ class StoreBase:
         except SQLAlchemyError as exc:
             error = store_error(exc)
             self.health.failed(str(error))
+            if isinstance(error, StoreUnusable):
+                self.health.unusable = str(error)
             raise error from exc
         if write:  # a read succeeds on a full disk too: only a write proves recovery
             self.health.succeeded()
