@@ -145,4 +145,4 @@ async def test_a_crashing_handler_is_still_an_error(caplog: pytest.LogCaptureFix
     errors = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert [r.levelno for r in errors] == [logging.ERROR]
     assert errors[0].exc_info is not None
-    assert probe.metrics.bad_requests.samples == {}
+    assert probe.metrics.bad_requests.samples.get((), 0.0) == 0
