@@ -225,9 +225,7 @@ class Daemon:
         await self._schedule_new(runtime.config)
         while not self._stopping.is_set():
             if runtime.store.health.unusable is not None:
-                log.error(
-                    "state store unusable; stopping", error=runtime.store.health.unusable
-                )
+                log.error("state store unusable; stopping", error=runtime.store.health.unusable)
                 self.request_stop()
                 break
             if self._reload_requested:

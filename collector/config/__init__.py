@@ -27,6 +27,7 @@ Relative paths (``sqlite:///data/state.db``, sink paths, secret files) stay as w
 relative to the working directory of the process.
 """
 
+from collector.config.durations import parse_duration
 from collector.config.loader import json_schema, load_config, parse_config, summarize
 from collector.config.models import (
     ApiConfig,
@@ -39,7 +40,6 @@ from collector.config.models import (
     ServerConfig,
     StateConfig,
     TenantConfig,
-    parse_duration,
 )
 from collector.config.source import SECRET_KEYS, interpolate, is_secret_key, read_secret_file
 

@@ -18,14 +18,8 @@ from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, create_model
 from pydantic_core import ErrorDetails
 
-from collector.config.models import (
-    DURATION_JSON_SCHEMA,
-    NAME_PATTERN,
-    AppConfig,
-    GenericSinkConfig,
-    format_duration,
-    parse_duration,
-)
+from collector.config.durations import DURATION_JSON_SCHEMA, format_duration, parse_duration
+from collector.config.models import NAME_PATTERN, AppConfig, GenericSinkConfig
 from collector.config.source import (
     FILE_SUFFIX,
     MAX_CONFIG_BYTES,

@@ -12,24 +12,22 @@ import hmac
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
     PrivateAttr,
     SecretStr,
     SerializeAsAny,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from collector.config.durations import Duration
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
 from collector.errors import ConfigProblem
 from collector.log import get_logger, register_secrets
@@ -45,64 +43,9 @@ TENANT_ID_RULE = (
     "1-64 letters, digits, '_', '.', '-', starting with a letter or digit, not ending with '.', "
     "not a device name (con, nul, com1, ...)"
 )
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 # Fingerprints only need to differ when credentials differ within this process; a per-process key
 # keeps them useless for guessing a weak secret offline.
 _FINGERPRINT_KEY = secrets.token_bytes(32)
-
-
-def parse_duration(value: object) -> object:
-    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"`` or seconds -> timedelta.
-
-    ISO 8601 strings (``PT30S``) and other types pass through for pydantic to judge.
-    """
-    if isinstance(value, bool):
-        raise ValueError(  # noqa: TRY004 - pydantic turns only ValueError into a located problem
-            "expected a duration such as 30s, 5m, 1h or a number of seconds"
-        )
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return dt.timedelta(seconds=value)
-    if isinstance(value, str) and not value.startswith("P"):
-        text = value.strip().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return dt.timedelta(seconds=float(text))
-        if text and re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-            return dt.timedelta(seconds=seconds)
-        raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 5m, 1h, 1d, 1h30m")
-    return value
-
-
-def format_duration(value: dt.timedelta) -> str:
-    """The shortest exact spelling in the config's own units: ``30s``, ``5m``, ``500ms``."""
-    millis = round(value.total_seconds() * 1000)
-    for unit in ("d", "h", "m", "s"):
-        size = round(_UNIT_SECONDS[unit] * 1000)
-        if millis and millis % size == 0:
-            return f"{millis // size}{unit}"
-    return f"{millis}ms"
-
-
-DURATION_JSON_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {
-            "type": "string",
-            "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$|^P[0-9.YMWDTHS]+$",
-        },
-        {"type": "number", "minimum": 0},
-    ],
-}
-"""Durations as the config accepts them: 500ms, 30s, 5m, 1h, 1d, 1h30m, seconds, or ISO 8601."""
-
-Duration = Annotated[
-    dt.timedelta,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-    WithJsonSchema(DURATION_JSON_SCHEMA),
-]
 
 
 def tenant_id_problem(value: str) -> str | None:
