@@ -8,10 +8,10 @@ Usage::
 Every model forbids unknown keys. A failed load raises :class:`~collector.errors.ConfigError`
 whose ``problems`` list *every* problem as ``FILE:LINE: dotted.path: message`` (paths look like
 ``tenants[2].client_secret_file``). :mod:`.source` reads the YAML with the line of every key and
-does ``${VAR}`` interpolation and ``<key>_file`` secret files; :mod:`.models` holds the sections;
-:mod:`.loader` validates and locates problems. Secrets are :class:`~pydantic.SecretStr`:
-``repr``, ``str`` and ``model_dump_json`` show ``**********``; :meth:`AppConfig.secret_values`
-hands them to the log redactor.
+does ``${VAR}`` interpolation and ``<key>_file`` secret files; :mod:`.models` holds the sections
+(:mod:`.durations` their ``30s``-style durations); :mod:`.loader` validates and locates problems.
+Secrets are :class:`~pydantic.SecretStr`: ``repr``, ``str`` and ``model_dump_json`` show
+``**********``; :meth:`AppConfig.secret_values` hands them to the log redactor.
 
 Sinks: each ``sinks.NAME`` mapping is validated by the ``Config`` model of its ``type``, taken from
 ``sink_types`` (type name -> ``SinkConfig`` subclass, as the plugin manager discovers them). When
