@@ -162,6 +162,15 @@ def test_invalid_tenant_id(tmp_path: Path, tenant_id: str) -> None:
     ]
 
 
+def test_tenant_ids_that_differ_only_in_case_are_one_id(tmp_path: Path) -> None:
+    """ "Acme" after "acme" is refused: both would be one csv directory on macOS or Windows."""
+    path = write(tmp_path, "tenants:\n  - {id: acme, api_key: a}\n  - {id: Acme, api_key: b}\n")
+    assert problems(path) == [
+        f"{path}:3: tenants[1].id: tenant id 'Acme' differs only in case from 'acme' (line 2); "
+        "ids name directories, which some file systems do not tell apart by case"
+    ]
+
+
 def test_every_valid_tenant_id_is_a_csv_directory_and_an_s3_partition(tmp_path: Path) -> None:
     """Ids the config accepts are accepted by the csv sink's path rule and kept whole by S3."""
     from collector_sinks.csv import safe_segment

@@ -235,21 +235,37 @@ def _check_tenants(raw_tenants: Any, raw_sinks: dict[str, Any], source: Source) 
     """Cross checks pydantic cannot do per tenant: unique ids, routes to configured sinks."""
     if not isinstance(raw_tenants, list):
         return
-    first_line: dict[str, int | None] = {}
+    # Keyed by the lower-cased id: "Acme" and "acme" would share one directory of the csv sink
+    # on a case-insensitive file system (macOS, Windows), so they count as the same id.
+    first: dict[str, tuple[str, int | None]] = {}
     for index, tenant in enumerate(raw_tenants):
         if not isinstance(tenant, dict):
             continue
         tenant_id = tenant.get("id")
         if isinstance(tenant_id, str | int) and not isinstance(tenant_id, bool):
-            key, path = str(tenant_id), ("tenants", index, "id")
-            if key in first_line:
-                source.add(path, f"duplicate tenant id {key!r} (first at line {first_line[key]})")
-            else:
-                first_line[key] = source.line_of(path)
+            _check_unique_id(str(tenant_id), ("tenants", index, "id"), first, source)
         routes = tenant.get("sinks")
         for position, name in enumerate(routes if isinstance(routes, list) else []):
             if isinstance(name, str) and name not in raw_sinks:
                 source.add(("tenants", index, "sinks", position), _unknown_sink(name, raw_sinks))
+
+
+def _check_unique_id(
+    key: str, path: ConfigPath, first: dict[str, tuple[str, int | None]], source: Source
+) -> None:
+    """Report ``key`` if an earlier tenant has it, or has it in another case (``first`` maps each
+    lower-cased id seen to its spelling and line)."""
+    earlier = first.get(key.lower())
+    if earlier is None:
+        first[key.lower()] = (key, source.line_of(path))
+    elif earlier[0] == key:
+        source.add(path, f"duplicate tenant id {key!r} (first at line {earlier[1]})")
+    else:
+        source.add(
+            path,
+            f"tenant id {key!r} differs only in case from {earlier[0]!r} (line {earlier[1]}); "
+            "ids name directories, which some file systems do not tell apart by case",
+        )
 
 
 def _unknown_sink(name: str, raw_sinks: Mapping[str, Any]) -> str:
