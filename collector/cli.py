@@ -13,13 +13,12 @@ import gc
 import json
 import os
 import sys
-from collections.abc import Callable, Coroutine, Iterable, Sequence
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from collector import __version__
 from collector.errors import CollectorError, ConfigError
-
-T = TypeVar("T")
+from collector.loop import run_async
 
 EXIT_OK = 0
 EXIT_INCOMPLETE = 1
@@ -334,23 +333,6 @@ def _dispatch(args: argparse.Namespace) -> int:
         "replay": commands.replay,
     }[command]
     return run_async(handler(args))
-
-
-def run_async(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine on uvloop when it is installed (about a sixth less CPU per tenant-day
-    than the default loop); ``ZENCODER_COLLECTOR_LOOP=asyncio`` opts out. Commands and the
-    simulator's server both run through here."""
-    import asyncio  # not at the top: `--help` and usage errors do without it
-
-    if os.environ.get("ZENCODER_COLLECTOR_LOOP", "uvloop") != "asyncio":
-        try:
-            import uvloop
-        except ImportError:
-            pass
-        else:
-            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                return runner.run(coro)
-    return asyncio.run(coro)
 
 
 def dump_json(value: object) -> str:

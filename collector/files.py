@@ -1,4 +1,6 @@
-"""Modes of the files and directories the collector creates: owner-only unless shared with a group.
+"""What the collector's files are like at rest: private modes, and CSV cells safe in spreadsheets.
+
+**Modes.** Files and directories the collector creates are owner-only unless shared with a group.
 
 The state database, the SQLite sink, the CSV sink's partitions and ``export csv`` all hold
 personal data (emails, unless a sink pseudonymizes or drops them), so whatever the collector
@@ -10,6 +12,10 @@ Only what the collector *creates* gets these modes: a directory or file that alr
 the mode its owner gave it (an operator's ``/var/lib/collector`` stays as it is). A file replaced by
 a temporary file and a rename (the CSV sink, ``export``) is created anew each time, so it always
 has the current mode.
+
+**Spreadsheet formulas.** Every CSV the collector writes (the csv sink, the s3 sink's ``format:
+csv``, ``export csv``, ``report --format csv``) holds text others chose: emails, IDE and language
+names, tenant names. :func:`guard_formula` keeps a spreadsheet from running such a cell.
 """
 
 from __future__ import annotations
@@ -17,7 +23,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Final
 
 _PRIVATE_FILE = 0o600
 _SHARED_FILE = 0o640
@@ -98,3 +106,34 @@ def create_temp_file(
             os.unlink(name)
         raise
     return fd, name
+
+
+FORMULA_TRIGGERS: Final = ("=", "+", "-", "@", "\t", "\r")
+"""First characters that make Excel, LibreOffice or Google Sheets read a cell as a formula."""
+
+
+def guard_formula(text: str) -> str:
+    """``text`` with a leading ``'`` if a spreadsheet would run it as a formula, else unchanged.
+
+    The OWASP rule against CSV injection: a cell such as ``=HYPERLINK("http://x","y")`` or
+    ``@SUM(1+1)`` becomes ``'=HYPERLINK(...)``, which spreadsheets show as text. A guarded cell
+    starts with ``'``, so guarding again changes nothing.
+    """
+    return "'" + text if text.startswith(FORMULA_TRIGGERS) else text
+
+
+def guard_row(row: Sequence[Any]) -> list[Any]:
+    """The cells of one CSV row, every text cell guarded (numbers and other values as they are)."""
+    return [guard_formula(cell) if isinstance(cell, str) else cell for cell in row]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable on return
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -16,10 +16,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from collector.errors import SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
+from collector.plugin import (
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    hookimpl,
+    run_blocking,
+)
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -71,6 +77,7 @@ def rows(td: TenantDay) -> list[dict[str, Any]]:
             "last_active": u.last_active.isoformat() if u.last_active else None,
             "ides": list(u.ides),
             "languages": list(u.languages),
+            "last_active_at": u.last_active_at.isoformat() if u.last_active_at else None,
         }
         for u in td.users
     ]
