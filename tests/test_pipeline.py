@@ -64,9 +64,10 @@ async def test_big_backfill_does_not_delay_small_tenants(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("mode", sorted(BAD_RESPONSE_MODES))
-async def test_bad_response_recorded_as_failed_and_retried(tmp_path: Path, mode: str) -> None:
-    """A tenant whose API answers a defective 200 has its days recorded as failed with a reason,
-    nothing of it reaches the sink, the other tenant completes, and the next cycle retries."""
+async def test_bad_response_quarantines_the_day_with_its_body(tmp_path: Path, mode: str) -> None:
+    """A defective 200 quarantines its day with the body kept and a reason in status; it is asked
+    for once per cycle (never retried within one), nothing reaches the sink, the other tenant
+    completes, and the next cycle asks again."""
     tenants = demo_tenants(2)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
         sim.faults.set("tenant-02", bad_response=mode)
@@ -80,14 +81,21 @@ async def test_bad_response_recorded_as_failed_and_retried(tmp_path: Path, mode:
                 first = await runtime.collector.run_cycle()
                 await runtime.deliverer.run_until_drained()
                 states = await runtime.store.days_state("tenant-02")
-                requests_before = sim.stats.usage_requests["tenant-02"]
+                kept = await runtime.store.stored_bodies(["tenant-02"])
+                status = await status_snapshot(runtime.config, runtime.store)
+                requests_first = sim.stats.usage_requests["tenant-02"]
                 second = await runtime.collector.run_cycle()
-                retried = sim.stats.usage_requests["tenant-02"] - requests_before
+                requests_second = sim.stats.usage_requests["tenant-02"] - requests_first
     assert first.tenants["tenant-01"].ok
-    assert first.tenants["tenant-02"].failed == 2
-    assert {s.status for s in states.values()} == {"failed"}
+    assert (first.tenants["tenant-02"].failed, first.tenants["tenant-02"].quarantined) == (2, 2)
+    assert {s.status for s in states.values()} == {"quarantined"}
+    assert [(b.day, b.quarantined) for b in kept] == [(day, True) for day in sorted(states)]
+    assert all(b.body.strip() for b in kept) or mode == "empty_body"
+    assert (requests_first, requests_second) == (2, 2)
     assert second.tenants["tenant-02"].planned == 2
-    assert retried >= 2
+    tenant = next(t for t in status["tenants"] if t["tenant"] == "tenant-02")
+    assert tenant["days_quarantined"] == 2
+    assert all(q["reason"].startswith("BadResponse") for q in tenant["quarantined"])
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         rows = conn.execute("SELECT tenant, COUNT(*) FROM usage_daily GROUP BY tenant").fetchall()
     assert rows == [("tenant-01", 2)]

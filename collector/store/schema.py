@@ -27,6 +27,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -105,7 +106,7 @@ tenant_day = Table(
     metadata,
     Column("tenant", Tenant, primary_key=True),
     Column("day", Date, primary_key=True),
-    Column("status", String(16), nullable=False),  # fetched | final | failed
+    Column("status", String(16), nullable=False),  # fetched | final | failed | quarantined
     Column("final", Boolean, nullable=False, default=False),
     Column("attempts", Integer, nullable=False, default=0),  # failed fetches since the last success
     Column("reason", Text),  # why the last fetch failed
@@ -118,6 +119,23 @@ tenant_day = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     Index("ix_tenant_day_day", "day"),
 )
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("tenant", Tenant, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("reason", Text, nullable=False),  # field path and problem, never a value
+    Column("body", LargeBinary, nullable=False),  # the 200 body as received, zlib-compressed
+    Column("body_hash", Hash, nullable=False),  # sha256 of the body as received
+    ForeignKeyConstraint(
+        ["tenant", "day"], ["tenant_day.tenant", "tenant_day.day"], ondelete="CASCADE"
+    ),
+)
+"""The last 200 body of each quarantined day (a table of its own, so a version-1 database gains
+it through ``create_all`` without a migration; rows of days that recovered since are dropped at
+the next retention pass)."""
 
 sink_table = Table(
     "sink",
@@ -292,6 +310,7 @@ class TenantState(_JsonMixin):
     days_complete: int  # days with stored figures (fetched or final, including failed re-fetches)
     days_final: int
     days_failed: int  # days whose last fetch failed (with or without earlier figures)
+    days_quarantined: int  # days whose last 200 body failed validation (kept for `reprocess`)
     first_day: dt.date | None
     last_day: dt.date | None
     last_fetched_at: dt.datetime | None
@@ -300,6 +319,35 @@ class TenantState(_JsonMixin):
     last_error_at: dt.datetime | None
     auth_failed_until: dt.datetime | None
     next_run_at: dt.datetime | None
+    quarantined: list[QuarantinedDay] = field(default_factory=list)
+    days_aged_out: int = 0  # days older than the API's window that were never collected
+    aged_out: list[str] = field(default_factory=list)  # those days as ranges, oldest first
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _JsonMixin.to_dict(self)
+        out["quarantined"] = [q.to_dict() for q in self.quarantined]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedDay(_JsonMixin):
+    """A day whose last 200 body failed validation: why, and when that body arrived."""
+
+    day: dt.date
+    reason: str
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBody:
+    """A stored 200 body and what ``reprocess`` needs to re-derive its day."""
+
+    tenant: str
+    day: dt.date
+    quarantined: bool  # the quarantined body (True) or the day's stored payload (False)
+    body: bytes
+    final: bool
+    received_at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)
