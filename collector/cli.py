@@ -205,6 +205,15 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--since", type=parse_day, help="first day to redeliver")
     replay.add_argument("--dead-letters", action="store_true", help="only dead-lettered days")
 
+    reprocess = sub.add_parser(
+        "reprocess",
+        help="re-derive days from stored API bodies with the current parser, without the API",
+    )
+    _config_arg(reprocess)
+    reprocess.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all")
+    reprocess.add_argument("--since", type=parse_day, help="first day, YYYY-MM-DD")
+    reprocess.add_argument("--until", type=parse_day, help="last day, YYYY-MM-DD")
+
     plugins = sub.add_parser("plugins", help="list discovered sink types, origin and config schema")
     plugins.add_argument("--json", action="store_true")
     plugins.add_argument(
@@ -281,7 +290,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
 
 
-_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay"})
+_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay", "reprocess"})
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -315,6 +324,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         "backfill": commands.backfill,
         "status": commands.status,
         "replay": commands.replay,
+        "reprocess": commands.reprocess,
     }[command]
     return run_async(handler(args))
 

@@ -144,6 +144,10 @@ class Metrics:
         self.days_failed = gauge(
             "days_failed", "Days whose last fetch failed and that wait for the next cycle."
         )
+        self.days_quarantined = gauge(
+            "days_quarantined",
+            "Days whose last 200 body failed validation (body kept; see status and reprocess).",
+        )
         self.tenant_auth_failed = gauge(
             "tenant_auth_failed", "1 while the tenant is parked as auth_failed."
         )

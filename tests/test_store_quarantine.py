@@ -36,7 +36,7 @@ async def test_a_quarantined_body_is_kept_byte_for_byte_and_the_day_is_marked(
     await store.record_quarantined("acme", DAY, REASON, body)
     state = (await store.days_state("acme"))[DAY]
     assert (state.status, state.attempts, state.content_hash) == ("quarantined", 1, None)
-    [kept] = await store.stored_bodies()
+    [kept] = await store.stored_bodies("acme")
     assert (kept.tenant, kept.day, kept.quarantined, kept.body) == ("acme", DAY, True, body)
     await store.record_quarantined("acme", DAY, REASON, body)
     assert (await store.days_state("acme"))[DAY].attempts == 2
@@ -51,7 +51,7 @@ async def test_quarantine_keeps_an_earlier_good_payload_deliverable(store: Store
     state = (await store.days_state("acme"))[DAY]
     assert (state.status, state.content_hash) == ("quarantined", td.content_hash)
     assert [d.day for d in await store.pending("warehouse")] == [DAY]
-    bodies = {b.quarantined: b.body for b in await store.stored_bodies()}
+    bodies = {b.quarantined: b.body for b in await store.stored_bodies("acme")}
     assert bodies == {True: b"<html>oops</html>"}  # the quarantined body stands for the day
 
 
@@ -62,21 +62,20 @@ async def test_a_good_fetch_ends_the_quarantine_and_its_body_is_dropped(store: S
     await store.record_fetched([(td, data)])
     assert (await store.days_state("acme"))[DAY].status == "fetched"
     assert await store.drop_recovered_quarantine() == 1
-    [kept] = await store.stored_bodies()
+    [kept] = await store.stored_bodies("acme")
     assert (kept.quarantined, json.loads(kept.body)["data"]) == (False, data)
 
 
-async def test_stored_bodies_are_filtered_by_tenant_and_days(store: Store) -> None:
-    """``reprocess``'s selection: tenants, since and until narrow the stored bodies."""
-    for offset in range(4):
-        day = DAY + dt.timedelta(days=offset)
+async def test_stored_bodies_are_one_tenants_days_in_range_a_page_at_a_time(
+    store: Store,
+) -> None:
+    """``reprocess``'s selection: one tenant, since and until, pages continuing after a day."""
+    dates = [DAY + dt.timedelta(days=offset) for offset in range(5)]
+    for day in dates:
         await store.record_fetched([fetched("acme", day), fetched("globex", day)])
-    later = DAY + dt.timedelta(days=1)
-    picked = await store.stored_bodies(["acme"], since=later, until=later + dt.timedelta(days=1))
-    assert [(b.tenant, b.day) for b in picked] == [
-        ("acme", later),
-        ("acme", later + dt.timedelta(days=1)),
-    ]
+    first = await store.stored_bodies("acme", since=dates[1], until=dates[3], limit=2)
+    rest = await store.stored_bodies("acme", since=dates[1], until=dates[3], after=dates[2])
+    assert [(b.tenant, b.day) for b in first + rest] == [("acme", d) for d in dates[1:4]]
 
 
 async def test_status_lists_quarantined_days_and_days_that_aged_out(store: Store) -> None:

@@ -17,10 +17,20 @@ import hashlib
 import zlib
 from collections.abc import Collection, Sequence
 
-from sqlalchemy import ColumnElement, Connection, Table, and_, delete, exists, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Table,
+    and_,
+    delete,
+    exists,
+    or_,
+    select,
+    update,
+)
 
 from collector.models import TenantDay
-from collector.store.base import Key, short
+from collector.store.base import short
 from collector.store.days import DaysStore
 from collector.store.schema import StoredBody, quarantine, tenant_day, tenants_in, upsert
 
@@ -73,55 +83,60 @@ class QuarantineStore(DaysStore):
 
     async def stored_bodies(
         self,
-        tenants: Collection[str] | None = None,
+        tenant: str,
         since: dt.date | None = None,
         until: dt.date | None = None,
+        *,
+        after: dt.date | None = None,
+        limit: int = 64,
     ) -> list[StoredBody]:
-        """Every stored body in range, oldest day first: the quarantined body of each
-        quarantined day, and the payload of every other day that still has one."""
-
-        def work(conn: Connection) -> list[StoredBody]:
-            found: list[StoredBody] = []
-            kept = (
-                select(
-                    quarantine.c.tenant,
-                    quarantine.c.day,
-                    quarantine.c.body,
-                    quarantine.c.received_at,
-                )
-                .join(
-                    tenant_day,
-                    and_(
-                        tenant_day.c.tenant == quarantine.c.tenant,
-                        tenant_day.c.day == quarantine.c.day,
-                    ),
-                )
-                .where(
-                    tenant_day.c.status == QUARANTINED,
-                    *_in_range(quarantine, tenants, since, until),
-                )
-            )
-            quarantined: set[Key] = set()
-            for tenant, day, packed, received_at in conn.execute(kept):
-                quarantined.add((tenant, day))
-                found.append(
-                    StoredBody(tenant, day, True, zlib.decompress(packed), False, received_at)
-                )
-            stored = select(
-                tenant_day.c.tenant,
+        """One tenant's stored bodies in ``[since, until]``, oldest day first, a page at a time
+        (``after``: the last day of the previous page): the kept body of each quarantined day,
+        and the payload of every other day that still has one. Pages, because a large
+        organization's bodies are megabytes each."""
+        q_body = quarantine.c.body
+        query = (
+            select(
                 tenant_day.c.day,
+                tenant_day.c.status,
                 tenant_day.c.payload,
                 tenant_day.c.final,
                 tenant_day.c.fetched_at,
-            ).where(
-                tenant_day.c.payload.is_not(None), *_in_range(tenant_day, tenants, since, until)
+                q_body,
+                quarantine.c.received_at,
             )
-            for tenant, day, payload, final, fetched_at in conn.execute(stored):
-                if (tenant, day) not in quarantined:
+            .select_from(
+                tenant_day.outerjoin(
+                    quarantine,
+                    and_(
+                        quarantine.c.tenant == tenant_day.c.tenant,
+                        quarantine.c.day == tenant_day.c.day,
+                    ),
+                )
+            )
+            .where(
+                *_in_range(tenant_day, [tenant], since, until),
+                or_(
+                    and_(tenant_day.c.status == QUARANTINED, q_body.is_not(None)),
+                    tenant_day.c.payload.is_not(None),
+                ),
+            )
+            .order_by(tenant_day.c.day)
+            .limit(limit)
+        )
+        if after is not None:
+            query = query.where(tenant_day.c.day > after)
+
+        def work(conn: Connection) -> list[StoredBody]:
+            found: list[StoredBody] = []
+            for day, status, payload, final, fetched_at, packed, received_at in conn.execute(query):
+                if status == QUARANTINED and packed is not None:
+                    body = zlib.decompress(packed)
+                    found.append(StoredBody(tenant, day, True, body, False, received_at))
+                elif payload is not None:
                     found.append(
                         StoredBody(tenant, day, False, payload.encode(), bool(final), fetched_at)
                     )
-            found.sort(key=lambda b: (b.day, b.tenant))
             return found
 
         return await self._read(work)
