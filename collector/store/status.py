@@ -151,9 +151,12 @@ class StatusStore(StoreBase):
             count = counts.get(name)
             status = statuses.get(name) or TenantStatus(tenant=name)
             aged_out: list[str] = []
+            lost = 0
             if count is not None and history_start is not None and count.first_day < history_start:
-                tracked = (history_start - count.first_day).days
-                if tracked > int(count.kept_before_window or 0):
+                # Tracked days before the window, minus those with figures: the rest never got
+                # collected. The ranges are read only for tenants that have such days.
+                lost = (history_start - count.first_day).days - int(count.kept_before_window or 0)
+                if lost > 0:
                     aged_out = self._aged_out(conn, name, count.first_day, history_start)
             tenant_states.append(
                 TenantState(
@@ -171,7 +174,7 @@ class StatusStore(StoreBase):
                     auth_failed_until=status.auth_failed_until,
                     next_run_at=status.next_run_at,
                     quarantined=quarantined.get(name, []),
-                    days_aged_out=sum(_range_length(r) for r in aged_out),
+                    days_aged_out=lost,
                     aged_out=aged_out,
                 )
             )
@@ -255,11 +258,3 @@ class StatusStore(StoreBase):
                 start = None
             day += dt.timedelta(days=1)
         return ranges
-
-
-def _range_length(text: str) -> int:
-    """Days in a range as written by ``_aged_out`` (``YYYY-MM-DD`` or ``A..B``)."""
-    first, _, last = text.partition("..")
-    if not last:
-        return 1
-    return (dt.date.fromisoformat(last) - dt.date.fromisoformat(first)).days + 1
