@@ -239,14 +239,17 @@ class Collector:
         return result
 
     async def _prune_if_due(self) -> None:
-        """Apply ``state.payload_retention_days`` at most once an hour."""
+        """At most once an hour: drop the kept bodies of days no longer quarantined, and apply
+        ``state.payload_retention_days``."""
         days = self.config.state.payload_retention_days
         now = time.monotonic()
-        if days is None or (self._last_prune is not None and now - self._last_prune < 3600):
+        if self._last_prune is not None and now - self._last_prune < 3600:
             return
         self._last_prune = now
-        pruned = await self.store.prune_payloads(days, today=self.today())
         await self.store.drop_recovered_quarantine()
+        if days is None:
+            return
+        pruned = await self.store.prune_payloads(days, today=self.today())
         if pruned:
             log.info("pruned raw payloads past retention", days=pruned, retention_days=days)
 

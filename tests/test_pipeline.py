@@ -81,7 +81,7 @@ async def test_bad_response_quarantines_the_day_with_its_body(tmp_path: Path, mo
                 first = await runtime.collector.run_cycle()
                 await runtime.deliverer.run_until_drained()
                 states = await runtime.store.days_state("tenant-02")
-                kept = await runtime.store.stored_bodies(["tenant-02"])
+                kept = await runtime.store.stored_bodies("tenant-02")
                 status = await status_snapshot(runtime.config, runtime.store)
                 requests_first = sim.stats.usage_requests["tenant-02"]
                 second = await runtime.collector.run_cycle()
@@ -99,6 +99,35 @@ async def test_bad_response_quarantines_the_day_with_its_body(tmp_path: Path, mo
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         rows = conn.execute("SELECT tenant, COUNT(*) FROM usage_daily GROUP BY tenant").fetchall()
     assert rows == [("tenant-01", 2)]
+
+
+async def test_a_quarantined_day_heals_when_the_api_sends_a_good_body(tmp_path: Path) -> None:
+    """Once the API answers a quarantined day with a valid body, the next cycle stores and
+    delivers it and the day is no longer quarantined anywhere."""
+    tenants = demo_tenants(1)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        sim.faults.set("tenant-01", bad_response="negative_numbers")
+        config_path = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=2
+        )
+        with no_wait():
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                assert runtime.deliverer is not None
+                first = await runtime.collector.run_cycle()
+                sim.faults.set("tenant-01", bad_response=None)
+                second = await runtime.collector.run_cycle()
+                await runtime.deliverer.run_until_drained()
+                states = await runtime.store.days_state("tenant-01")
+                kept = await runtime.store.stored_bodies("tenant-01")
+                status = await status_snapshot(runtime.config, runtime.store)
+    assert (first.tenants["tenant-01"].quarantined, second.tenants["tenant-01"].ok) == (2, True)
+    assert {s.status for s in states.values()} <= {"fetched", "final"}
+    assert [b.quarantined for b in kept] == [False, False]
+    assert status["tenants"][0]["days_quarantined"] == 0
+    assert status["tenants"][0]["quarantined"] == []
+    with sqlite3.connect(tmp_path / "usage.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM usage_daily").fetchone() == (2,)
 
 
 async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path) -> None:
