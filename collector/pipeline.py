@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from collector import planner
+from collector.auth import secret_values
 from collector.errors import ApiError, AuthError, BadResponse, CollectorError
 from collector.models import TenantDay, normalize
 from collector.plugin_manager import Notify, no_notify
@@ -339,7 +341,8 @@ class Collector:
                 self._observe(tenant.id, started, ok=False)
                 if isinstance(exc, BadResponse) and exc.body is not None:
                     # Raw first: the body is committed before the failure is counted or logged.
-                    await self.store.record_quarantined(tenant.id, day, exc.reason, exc.body)
+                    body = self._without_credentials(tenant, exc.body)
+                    await self.store.record_quarantined(tenant.id, day, exc.reason, body)
                     summary.quarantined += 1
                     self._handle_failure(exc, tenant, queue, summary)
                     log.warning("day quarantined", day=day.isoformat(), reason=exc.reason)
@@ -379,6 +382,22 @@ class Collector:
             exc.body = fetched.payload.encode()  # quarantined with the body, like the client's
             raise
         return item, fetched.payload
+
+    def _without_credentials(self, tenant: TenantConfig, body: bytes) -> bytes:
+        """The body to keep, with every credential this request sent replaced by ``***``.
+
+        An API (or a proxy) that answers 200 with an error page echoing the request would
+        otherwise put the tenant's API key or token into the state store. Usage data never
+        contains them, so the replacement loses nothing ``reprocess`` could use.
+        """
+        sent = secret_values(tenant)
+        token = self.client.token_cache.get(tenant.id)
+        if token is not None:
+            sent.append(token.access_token)
+        for secret in sent:
+            for form in {secret, json.dumps(secret)[1:-1]}:
+                body = body.replace(form.encode(), b"***")
+        return body
 
     def _observe(self, tenant: str, started: float, *, ok: bool) -> None:
         if self.metrics is None:

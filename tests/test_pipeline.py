@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from collector.app import Runtime, load, load_plugins, open_runtime
 from collector.retry import no_wait
@@ -128,6 +130,51 @@ async def test_a_quarantined_day_heals_when_the_api_sends_a_good_body(tmp_path: 
     assert status["tenants"][0]["quarantined"] == []
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM usage_daily").fetchone() == (2,)
+
+
+async def test_a_quarantined_body_that_echoes_the_api_key_is_kept_without_it(
+    tmp_path: Path,
+) -> None:
+    """A 200 error page echoing the request's zencoder-api-key is quarantined with the key
+    replaced by *** in the kept body; the key appears nowhere in the state store."""
+    key = "zak_canary_0123456789abcdef"
+
+    async def echo(request: web.Request) -> web.Response:
+        echoed = {"status": "error", "message": f"bad key {request.headers['zencoder-api-key']}"}
+        return web.json_response(echoed)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/data/usage", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"""\
+api: {{base_url: "http://127.0.0.1:{port}"}}
+collection: {{lookback_days: 1}}
+state: {{url: "sqlite:///{tmp_path / "state.db"}"}}
+server: {{listen: null}}
+tenants: [{{id: acme, api_key: {key}}}]
+"""
+    )
+    try:
+        async for runtime in _runtime(config_path):
+            assert runtime.collector is not None
+            result = await runtime.collector.run_cycle()
+            [kept] = await runtime.store.stored_bodies("acme")
+            status = await status_snapshot(runtime.config, runtime.store)
+    finally:
+        await runner.cleanup()
+    assert result.tenants["acme"].quarantined == 1
+    assert kept.quarantined
+    assert json.loads(kept.body) == {"status": "error", "message": "bad key ***"}
+    assert key not in json.dumps(status)
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        for table in ("tenant_day", "quarantine", "tenant_status"):
+            assert key not in repr(conn.execute(f"SELECT * FROM {table}").fetchall())  # noqa: S608 - fixed names
 
 
 async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path) -> None:
