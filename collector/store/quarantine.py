@@ -12,6 +12,7 @@ exactly like a failed re-fetch.
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import zlib
@@ -48,10 +49,11 @@ class QuarantineStore(DaysStore):
         """
         now = self._now()
         reason = short(reason)
+        # Off the event loop and outside the write transaction: a large body is megabytes.
+        packed = await asyncio.to_thread(zlib.compress, body, 6)
+        digest = hashlib.sha256(body).hexdigest()
 
         def work(conn: Connection) -> None:
-            # Compressed here, in the worker thread: a large organization's body is a megabyte.
-            packed = zlib.compress(body, 6)
             row = {
                 "tenant": tenant,
                 "day": day,
@@ -74,7 +76,7 @@ class QuarantineStore(DaysStore):
                 "received_at": now,
                 "reason": reason,
                 "body": packed,
-                "body_hash": hashlib.sha256(body).hexdigest(),
+                "body_hash": digest,
             }
             columns = ("received_at", "reason", "body", "body_hash")
             conn.execute(upsert(conn, quarantine, ["tenant", "day"], columns=columns), [kept])
