@@ -13,11 +13,12 @@ import sqlite3
 from pathlib import Path
 
 from collector.pipeline import utc_today
+from collector.reprocess import reprocess_stored
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector.simulator.app import Simulator
 from collector.store import Store
 from tests.e2e import run_cli, write_config
-from tests.test_store import usage_data
+from tests.test_store import fetched, usage_data
 
 OLDER_REASON = (
     "BadResponse: HTTP 200: response does not match the documented schema "
@@ -114,3 +115,29 @@ async def test_stored_days_are_checked_and_left_alone(tmp_path: Path) -> None:
     assert after == before
     assert "recovered 0 quarantined day(s) (0 queued for delivery)" in result.stdout
     assert "3 stored day(s) read fine; 0 unreadable" in result.stdout
+
+
+async def test_reprocess_stored_reports_unreadable_payloads_and_judges_finality(
+    tmp_path: Path,
+) -> None:
+    """A stored payload the current parser cannot read is reported and left as it is; a
+    recovered day is final only if it had settled when its body arrived."""
+    store = await Store.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        today = utc_today()
+        settled, settling, broken = (today - dt.timedelta(days=n) for n in (5, 1, 8))
+        for day in (settled, settling):
+            body = json.dumps({"status": "success", "data": usage_data(day)}).encode()
+            await store.record_quarantined("acme", day, OLDER_REASON, body)
+        td, _ = fetched("acme", broken)
+        await store.record_fetched([(td, '{"status": "success", "data": {"period": 7}}')])
+        result = await reprocess_stored(store, ["acme"], lambda _tenant: 2)
+        states = await store.days_state("acme")
+    finally:
+        await store.aclose()
+    assert result.recovered == [("acme", settled), ("acme", settling)]
+    assert [key for key, _ in result.unreadable] == [("acme", broken)]
+    assert "data.period" in result.unreadable[0][1]
+    assert (states[settled].status, states[settled].final) == ("final", True)
+    assert (states[settling].status, states[settling].final) == ("fetched", False)
+    assert states[broken].content_hash == td.content_hash  # left as it was
