@@ -491,12 +491,13 @@ class AppConfig(_Model):
         # Every consumer (the API client reads ``tenant.rate_limit``) must see the effective
         # limit: a partial override is completed here, once, from ``api.rate_limit``. A copy,
         # not an assignment: a TenantConfig instance may be shared with another AppConfig.
-        self.tenants = [
-            t
-            if t.rate_limit is None
-            else t.model_copy(update={"rate_limit": self.tenant_rate_limit(t)})
-            for t in self.tenants
-        ]
+        if any(t.rate_limit is not None for t in self.tenants):
+            self.tenants = [
+                t
+                if t.rate_limit is None
+                else t.model_copy(update={"rate_limit": self.tenant_rate_limit(t)})
+                for t in self.tenants
+            ]
         return self
 
     def tenant_rate_limit(self, tenant: TenantConfig) -> RateLimitConfig:
