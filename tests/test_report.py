@@ -26,8 +26,10 @@ import yaml
 from collector.app import load, load_plugins
 from collector.config import AppConfig
 from collector.report.model import ReportError, UsageReport, Window
-from collector.report.render import NO_USER_ROWS, render, report_dict
+from collector.report.render import NO_USER_ROWS, render, render_csv, report_dict
 from collector.report.sources import CsvSource, SqlSource, choose_sink, make_report
+from collector.testing import make_tenant_day
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig
 from tests.e2e import REPO
 from tests.report_data import NAMES, Collected, collect, pseudonym
 
@@ -265,6 +267,32 @@ def test_seats_section_as_csv(collected: Collected, config: AppConfig) -> None:
     assert {r["tenant"] for r in rows} <= set(NAMES.values())
 
 
+async def test_csv_rendering_neutralizes_formula_cells(tmp_path: Path) -> None:
+    """Tenant names and emails that a spreadsheet would run as formulas get a leading quote in
+    ``--format csv`` (usage and seats); numbers stay numbers."""
+    formulas = ('=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3+cmd")
+    until = dt.date(2026, 1, 31)
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=tmp_path / "usage.db"))
+    await sink.write(
+        [
+            make_tenant_day("acme", until - dt.timedelta(days=20), list(formulas)),
+            make_tenant_day("acme", until, ["still.here@example.com"]),
+        ]
+    )
+    await sink.aclose()
+    report = make_report(
+        SqlSource.from_argument(str(tmp_path / "usage.db")),
+        Window.last(7, until),
+        names={"acme": "=1+1"},
+    )
+    [usage] = list(csv.DictReader(io.StringIO(render_csv(report, "usage"))))
+    assert (usage["tenant"], usage["tenant_id"]) == ("'=1+1", "acme")
+    assert usage["messages"].isdigit()
+    seats = list(csv.DictReader(io.StringIO(render_csv(report, "seats"))))
+    assert sorted(row["user"] for row in seats) == sorted("'" + f for f in formulas)
+    assert all(row["idle_days"].isdigit() for row in seats)
+
+
 def test_since_until_window_equals_the_same_days_window(collected: Collected) -> None:
     """``--since A --until B`` reports the same as ``--days N --until B`` for the same days,
     and --since with --days is refused as a usage error."""
@@ -352,6 +380,25 @@ def test_bad_csv_file_is_named_with_its_line(collected: Collected, tmp_path: Pat
     day_file.write_text("\n".join([header, ",".join(fields), *rest]) + "\n", encoding="utf-8")
     with pytest.raises(ReportError, match=f"{day_file}:2: messages is not a whole number"):
         make_report(CsvSource(root, "test"), window)
+
+
+def test_csv_day_without_its_usage_daily_file_is_left_out(
+    collected: Collected, tmp_path: Path
+) -> None:
+    """Detail files of a day whose usage_daily file is missing (a day the csv sink has not
+    completed) are not counted: the report equals one without any file of that day."""
+    window = _window(collected)
+    incomplete = tmp_path / "incomplete"
+    shutil.copytree(collected.workdir / "csv", incomplete)
+    name = f"{collected.until}.csv"
+    (incomplete / "tenant-01" / "usage_daily" / name).unlink()
+    absent = tmp_path / "absent"
+    shutil.copytree(incomplete, absent)
+    for table in ("usage_daily_ide", "usage_daily_language", "usage_user_daily"):
+        (absent / "tenant-01" / table / name).unlink()
+    assert _comparable(make_report(CsvSource(incomplete, "test"), window)) == _comparable(
+        make_report(CsvSource(absent, "test"), window)
+    )
 
 
 def test_csv_directory_option_reads_the_files(collected: Collected) -> None:

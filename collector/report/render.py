@@ -12,6 +12,7 @@ import json
 from collections.abc import Sequence
 from typing import Any, Literal
 
+from collector.files import guard_row
 from collector.report.model import DayFigures, SeatRow, TenantUsage, UsageReport
 from collector.report.tables import render_table
 
@@ -93,12 +94,14 @@ def render_csv(report: UsageReport, section: Section = "usage") -> str:
     """One section as CSV with a header row (a CSV file holds one table)."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
+    # Tenant names and emails are text others chose: guarded, as in every CSV the collector
+    # writes, so a spreadsheet never runs one as a formula (docs/sinks.md#spreadsheet-formulas).
     if section == "usage":
         writer.writerow([*USAGE_COLUMNS, "tenant_id"])
-        writer.writerows([*_usage_values(t), t.tenant_id] for t in report.tenants)
+        writer.writerows(guard_row([*_usage_values(t), t.tenant_id]) for t in report.tenants)
     else:
         writer.writerow([*SEAT_COLUMNS, "tenant_id"])
-        writer.writerows([*_seat_values(s), s.tenant_id] for s in report.seats)
+        writer.writerows(guard_row([*_seat_values(s), s.tenant_id]) for s in report.seats)
     return out.getvalue()
 
 

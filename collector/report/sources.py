@@ -173,13 +173,19 @@ class CsvSource:
                     day = dt.date.fromisoformat(path.stem)
                 except ValueError:
                     continue
-                if first <= day <= last and not path.name.startswith("."):
+                # A day counts only with its usage_daily file, which the sink publishes last.
+                marker = tenant_dir / "usage_daily" / path.name
+                if first <= day <= last and not path.name.startswith(".") and marker.is_file():
                     yield path
 
 
 def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
     try:
-        with path.open(encoding="utf-8", newline="") as handle:
+        handle = path.open(encoding="utf-8", newline="")
+    except FileNotFoundError:  # the sink is replacing this day right now: not there yet
+        return []
+    try:
+        with handle:
             reader = csv.DictReader(handle)
             missing = [c for c in columns if c not in (reader.fieldnames or ())]
             if missing:
