@@ -44,9 +44,9 @@ async def test_quarantined_days_show_in_status_and_metrics_and_heal(tmp_path: Pa
             )
 
             async def quarantined() -> bool:
-                status = await d.status()
-                tenant = next(t for t in status["tenants"] if t["tenant"] == "tenant-02")
-                return tenant["days_quarantined"] == lookback
+                status = await d.status()  # {"state": "starting", "tenants": []} at first
+                counts = {t["tenant"]: t["days_quarantined"] for t in status["tenants"]}
+                return counts.get("tenant-02") == lookback
 
             await eventually(quarantined, within=30, what="quarantined days in status", daemon=d)
             status = await d.status()
