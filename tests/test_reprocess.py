@@ -22,8 +22,17 @@ from tests.test_store import fetched, usage_data
 
 OLDER_REASON = (
     "BadResponse: HTTP 200: response does not match the documented schema "
-    "(at data.lines_of_code: Object contains unknown field)"
+    "(at data.users[0].last_active: Invalid RFC3339 encoded date)"
 )
+"""What the release before ISO 8601 date-times were accepted said of a date-time last_active."""
+
+
+def body_with_datetimes(day: dt.date, users: int) -> bytes:
+    """A 200 body whose users' last_active are date-times, as the API's docs allow."""
+    data = usage_data(day, users=users)
+    for user in data["users"]:
+        user["last_active"] = f"{day.isoformat()}T14:03:11Z"
+    return json.dumps({"status": "success", "data": data}).encode()
 
 
 def api_requests(sim: Simulator) -> int:
@@ -45,10 +54,10 @@ async def test_a_day_quarantined_by_an_earlier_parser_is_recovered_without_the_a
     ``reprocess`` with the current parser, with zero API requests.
 
     How "an earlier parser" is honest here: the state database outlives collector versions, so
-    the test writes it as a stricter earlier release would have left it, through the store's own
-    ``record_quarantined`` (the call the pipeline makes): the body as the API sent it, carrying a
-    field the API added later (``lines_of_code``), which that release refused and the current
-    parser ignores by design. Nothing of the collector is patched; the command runs in its own
+    the test writes it as the previous release left it, through the store's own
+    ``record_quarantined`` (the call the pipeline makes): the body as the API sent it, with
+    ``last_active`` date-times that release rejected ("Invalid RFC3339 encoded date") and the
+    current parser accepts. Nothing of the collector is patched; the command runs in its own
     process. ``test_pipeline`` proves the pipeline itself quarantines with the body kept.
     """
     tenants = demo_tenants(2)
@@ -59,8 +68,8 @@ async def test_a_day_quarantined_by_an_earlier_parser_is_recovered_without_the_a
         store = await Store.open(f"sqlite:///{tmp_path / 'state.db'}")
         try:
             for tenant, when in (("tenant-01", day), ("tenant-02", other_day)):
-                body = json.dumps({"status": "success", "data": usage_data(when, users=4)})
-                await store.record_quarantined(tenant, when, OLDER_REASON, body.encode())
+                body = body_with_datetimes(when, users=4)
+                await store.record_quarantined(tenant, when, OLDER_REASON, body)
         finally:
             await store.aclose()
 
@@ -73,6 +82,10 @@ async def test_a_day_quarantined_by_an_earlier_parser_is_recovered_without_the_a
     assert "recovered 1 quarantined day(s) (1 queued for delivery)" in only_one.stdout
     assert requests == 0
     assert usage_rows(tmp_path / "usage.db") == [("tenant-01", day.isoformat(), 4)]
+    with sqlite3.connect(tmp_path / "usage.db") as conn:
+        stamps = {at for (at,) in conn.execute("SELECT last_active_at FROM usage_user_daily")}
+    assert len(stamps) == 1
+    assert None not in stamps  # the time of day the earlier parser could not read
     tenants_status = {t["tenant"]: t for t in json.loads(status.stdout)["tenants"]}
     assert tenants_status["tenant-01"]["days_quarantined"] == 0
     assert tenants_status["tenant-01"]["days_complete"] == 1
@@ -127,8 +140,7 @@ async def test_reprocess_stored_reports_unreadable_payloads_and_judges_finality(
         today = utc_today()
         settled, settling, broken = (today - dt.timedelta(days=n) for n in (5, 1, 8))
         for day in (settled, settling):
-            body = json.dumps({"status": "success", "data": usage_data(day)}).encode()
-            await store.record_quarantined("acme", day, OLDER_REASON, body)
+            await store.record_quarantined("acme", day, OLDER_REASON, body_with_datetimes(day, 3))
         td, _ = fetched("acme", broken)
         await store.record_fetched([(td, '{"status": "success", "data": {"period": 7}}')])
         result = await reprocess_stored(store, ["acme"], lambda _tenant: 2)
