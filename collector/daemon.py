@@ -168,9 +168,10 @@ class Daemon:
             if t.enabled and (self.tenant_filter is None or t.id in self.tenant_filter)
         ]
 
-    async def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit code (0)."""
-        config = load(self.config_path, self.plugins)
+    async def run(self, config: AppConfig | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit code (0). ``config``: the file at
+        ``config_path`` already loaded by the caller (it is loaded here otherwise)."""
+        config = config or load(self.config_path, self.plugins)
         self.install_signal_handlers()
         async with contextlib.AsyncExitStack() as stack:
             if config.server.listen:
@@ -570,8 +571,12 @@ def _timestamp(value: Any) -> float | None:
 
 
 async def run_daemon(
-    config_path: str | Path, plugins: Plugins, *, tenants: list[str] | None = None
+    config_path: str | Path,
+    plugins: Plugins,
+    *,
+    tenants: list[str] | None = None,
+    config: AppConfig | None = None,
 ) -> int:
-    """Entry point of ``zencoder-collector run``."""
+    """Entry point of ``zencoder-collector run``; ``config``: the file already loaded."""
     daemon = Daemon(config_path, plugins, tenant_filter=tenants, grace=grace_from_env())
-    return await daemon.run()
+    return await daemon.run(config)

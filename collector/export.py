@@ -29,8 +29,9 @@ from pathlib import Path
 from typing import TextIO
 
 from collector.errors import CollectorError
-from collector.files import create_temp_file, ensure_private_dir, guard_formula
-from collector_sinks.csv import COLUMNS, fsync_directory, safe_segment
+from collector.files import create_temp_file, ensure_private_dir, fsync_directory, guard_formula
+from collector.tables import USAGE_COLUMNS as COLUMNS
+from collector_sinks.csv import safe_segment
 
 MARKER = "usage_daily"
 """The table whose partition the csv sink publishes last: its presence means a complete day."""

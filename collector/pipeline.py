@@ -276,6 +276,7 @@ class Collector:
             parked_until = self.client.parked_until(tenant)
             if parked_until is not None:
                 summary.skipped = f"auth_failed: parked until {parked_until.isoformat()}"
+                self._notify_done(tenant.id, summary, summary.skipped)
                 return
             today = self.today()
             if days is None:
@@ -287,6 +288,9 @@ class Collector:
                     days(tenant), today, self.config.api.history_days
                 )
             summary.planned = len(wanted)
+            self.notify(
+                "collector_tenant_cycle_started", {"tenant": tenant.id, "planned": len(wanted)}
+            )
             queue: asyncio.Queue[dt.date] = asyncio.Queue()
             for day in wanted:
                 queue.put_nowait(day)
@@ -313,7 +317,9 @@ class Collector:
                     f"{summary.failed} of {summary.planned} day(s) failed, retried next cycle; "
                     f"last: {summary.last_failure or 'see the log'}",
                 )
-            log.info(
+            self._notify_done(tenant.id, summary, summary.error)
+            # A cycle with failures is worth a look: warning, so it shows at the default level.
+            (log.info if summary.ok else log.warning)(
                 "tenant cycle done",
                 planned=summary.planned,
                 fetched=summary.fetched,
@@ -351,16 +357,33 @@ class Collector:
                     return
                 await self.store.record_failed(tenant.id, day, exc.reason)
                 log.warning("day failed", day=day.isoformat(), reason=exc.reason)
+                self._notify_day_failed(tenant.id, day, exc.reason)
                 continue
             except CollectorError as exc:
                 self._observe(tenant.id, started, ok=False)
                 summary.failed += 1
-                await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
+                reason = f"{type(exc).__name__}: {exc}"
+                await self.store.record_failed(tenant.id, day, reason)
+                self._notify_day_failed(tenant.id, day, reason)
                 continue
             self._observe(tenant.id, started, ok=True)
             changed = await self._writer.submit(item, payload)
             summary.fetched += 1
             summary.changed += int(changed)
+
+    def _notify_day_failed(self, tenant: str, day: dt.date, error: str) -> None:
+        self.notify("collector_tenant_day_failed", {"tenant": tenant, "day": day, "error": error})
+
+    def _notify_done(self, tenant: str, summary: TenantResult, error: str | None) -> None:
+        self.notify(
+            "collector_tenant_cycle_done",
+            {
+                "tenant": tenant,
+                "fetched": summary.fetched,
+                "failed": summary.failed,
+                "error": error,
+            },
+        )
 
     async def _fetch(
         self, tenant: TenantConfig, day: dt.date, *, final: bool

@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from collector.errors import CollectorError
 from collector.metrics import Metrics
 
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
@@ -90,7 +91,15 @@ async def serving(app: web.Application, listen: str) -> AsyncIterator[str]:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        reason = exc.strerror or str(exc)
+        raise CollectorError(
+            f"cannot serve the ops endpoints on {listen}: {reason}; set server.listen to a free "
+            "host:port (or null to run without them)"
+        ) from None
     # runner.addresses tells the real port when port 0 (any free port) was asked for.
     addresses = runner.addresses
     bound = int(addresses[0][1]) if addresses else port

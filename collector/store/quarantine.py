@@ -12,10 +12,8 @@ exactly like a failed re-fetch.
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import hashlib
-import zlib
 from collections.abc import Collection, Sequence
 
 from sqlalchemy import (
@@ -49,8 +47,6 @@ class QuarantineStore(DaysStore):
         """
         now = self._now()
         reason = short(reason)
-        # Off the event loop and outside the write transaction: a large body is megabytes.
-        packed = await asyncio.to_thread(zlib.compress, body, 6)
         digest = hashlib.sha256(body).hexdigest()
 
         def work(conn: Connection) -> None:
@@ -75,7 +71,7 @@ class QuarantineStore(DaysStore):
                 "day": day,
                 "received_at": now,
                 "reason": reason,
-                "body": packed,
+                "body": body,  # compressed by the column type (schema.ZlibBytes)
                 "body_hash": digest,
             }
             columns = ("received_at", "reason", "body", "body_hash")
@@ -131,9 +127,8 @@ class QuarantineStore(DaysStore):
 
         def work(conn: Connection) -> list[StoredBody]:
             found: list[StoredBody] = []
-            for day, status, payload, final, fetched_at, packed, received_at in conn.execute(query):
-                if status == QUARANTINED and packed is not None:
-                    body = zlib.decompress(packed)
+            for day, status, payload, final, fetched_at, body, received_at in conn.execute(query):
+                if status == QUARANTINED and body is not None:
                     found.append(StoredBody(tenant, day, True, body, False, received_at))
                 elif payload is not None:
                     found.append(
