@@ -194,6 +194,11 @@ class Metrics:
         self.days_failed = gauge(
             "days_failed", "Days whose last fetch failed and that wait for the next cycle.", tenant
         )
+        self.days_quarantined = gauge(
+            "days_quarantined",
+            "Days whose last 200 body failed validation (body kept; see status and reprocess).",
+            tenant,
+        )
         self.tenant_auth_failed = gauge(
             "tenant_auth_failed", "1 while the tenant is parked as auth_failed.", tenant
         )
@@ -230,6 +235,15 @@ class Metrics:
         )
         self.asyncio_tasks = gauge(
             "asyncio_tasks", "asyncio tasks alive in the daemon's loop.", none
+        )
+        self.state_store_up = gauge(
+            "state_store_up", "0 while the state store fails (e.g. a full disk), else 1.", none
+        )
+        self.state_store_errors = counter(
+            "state_store_errors_total", "Failed state store operations (reads and writes).", none
+        )
+        self.bad_requests = counter(
+            "ops_bad_requests_total", "Malformed requests the ops server rejected.", none
         )
         self.up = gauge("up", "1 while the daemon runs.", none)
         self.build_info = Info(

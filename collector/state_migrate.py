@@ -10,7 +10,9 @@ deliveries, outbox positions and dead letters, tenant outcomes, and the queue co
 How, and why so:
 
 - Both stores are opened through :meth:`Store.open` first, so both have the current schema (an
-  older SQLite file is migrated like on any start) and the target's tables exist.
+  older SQLite file is migrated like on any start) and the target's tables exist. The source is
+  opened as ``run`` opens it, holding its lock file: a collector still running on it makes the
+  migration refuse, and none can start on it while the copy runs.
 - The target must be empty (nothing but a fresh schema): merging two histories would mix outbox
   positions and delivery marks, so a non-empty target is refused and nothing is written.
 - The source is read inside one SQLite transaction (one consistent snapshot, even if someone
@@ -101,11 +103,16 @@ async def migrate_state(source_url: str, target_url: str) -> MigrationResult:
         )
     if not await asyncio.to_thread(_is_file, source.database):
         raise MigrationRefused(f"no SQLite state store at {masked(source)}")
-    # Schema created or brought to the current version on both sides, like any start does.
-    for url in (source_url, target_url):
-        store = await Store.open(url)
-        await store.aclose()
-    return await asyncio.to_thread(_copy, source, target)
+    # Schema created or brought to the current version on both sides, like any start does. The
+    # source's lock is held until the copy is done: a collector running on it makes this refuse,
+    # and none can start on it meanwhile (what it collected would be left behind).
+    source_store = await Store.open(source_url, exclusive=True)
+    try:
+        target_store = await Store.open(target_url)
+        await target_store.aclose()
+        return await asyncio.to_thread(_copy, source, target)
+    finally:
+        await source_store.aclose()
 
 
 def _is_file(path: str | None) -> bool:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.config_helpers import TENANT, WebhookTestConfig, load, write
+from tests.config_helpers import TENANT, WebhookTestConfig, load, problems, write
 
 # --- defaults and values ------------------------------------------------------------------------
 
@@ -174,3 +174,55 @@ def test_credentials_fingerprint_follows_credentials(tmp_path: Path) -> None:
     assert a == b
     assert len({a, c, d}) == 3
     assert "s" not in {a, c, d}
+
+
+def test_raw_pii_pseudonymize_needs_a_key(tmp_path: Path) -> None:
+    """state.raw_pii: pseudonymize without pii_key is a problem at the state section; with a
+    pii_key_file the key is read from the file and treated as a secret."""
+    path = write(tmp_path, "state: {raw_pii: pseudonymize}\n", TENANT)
+    assert problems(path) == [
+        f"{path}:1: state: raw_pii: pseudonymize needs a non-empty pii_key (or pii_key_file)"
+    ]
+    key = tmp_path / "state-key"
+    key.write_text("state-pii-key\n")
+    path = write(tmp_path, f"state: {{raw_pii: pseudonymize, pii_key_file: {key}}}\n", TENANT)
+    config = load(path)
+    assert config.state.raw_pii == "pseudonymize"
+    assert "state-pii-key" in config.secret_values()
+    assert "state-pii-key" not in repr(config)
+
+
+async def test_a_partial_rate_limit_override_inherits_the_other_keys(tmp_path: Path) -> None:
+    """A tenant giving only per_second keeps api.rate_limit's burst, where the client reads it."""
+    from collector.ratelimit import Rate, TokenBucket
+
+    cfg = load(
+        write(
+            tmp_path,
+            """\
+            api: {rate_limit: {per_second: 4, burst: 8}}
+            tenants:
+              - {id: slow, api_key: k1, rate_limit: {per_second: 1}}
+              - {id: wide, api_key: k2, rate_limit: {burst: 2}}
+            """,
+        )
+    )
+    slow, wide = cfg.tenants
+    assert slow.rate_limit is not None
+    assert wide.rate_limit is not None
+    assert (slow.rate_limit.per_second, slow.rate_limit.burst) == (1.0, 8)
+    assert (wide.rate_limit.per_second, wide.rate_limit.burst) == (4.0, 2)
+    # The bucket built from what the API client reads (tenant.rate_limit) holds the api's burst:
+    # with the clock standing still, 8 requests pass at once and the 9th waits a second.
+    bucket = TokenBucket(Rate.of(slow.rate_limit), clock=lambda: 100.0)
+    assert [await bucket.acquire() for _ in range(8)] == [0.0] * 8
+    assert bucket.delay() == 1.0
+
+
+def test_history_days_defaults_to_the_api_window_and_is_bounded(tmp_path: Path) -> None:
+    """api.history_days is 90 unless set; zero is refused with its path."""
+    assert load(write(tmp_path, TENANT)).api.history_days == 90
+    assert load(write(tmp_path, "api: {history_days: 30}\n", TENANT)).api.history_days == 30
+    found = problems(write(tmp_path, "api: {history_days: 0}\n", TENANT))
+    assert len(found) == 1
+    assert "api.history_days" in found[0]

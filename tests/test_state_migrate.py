@@ -181,3 +181,25 @@ async def test_refuses_a_missing_source_and_a_non_postgresql_target(tmp_path: Pa
     )
     assert other.returncode == 2
     assert "--to must be a PostgreSQL URL" in other.stderr
+
+
+async def test_refuses_a_source_a_collector_is_running_on(
+    tmp_path: Path, empty_postgres: str
+) -> None:
+    """While a collector holds the SQLite state's lock, the migration refuses and copies
+    nothing."""
+    source = f"sqlite:///{tmp_path / 'state.db'}"
+    running = await Store.open(source, exclusive=True)
+    try:
+        await running.record_fetched([(sample_day("t1"), "{}")])
+        busy = await run_cli("state", "migrate", "--from", source, "--to", empty_postgres)
+    finally:
+        await running.aclose()
+
+    assert busy.returncode == 1
+    assert "is in use by" in busy.stderr
+    engine = sqlalchemy.create_engine(empty_postgres)
+    try:
+        assert sqlalchemy.inspect(engine).get_table_names() == []  # not even a schema
+    finally:
+        engine.dispose()
