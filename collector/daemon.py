@@ -48,11 +48,13 @@ from collector.errors import CollectorError, ConfigError, StoreError
 from collector.metrics import Metrics
 from collector.pipeline import CycleResult
 from collector.plugin_manager import configure_plugins
+from collector.replicas import Replica
 from collector.retry import waits_disabled
 from collector.server import make_app, serving
 from collector.sink import Sink
 from collector.status import status_snapshot
 from collector.store import StoreUnusable
+from collector.store.leases import Holdings
 
 log = structlog.get_logger("collector.daemon")
 
@@ -143,6 +145,8 @@ class Daemon:
         self._deliver_task: asyncio.Task[None] | None = None
         # Sink counters of deliverers replaced by a reload, so the exported counters never drop.
         self._retired_sink_stats: dict[str, tuple[int, int]] = {}
+        # state.replicas: this process's membership; None: it collects every tenant.
+        self.replica: Replica | None = None
 
     # -- signals ----------------------------------------------------------------------------------
 
@@ -169,12 +173,46 @@ class Daemon:
 
     # -- main -------------------------------------------------------------------------------------
 
-    def _tenants(self, config: AppConfig) -> list[TenantConfig]:
+    def _configured(self, config: AppConfig) -> list[TenantConfig]:
         return [
             t
             for t in config.tenants
             if t.enabled and (self.tenant_filter is None or t.id in self.tenant_filter)
         ]
+
+    def _tenants(self, config: AppConfig) -> list[TenantConfig]:
+        """The tenants this process collects: the configured ones, or as a replica those of
+        them it holds a lease of."""
+        configured = self._configured(config)
+        replica = self.replica
+        return configured if replica is None else [t for t in configured if replica.holds(t.id)]
+
+    async def _join_replicas(self, runtime: Runtime) -> None:
+        """state.replicas: the first heartbeat (this replica's share), then one every third of
+        the lease."""
+        replica = self.replica = Replica(
+            runtime.store, runtime.config.state.lease_ttl.total_seconds()
+        )
+        await replica.beat([t.id for t in self._configured(runtime.config)], self._leases_changed)
+        replica.start(self._leased_tenant_ids, self._leases_changed)
+        log.info(
+            "replica registered", replica=replica.id, tenants=len(self._tenants(runtime.config))
+        )
+
+    def _leased_tenant_ids(self) -> list[str]:
+        runtime = self._runtime
+        return [] if runtime is None else [t.id for t in self._configured(runtime.config)]
+
+    async def _leases_changed(self, holdings: Holdings) -> None:
+        """Tenants lost or released: cancel their cycles, drop their schedules; gained: run now."""
+        for tenant_id in holdings.lost | holdings.released:
+            self.next_run.pop(tenant_id, None)
+            task = self.running.pop(tenant_id, None)
+            if task is not None:
+                task.cancel()
+        if self._runtime is not None:
+            await self._schedule_new(self._runtime.config)
+        self._wake.set()
 
     async def run(self, config: AppConfig | None = None) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit code (0). ``config``: the file at
@@ -191,6 +229,8 @@ class Daemon:
                 log.info("daemon stopped before the state store was reachable")
                 return 0
             self._runtime = runtime
+            if config.state.replicas:
+                await self._join_replicas(runtime)
             self._start_deliverer()
             self.metrics.up.set(1)
             log.info("daemon started", tenants=len(self._tenants(config)), sinks=list(config.sinks))
@@ -198,6 +238,8 @@ class Daemon:
                 await self._loop()
             finally:
                 await self._shutdown()
+                if self.replica is not None:
+                    await self.replica.stop()
         log.info("daemon stopped")
         if runtime.store.health.unusable is not None:
             raise StoreUnusable(runtime.store.health.unusable)  # exit 1, as at start

@@ -366,7 +366,9 @@ class Deliverer:
             limit = lane.config.batch_size
             walked = False  # reached the end of the queue
             while not self._stopping.is_set() and not result.outage and not walked:
-                page = await self._store.pending(lane.name, None, limit, after=cursor)
+                # A replica reads only the outboxes of the tenants it holds (store.leases).
+                scope = self._store.lease_scope
+                page = await self._store.pending(lane.name, scope, limit, after=cursor)
                 # A short page is the end of the queue: no second query to find nothing. Days
                 # queued meanwhile set `wake`, so the lane makes another pass for them.
                 walked = page.read < limit

@@ -33,6 +33,8 @@ async def status_snapshot(
         await store.status_snapshot([t.id for t in config.tenants], history_start=history_start)
     ).to_dict()
     snapshot["history_start"] = history_start.isoformat()
+    if config.state.replicas:
+        snapshot["replicas"] = [replica.to_dict() for replica in await store.replicas()]
     configured = set(config.sinks)
     snapshot["sinks"] = [s for s in snapshot["sinks"] if s["sink"] in configured]
     known = {s["sink"] for s in snapshot["sinks"]}
@@ -124,7 +126,25 @@ def render_status(snapshot: Mapping[str, Any]) -> str:
             ["sink", "backlog", "dead letters", "lag", "last success", "last error"], sinks
         )
         + _day_notes(snapshot)
+        + _replica_table(snapshot)
     )
+
+
+def _replica_table(snapshot: Mapping[str, Any]) -> str:
+    """state.replicas: each replica, its last heartbeat and how many tenants it holds."""
+    if "replicas" not in snapshot:
+        return ""
+    rows = [
+        [
+            r["id"],
+            "live" if r["live"] else "expired",
+            _short(r["heartbeat_at"]),
+            len(r["tenants"]),
+            ", ".join(r["tenants"][:5]) + (" ..." if len(r["tenants"]) > 5 else ""),
+        ]
+        for r in snapshot["replicas"]
+    ]
+    return "\n\n" + render_table(["replica", "state", "heartbeat", "tenants", "holds"], rows)
 
 
 def _day_notes(snapshot: Mapping[str, Any]) -> str:

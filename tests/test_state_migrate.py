@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import datetime as dt
-import uuid
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from collector.simulator import SimulatorSettings, demo_tenants, running_simulat
 from collector.state_migrate import copied_tables
 from collector.store import Store
 from tests.e2e import run_cli, write_config
+from tests.postgres_helpers import fresh_schema
 from tests.servers import WebhookReceiver, sample_day
 
 pytestmark = pytest.mark.postgres
@@ -28,16 +28,8 @@ LOOKBACK = 5
 @pytest.fixture
 def empty_postgres(postgres_url: str) -> Iterator[str]:
     """The URL of a new, empty schema in the test PostgreSQL (dropped afterwards)."""
-    base = sqlalchemy.make_url(postgres_url)
-    schema = f"m_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(base)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
-    yield url.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-    admin.dispose()
+    with fresh_schema(postgres_url, "m") as (_, url):
+        yield url
 
 
 def _all_rows(url: str) -> dict[str, list[tuple[Any, ...]]]:

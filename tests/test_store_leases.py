@@ -7,7 +7,6 @@ import asyncio
 import datetime as dt
 import shutil
 import sqlite3
-import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -24,7 +23,9 @@ from collector.store.fencing import (
 )
 from collector.store.leases import ReplicaLeases, this_replica
 from collector.store.schema import SCHEMA_VERSION
+from tests.postgres_helpers import fresh_schema
 from tests.servers import sample_day
+from tests.test_store import fetched
 
 FIXTURES = Path(__file__).parent / "fixtures" / "state"
 TENANTS = [f"t{i:02d}" for i in range(10)]
@@ -34,16 +35,8 @@ TTL = dt.timedelta(seconds=30)
 @pytest.fixture
 def pg_schema(postgres_url: str) -> Iterator[tuple[str, str]]:
     """A new, empty schema in the test PostgreSQL: (its name, a URL that uses it)."""
-    base = sqlalchemy.make_url(postgres_url)
-    schema = f"l_{uuid.uuid4().hex[:12]}"
-    admin = sqlalchemy.create_engine(base)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    url = base.update_query_dict({"options": f"-csearch_path={schema}"})
-    yield schema, url.render_as_string(hide_password=False)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-    admin.dispose()
+    with fresh_schema(postgres_url, "l") as schema:
+        yield schema
 
 
 @pytest.fixture
@@ -260,3 +253,24 @@ async def test_a_version_1_postgresql_state_migrates_to_2_and_is_fenced(
     assert [v for (v,) in versions] == [1, SCHEMA_VERSION]
     assert after == before
     assert triggers == 3
+
+
+@pytest.mark.postgres
+async def test_a_replica_reads_only_its_tenants_outbox_and_registers_sinks_for_all(
+    replicas: list[ReplicaLeases],
+) -> None:
+    """The outbox scope follows the leases, and a new sink's history is queued for every tenant
+    even by a replica that holds only some (registering sinks is not fenced)."""
+    first, second, _ = replicas
+    await first.beat(["acme"])
+    await second.beat(["acme", "globex"])  # acme is taken: globex only
+    acme, globex = fetched("acme"), fetched("globex")
+    await first.store.record_fetched([acme])
+    await second.store.record_fetched([globex])
+
+    queued = await first.store.sync_sinks({"late": None})
+
+    assert queued == {"late": 2}
+    assert first.store.lease_scope == {"acme"}
+    pending = await first.store.pending("late", first.store.lease_scope)
+    assert [(td.tenant, td.day) for td in pending] == [("acme", acme[0].day)]

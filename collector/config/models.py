@@ -231,6 +231,29 @@ class StateConfig(_Model):
         "stable, or the same user gets a new pseudonym.",
     )
 
+    replicas: bool = Field(
+        default=False,
+        description="Several collector processes share this PostgreSQL state and split the "
+        'tenants by lease (docs/operations.md, "Several replicas"); SQLite is one process.',
+    )
+    lease_ttl: Duration = Field(
+        default=dt.timedelta(seconds=30),
+        description="replicas: how long a tenant's lease lasts without renewal (renewed every "
+        "third of it); a dead replica's tenants move to the others after this.",
+    )
+
+    @model_validator(mode="after")
+    def _replicas_need_postgresql(self) -> StateConfig:
+        if self.replicas and not self.url.startswith("postgresql"):
+            raise ValueError(
+                "replicas: true needs a PostgreSQL state.url (postgresql+psycopg://...); a "
+                "SQLite state is one process, guarded by its lock file (state migrate --to "
+                "copies it into PostgreSQL)"
+            )
+        if self.lease_ttl < dt.timedelta(seconds=1):
+            raise ValueError("lease_ttl must be at least 1s")
+        return self
+
     @model_validator(mode="after")
     def _key_for_pseudonyms(self) -> StateConfig:
         if self.raw_pii == "pseudonymize" and (

@@ -254,6 +254,8 @@ class StoreBase:
         # A replica's fencing tokens (collector.store.fencing), put on every write; None: the
         # process is not a replica and is not fenced.
         self.fence: str | None = None
+        # The tenants whose outboxes a replica's deliverer reads; None: every tenant.
+        self.lease_scope: frozenset[str] | None = None
         self._now = clock
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
@@ -429,7 +431,7 @@ class StoreBase:
                     )
                 conn.execute(upsert(conn, store_meta, ["key"]), [{"key": "seq", "value": 0}])
 
-    def _run(self, fn: Callable[[Connection], T], write: bool) -> T:
+    def _run(self, fn: Callable[[Connection], T], write: bool, fenced: bool = True) -> T:
         if self._closed.is_set():
             raise StoreError("the state store is closed")
         try:
@@ -438,7 +440,7 @@ class StoreBase:
                     conn.execution_options(collector_write=True)
                 with conn.begin():
                     fence = self.fence
-                    if write and fence is not None:
+                    if write and fenced and fence is not None:
                         conn.execute(
                             text("SELECT set_config(:name, :fence, true)"),
                             {"name": FENCE_SETTING, "fence": fence},
@@ -460,10 +462,12 @@ class StoreBase:
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.to_thread(self._run, fn, False)
 
-    async def _write(self, fn: Callable[[Connection], T]) -> T:
+    async def _write(self, fn: Callable[[Connection], T], *, fenced: bool = True) -> T:
+        """Run ``fn`` in a write transaction; ``fenced=False`` only for writes that are no
+        tenant's work (registering sinks), which a replica makes for every tenant."""
         lock = self._write_lock or contextlib.nullcontext()
         async with lock:
-            return await asyncio.to_thread(self._run, fn, True)
+            return await asyncio.to_thread(self._run, fn, True, fenced)
 
     def private(
         self, items: Sequence[tuple[TenantDay, StoredPayload]]

@@ -297,6 +297,7 @@ class ReplicaLeases:
         self.ttl = ttl
         self.tokens: dict[str, int] = {}
         store.fence = fence_document(me.id, self.tokens)
+        store.lease_scope = frozenset()
 
     @property
     def tenants(self) -> frozenset[str]:
@@ -308,10 +309,12 @@ class ReplicaLeases:
         holdings = await self.store.heartbeat(self.me, tenants, self.tokens, ttl=self.ttl)
         self.tokens = dict(holdings.tokens)
         self.store.fence = fence_document(self.me.id, self.tokens)
+        self.store.lease_scope = frozenset(self.tokens)
         return holdings
 
     async def leave(self) -> None:
         """Hand every lease back and unregister; writes are fenced off from here on."""
         self.tokens = {}
         self.store.fence = fence_document(self.me.id, self.tokens)
+        self.store.lease_scope = frozenset()
         await self.store.leave(self.me.id)

@@ -95,7 +95,11 @@ class OutboxStore(PendingStore):
         only what it does not have yet. Returns, per sink, how many tenant-days were newly queued.
         """
         wanted: Registered = {n: None if r is None else frozenset(r) for n, r in routes.items()}
-        return await self._write(lambda conn: self._sync_sinks(conn, wanted, remove_missing))
+        # Not fenced: queueing history for a new sink is the same for every replica, and
+        # idempotent, whichever tenants this one holds.
+        return await self._write(
+            lambda conn: self._sync_sinks(conn, wanted, remove_missing), fenced=False
+        )
 
     def _sync_sinks(
         self, conn: Connection, wanted: Registered, remove_missing: bool

@@ -1,0 +1,84 @@
+"""The daemon's side of ``state.replicas: true``: heartbeats, and what a change of leases means.
+
+The store part (registration, leases, fencing) is :mod:`collector.store.leases`; this module runs
+it for a daemon: one heartbeat before the first cycle (so the replica starts with its share), then
+one every third of ``state.lease_ttl``. After each, the daemon is told which tenants it gained
+(scheduled at once) and which it lost or released (their cycles cancelled, their schedules
+dropped). The deliverer follows: each sink's lane reads only the outbox of tenants held
+(``store.lease_scope``). At a clean stop every lease is handed back, so the other replicas take
+the tenants at their next heartbeat instead of after the expiry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Awaitable, Callable, Collection
+
+import structlog
+
+from collector.errors import StoreError
+from collector.store import Store
+from collector.store.leases import Holdings, ReplicaLeases, this_replica
+
+log = structlog.get_logger("collector.replicas")
+
+OnChange = Callable[[Holdings], Awaitable[None]]
+
+
+class Replica:
+    """One daemon's membership: ``await start(...)``, then :meth:`run` as a task, :meth:`stop`."""
+
+    def __init__(self, store: Store, ttl_seconds: float) -> None:
+        self.leases = ReplicaLeases(store, this_replica(), ttl=dt.timedelta(seconds=ttl_seconds))
+        self.interval = ttl_seconds / 3
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def id(self) -> str:
+        return self.leases.me.id
+
+    def holds(self, tenant: str) -> bool:
+        return tenant in self.leases.tokens
+
+    async def beat(self, tenants: Collection[str], on_change: OnChange) -> None:
+        """One heartbeat; ``on_change`` hears of every gain and loss. A failing store is
+        logged and tried again at the next beat (the leases expire if it stays down)."""
+        try:
+            holdings = await self.leases.beat(tenants)
+        except StoreError as exc:
+            log.warning("replica heartbeat failed", replica=self.id, error=str(exc))
+            return
+        if holdings.gained or holdings.lost or holdings.released:
+            log.info(
+                "tenant leases changed",
+                replica=self.id,
+                held=len(holdings.tokens),
+                gained=sorted(holdings.gained),
+                lost=sorted(holdings.lost),
+                released=sorted(holdings.released),
+                live_replicas=holdings.live_replicas,
+            )
+            await on_change(holdings)
+
+    def start(self, tenants: Callable[[], Collection[str]], on_change: OnChange) -> None:
+        """Beat every :attr:`interval` seconds in a task, until :meth:`stop`."""
+
+        async def forever() -> None:
+            while True:
+                await asyncio.sleep(self.interval)
+                await self.beat(tenants(), on_change)
+
+        self._task = asyncio.create_task(forever(), name="replica-heartbeat")
+
+    async def stop(self) -> None:
+        """Stop beating and hand every lease back."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        try:
+            await self.leases.leave()
+        except StoreError as exc:  # the leases expire on their own
+            log.warning("could not hand the leases back", replica=self.id, error=str(exc))

@@ -1,0 +1,142 @@
+"""Three daemons as real processes on one PostgreSQL state (``state.replicas: true``) against the
+simulator and a webhook receiver: they split the tenants, deliver every tenant-day, and take over
+the tenants of a replica killed with SIGKILL; SQLite refuses the setting."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from collector.pipeline import utc_today
+from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
+from tests.daemon_process import DaemonProcess, eventually
+from tests.e2e import run_cli, write_config
+from tests.postgres_helpers import fresh_schema
+from tests.servers import WebhookReceiver
+
+SECRET = "whsec_" + "c2VjcmV0LXNlY3JldC1zZWNyZXQtMTIzNA=="
+TENANTS = 12
+LOOKBACK = 3
+LEASE = "3s"
+
+
+@pytest.fixture
+def state_url(postgres_url: str) -> Iterator[str]:
+    with fresh_schema(postgres_url, "r") as (_, url):
+        yield url
+
+
+def _replica_config(
+    tmp_path: Path, sim: Any, tenants: Any, receiver: WebhookReceiver, url: str
+) -> Path:
+    return write_config(
+        tmp_path / "config.yaml",
+        sim,
+        tenants,
+        workdir=tmp_path,
+        lookback_days=LOOKBACK,
+        sinks={"hook": {"type": "webhook", "url": receiver.url, "secret": SECRET}},
+        extra={
+            "state": {"url": url, "replicas": True, "lease_ttl": LEASE},
+            "server": {"listen": "127.0.0.1:0"},
+            "collection": {"schedule": {"every": "1h", "jitter": "0s"}},
+        },
+    )
+
+
+async def _holdings(daemon: DaemonProcess) -> dict[str, list[str]]:
+    """Live replica id -> tenants it holds, from a daemon's /status."""
+    status = await daemon.status()
+    return {r["id"]: r["tenants"] for r in status.get("replicas", []) if r["live"]}
+
+
+def _spread_ok(holdings: dict[str, list[str]], replicas: int, ids: list[str]) -> bool:
+    held = sorted(t for tenants in holdings.values() for t in tenants)
+    fair = len(ids) // replicas
+    return (
+        len(holdings) == replicas
+        and held == sorted(ids)  # every tenant, each exactly once
+        and max(len(t) for t in holdings.values()) <= fair + 1
+    )
+
+
+@pytest.mark.postgres
+async def test_three_replicas_split_tenants_deliver_each_day_and_survive_a_kill(
+    tmp_path: Path, state_url: str
+) -> None:
+    """Three replicas hold every tenant exactly once (fair share + 1 at most), every tenant-day
+    reaches the webhook with one body per webhook-id, status lists the replicas, and after a
+    SIGKILL the two others hold all tenants once the lease expired."""
+    tenants = demo_tenants(TENANTS)
+    ids = [t.id for t in tenants]
+    today = utc_today()
+    wanted = {(t, (today - dt.timedelta(days=i)).isoformat()) for t in ids for i in range(LOOKBACK)}
+    async with (
+        running_simulator(SimulatorSettings(tenants=tenants)) as sim,
+        WebhookReceiver(SECRET) as receiver,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        config = _replica_config(tmp_path, sim, tenants, receiver, state_url)
+        daemons = [await stack.enter_async_context(DaemonProcess(config)) for _ in range(3)]
+        for daemon in daemons:
+            await eventually(
+                lambda d=daemon: d.listen is not None, within=30, what="ops", daemon=daemon
+            )
+
+        async def spread() -> bool:
+            return _spread_ok(await _holdings(daemons[0]), 3, ids)
+
+        await eventually(spread, within=60, what="an even spread", daemon=daemons[0])
+
+        def delivered() -> set[tuple[str, str]]:
+            return {(p["tenant"], p["day"]) for p in map(_day_of, receiver.accepted)}
+
+        await eventually(lambda: delivered() >= wanted, within=90, what="every tenant-day")
+        bodies: dict[str, set[bytes]] = defaultdict(set)
+        for request in receiver.accepted:
+            bodies[request.webhook_id].add(request.body)
+        assert all(len(b) == 1 for b in bodies.values())  # a redelivery is identical
+
+        cli = await run_cli("status", "-c", str(config), "--json")
+        assert cli.returncode == 0, cli.stderr
+        assert len([r for r in json.loads(cli.stdout)["replicas"] if r["live"]]) == 3
+
+        victim, *survivors = daemons
+        victim.kill()
+        await victim.wait(10)
+
+        async def taken_over() -> bool:
+            return _spread_ok(await _holdings(survivors[0]), 2, ids)
+
+        await eventually(taken_over, within=30, what="the takeover", daemon=survivors[0])
+        for daemon in survivors:
+            assert await daemon.stop() == 0
+        assert any(d.events("tenant leases changed") for d in survivors)
+
+
+def _day_of(request: Any) -> dict[str, str]:
+    """(tenant, day) of a per-day webhook body."""
+    body = request.json()
+    return {"tenant": body["tenant"], "day": body["day"]}
+
+
+async def test_sqlite_state_refuses_replicas(tmp_path: Path) -> None:
+    """replicas: true on a SQLite state is a config error that says why and what to do."""
+    async with running_simulator(SimulatorSettings(tenants=demo_tenants(1))) as sim:
+        config = write_config(
+            tmp_path / "config.yaml",
+            sim,
+            demo_tenants(1),
+            workdir=tmp_path,
+            extra={"state": {"url": f"sqlite:///{tmp_path / 'state.db'}", "replicas": True}},
+        )
+        result = await run_cli("validate", "-c", str(config))
+    assert result.returncode == 2
+    assert "replicas: true needs a PostgreSQL state.url" in result.stderr
