@@ -23,7 +23,8 @@ row (401 on the usage endpoint, credentials refused by the token endpoint), for 
 of in a loop. Failures seen by many concurrent requests for the same token count once.
 
 No secret ever leaves this module in a message: errors are built from status codes, the API's
-own ``errors`` text (scrubbed of the tenant's secrets) and tenant ids.
+own ``errors`` text (through :func:`scrub`) and tenant ids. A token is registered with the log
+redactor the moment it arrives, so no later text (a log line, an echoed error body) can carry it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
-from collector.log import get_logger
+from collector.log import get_logger, redact, register_token
 from collector.retry import parse_retry_after
 
 log = get_logger(__name__)
@@ -389,13 +390,47 @@ def secret_values(tenant: Credentials) -> list[str]:
     return values
 
 
-def scrub(text: str, secrets: Iterable[str], *, limit: int = 300) -> str:
-    """``text`` with every secret replaced by ``***``, cut to ``limit`` characters."""
+def scrub(text: str, secrets: Iterable[str] = (), *, limit: int = 300) -> str:
+    """``text`` from a remote server, made safe to log, store, show and raise.
+
+    Every one of ``secrets`` and every secret the log redactor knows (configured secrets, access
+    tokens, see :func:`collector.log.register_token`) becomes ``***``, and so does anything shaped
+    like a credential (``Bearer ...``, ``zak_...``, ``"client_secret": ...``); whitespace runs
+    collapse to one space and the text is cut to ``limit`` characters.
+    """
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    text = " ".join(text.split())
+    text = redact(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def error_message(body: bytes) -> str | None:
+    """The message of an error envelope: ``{"message": ...}`` or ``{"error": {"message": ...}}``.
+
+    Unscrubbed: pass it through :func:`scrub` before it goes anywhere.
+    """
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return _envelope_message(payload)
+
+
+def _envelope_message(payload: object) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    message = payload.get("message")
+    if isinstance(message, str) and message.strip():
+        return message
+    error = payload.get("error")
+    if isinstance(error, dict):
+        message = error.get("message")
+        if isinstance(message, str) and message.strip():
+            return message
+    if isinstance(error, str) and error.strip():
+        return error
+    return None
 
 
 def reload_secrets(tenant: Credentials) -> None:
@@ -417,7 +452,7 @@ def _error_text(body: bytes, secrets: Iterable[str]) -> str:
     """The token endpoint's ``errors`` (or the usage API's ``message``) as one line of text."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "no error details in the response"
     parts: list[str] = []
     if isinstance(payload, dict):
@@ -426,8 +461,8 @@ def _error_text(body: bytes, secrets: Iterable[str]) -> str:
             parts.extend(str(e) for e in errors[:5])
         elif isinstance(errors, str):
             parts.append(errors)
-        message = payload.get("message")
-        if not parts and isinstance(message, str):
+        message = _envelope_message(payload) if not parts else None
+        if message is not None:
             parts.append(message)
         code = payload.get("errorCode")
         if parts and isinstance(code, str):
@@ -507,6 +542,7 @@ class TokenProvider:
                 return self.cache.postpone_refresh(tenant.id, stale)
             raise
         self._count("ok", tenant.id)
+        register_token(tenant.id, access_token)  # hidden everywhere before anything can echo it
         state = self.cache.store(tenant.id, access_token, expires_in, fingerprint)
         log.debug("token obtained", tenant=tenant.id, lifetime_seconds=round(state.lifetime))
         return state
@@ -550,6 +586,14 @@ class TokenProvider:
             )
         if status >= 500:
             raise ServerError(f"token endpoint failed: {details}", tenant=tenant.id, status=status)
+        if 300 <= status < 400:
+            location = scrub(reply.headers.get("Location", "?"), secrets)
+            raise RequestRejected(
+                f"token endpoint redirected to {location} (redirects are not followed); "
+                "check api.token_url",
+                tenant=tenant.id,
+                status=status,
+            )
         raise RequestRejected(
             f"token endpoint refused the request: {details}", tenant=tenant.id, status=status
         )

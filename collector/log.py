@@ -31,6 +31,7 @@ import logging
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
 
@@ -44,6 +45,7 @@ __all__ = [
     "redact",
     "redact_secrets",
     "register_secrets",
+    "register_token",
 ]
 
 MIN_SECRET_LENGTH = 4
@@ -75,22 +77,65 @@ _CREDENTIAL_SHAPES = re.compile(
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
+_tokens: dict[str, deque[str]] = {}
 _secret_pattern: re.Pattern[str] | None = None
+_pattern_stale = False
 _HANDLER_MARK = "_collector_handler"
+TOKENS_KEPT_PER_OWNER = 4
+"""Short-lived secrets (access tokens) hidden per owner: the current one and a few before it."""
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Hide these strings (and their JSON/repr-escaped forms) on every future log line."""
-    global _secret_pattern
+    global _pattern_stale
     with _lock:
         fresh = set()
         for value in values:
             if len(value) >= MIN_SECRET_LENGTH:
-                fresh |= {value, json.dumps(value)[1:-1], repr(value)[1:-1]}
+                fresh |= _forms(value)
         if fresh <= _secrets:
             return
         _secrets.update(fresh)
-        _secret_pattern = re.compile(_alternation(_secrets))
+        _pattern_stale = True
+
+
+def register_token(owner: str, value: str) -> None:
+    """Hide a short-lived secret (a tenant's access token) from now on, like a configured one.
+
+    Unlike :func:`register_secrets`, only the last :data:`TOKENS_KEPT_PER_OWNER` values per
+    ``owner`` are kept: a daemon obtains a token per tenant every hour, and a registry that only
+    grew would grow for ever. Text is scrubbed when it arrives, while its token is current.
+    """
+    global _pattern_stale
+    if len(value) < MIN_SECRET_LENGTH:
+        return
+    with _lock:
+        kept = _tokens.setdefault(owner, deque(maxlen=TOKENS_KEPT_PER_OWNER))
+        if value in kept:
+            return
+        kept.append(value)
+        _pattern_stale = True
+
+
+def _forms(value: str) -> set[str]:
+    return {value, json.dumps(value)[1:-1], repr(value)[1:-1]}
+
+
+def _current_pattern() -> re.Pattern[str] | None:
+    """The pattern of every hidden string, rebuilt on first use after a change (not per token:
+    200 tenants getting their tokens at start-up cause one rebuild, not 200)."""
+    global _secret_pattern, _pattern_stale
+    if not _pattern_stale:
+        return _secret_pattern
+    with _lock:
+        if _pattern_stale:
+            words = set(_secrets)
+            for kept in _tokens.values():
+                for token in kept:
+                    words |= _forms(token)
+            _secret_pattern = re.compile(_alternation(words)) if words else None
+            _pattern_stale = False
+        return _secret_pattern
 
 
 def _alternation(words: Iterable[str]) -> str:
@@ -123,7 +168,7 @@ def _alternation(words: Iterable[str]) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every registered secret and recognisable credential replaced by ``***``."""
-    pattern = _secret_pattern
+    pattern = _current_pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
     return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
