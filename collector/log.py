@@ -19,7 +19,10 @@ two layers of redaction:
 
 Third-party libraries that log through stdlib ``logging`` (aiohttp, botocore) go through the same
 chain, so their lines are redacted and carry the tenant too. The secret registry is global and only
-grows: a rotated-out secret must stay hidden as well. Secrets shorter than
+grows: a rotated-out secret must stay hidden as well. Access tokens are registered the moment they
+are obtained (:func:`register_token`) and the last few per tenant are kept, so an hourly token per
+tenant does not grow the registry for ever. :func:`redact` is also what scrubs every text that
+comes from a remote server (``collector.auth.scrub``). Secrets shorter than
 :data:`MIN_SECRET_LENGTH` are not registered (masking every "ab" would garble logs; no real
 credential is that short).
 """
@@ -31,6 +34,7 @@ import logging
 import re
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
@@ -78,11 +82,17 @@ _CREDENTIAL_SHAPES = re.compile(
 _lock = threading.Lock()
 _secrets: set[str] = set()
 _tokens: dict[str, deque[str]] = {}
+_fresh_tokens: list[str] = []  # registered since the pattern was last built
+_fresh_since = 0.0
 _secret_pattern: re.Pattern[str] | None = None
 _pattern_stale = False
 _HANDLER_MARK = "_collector_handler"
 TOKENS_KEPT_PER_OWNER = 4
 """Short-lived secrets (access tokens) hidden per owner: the current one and a few before it."""
+FRESH_TOKENS_MAX = 64
+FRESH_TOKENS_SECONDS = 10.0
+"""New tokens are matched one by one until there are this many or they are this old, then built
+into the pattern: rebuilding it for each of 1,000 tenants' tokens would cost seconds of CPU."""
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -106,7 +116,7 @@ def register_token(owner: str, value: str) -> None:
     ``owner`` are kept: a daemon obtains a token per tenant every hour, and a registry that only
     grew would grow for ever. Text is scrubbed when it arrives, while its token is current.
     """
-    global _pattern_stale
+    global _fresh_since
     if len(value) < MIN_SECRET_LENGTH:
         return
     with _lock:
@@ -114,7 +124,9 @@ def register_token(owner: str, value: str) -> None:
         if value in kept:
             return
         kept.append(value)
-        _pattern_stale = True
+        if not _fresh_tokens:
+            _fresh_since = time.monotonic()
+        _fresh_tokens.extend(_forms(value))
 
 
 def _forms(value: str) -> set[str]:
@@ -122,19 +134,23 @@ def _forms(value: str) -> set[str]:
 
 
 def _current_pattern() -> re.Pattern[str] | None:
-    """The pattern of every hidden string, rebuilt on first use after a change (not per token:
-    200 tenants getting their tokens at start-up cause one rebuild, not 200)."""
+    """The pattern of every hidden string, rebuilt on first use after a configured secret was
+    added, or once enough fresh tokens piled up (see :data:`FRESH_TOKENS_MAX`)."""
     global _secret_pattern, _pattern_stale
-    if not _pattern_stale:
+    if not _pattern_stale and not _fresh_tokens:
         return _secret_pattern
     with _lock:
-        if _pattern_stale:
+        due = len(_fresh_tokens) >= FRESH_TOKENS_MAX or (
+            _fresh_tokens and time.monotonic() - _fresh_since >= FRESH_TOKENS_SECONDS
+        )
+        if _pattern_stale or due:
             words = set(_secrets)
             for kept in _tokens.values():
                 for token in kept:
                     words |= _forms(token)
             _secret_pattern = re.compile(_alternation(words)) if words else None
             _pattern_stale = False
+            _fresh_tokens.clear()
         return _secret_pattern
 
 
@@ -171,6 +187,9 @@ def redact(text: str) -> str:
     pattern = _current_pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
+    for token in _fresh_tokens[:]:
+        if token in text:
+            text = text.replace(token, MASK)
     return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
 
 

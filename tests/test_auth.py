@@ -19,6 +19,7 @@ from collector.auth import (
     NONPOSITIVE_LIFETIME,
     AuthFailures,
     TokenCache,
+    error_message,
     refresh_margin,
     sanitize_expires_in,
     scrub,
@@ -26,6 +27,7 @@ from collector.auth import (
 from collector.client import ApiClient
 from collector.config import ApiConfig, TenantConfig
 from collector.errors import ApiTimeout, AuthError, ServerError
+from collector.log import register_token
 from collector.retry import no_wait
 from collector.simulator import (
     OMIT,
@@ -164,6 +166,30 @@ def test_scrub_removes_secrets_and_bounds_length() -> None:
     """scrub() masks each secret and cuts long text."""
     assert scrub("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret *** here"
     assert len(scrub("x" * 1000, [])) == 300
+
+
+def test_scrub_hides_registered_tokens_and_credential_shapes() -> None:
+    """Text from a server loses tokens the collector obtained and anything shaped like a
+    credential, even when the caller passes no secrets."""
+    register_token("acme", "opaque-token-9f8e7d")
+    text = "you sent opaque-token-9f8e7d as Authorization: Bearer abc.def and zak_live_123"
+    assert scrub(text) == "you sent *** as Authorization: Bearer *** and ***"
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"status": "error", "message": "Too many requests"}', "Too many requests"),
+        (b'{"error": {"code": 500, "message": "Failed to fetch data"}}', "Failed to fetch data"),
+        (b'{"error": "upstream timeout"}', "upstream timeout"),
+        (b"<html>502 Bad Gateway</html>", None),
+        (b'{"message": ""}', None),
+        (b"[" * 5000 + b"]" * 5000, None),
+    ],
+)
+def test_error_message_reads_either_envelope(body: bytes, message: str | None) -> None:
+    """The message comes from ``message`` or ``error.message``; anything else gives None."""
+    assert error_message(body) == message
 
 
 # --- AuthFailures (no I/O) ----------------------------------------------------------------------

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 import structlog
 
-from collector.log import configure_logging, get_logger, redact, register_secrets
+from collector.log import (
+    FRESH_TOKENS_MAX,
+    TOKENS_KEPT_PER_OWNER,
+    configure_logging,
+    get_logger,
+    redact,
+    register_secrets,
+    register_token,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +174,25 @@ def test_redact_masks_overlapping_and_many_secrets() -> None:
     register_secrets([*many, "overlap-abcd", "overlap-abcdefgh", "ab"])
     text = f"a {many[0]} b {many[2999]} c overlap-abcdefgh d overlap-abcdXY e ab"
     assert redact(text) == "a *** b *** c *** d ***XY e ab"
+
+
+def test_a_registered_token_is_hidden_at_once_and_after_the_pattern_is_rebuilt() -> None:
+    """A token is masked from the moment it is registered, before and after the many tokens
+    that follow make the redactor rebuild its pattern."""
+    register_token("acme", "tok-first-0a1b2c3d")
+    assert redact("echo tok-first-0a1b2c3d!") == "echo ***!"
+    for i in range(FRESH_TOKENS_MAX + 1):
+        register_token(f"tenant-{i}", f"tok-many-{i:04d}-zz")
+    assert redact("a tok-first-0a1b2c3d b tok-many-0003-zz c") == "a *** b *** c"
+
+
+def test_only_the_last_few_tokens_per_tenant_are_kept() -> None:
+    """An hourly token per tenant does not grow the registry for ever: old ones are dropped."""
+    tokens = [f"tok-rotating-{i:03d}-q" for i in range(TOKENS_KEPT_PER_OWNER + 2)]
+    for token in tokens:
+        register_token("rotating", token)
+    for i in range(FRESH_TOKENS_MAX):  # push the rotating tokens into the rebuilt pattern
+        register_token(f"filler-{i}", f"tok-filler-{i:04d}-zz")
+    assert redact(tokens[-1]) == "***"
+    assert redact(tokens[-TOKENS_KEPT_PER_OWNER]) == "***"
+    assert redact(tokens[0]) == tokens[0]
