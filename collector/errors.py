@@ -21,13 +21,17 @@ Callers decide what to do by class, never by parsing messages::
 
 No aiohttp, botocore or sqlite exception crosses a module boundary: the client, the sinks and the
 store translate them into these. Messages never contain secrets: they are built from status codes,
-API messages and tenant ids only.
+scrubbed API messages and tenant ids, and as a last line of defence every API and sink error
+message passes the log redactor (registered secrets, access tokens, credential shapes) when the
+exception is created, so no exception text can carry one into the state store or ``status``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
+
+from collector.log import redact
 
 
 class CollectorError(Exception):
@@ -67,7 +71,7 @@ class ApiError(CollectorError):
     ) -> None:
         self.tenant = tenant
         self.status = status
-        super().__init__(message)
+        super().__init__(redact(message))
 
     @property
     def reason(self) -> str:
@@ -129,6 +133,10 @@ class RequestRejected(PermanentApiError):
 
 class SinkError(CollectorError):
     """A sink could not store a batch."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        # Plugins may pass anything; only text can carry a secret.
+        super().__init__(redact(message) if isinstance(message, str) else message, *args)
 
 
 class SinkTransientError(SinkError):
