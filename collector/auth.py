@@ -23,8 +23,8 @@ row (401 on the usage endpoint, credentials refused by the token endpoint), for 
 of in a loop. Failures seen by many concurrent requests for the same token count once.
 
 No secret ever leaves this module in a message: errors are built from status codes, the API's
-own ``errors`` text (through :func:`scrub`) and tenant ids. A token is registered with the log
-redactor the moment it arrives, so no later text (a log line, an echoed error body) can carry it.
+own ``errors`` text (scrubbed) and tenant ids. A token is registered with the log redactor the
+moment it arrives, so no later text (a log line, an echoed body) can carry it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
-from collector.log import get_logger, redact, register_token
+from collector.log import get_logger, register_token, scrub
 from collector.retry import parse_retry_after
 
 log = get_logger(__name__)
@@ -390,26 +390,8 @@ def secret_values(tenant: Credentials) -> list[str]:
     return values
 
 
-def scrub(text: str, secrets: Iterable[str] = (), *, limit: int = 300) -> str:
-    """``text`` from a remote server, made safe to log, store, show and raise.
-
-    Every one of ``secrets`` and every secret the log redactor knows (configured secrets, access
-    tokens, see :func:`collector.log.register_token`) becomes ``***``, and so does anything shaped
-    like a credential (``Bearer ...``, ``zak_...``, ``"client_secret": ...``); whitespace runs
-    collapse to one space and the text is cut to ``limit`` characters.
-    """
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = redact(" ".join(text.split()))
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def error_message(body: bytes) -> str | None:
-    """The message of an error envelope: ``{"message": ...}`` or ``{"error": {"message": ...}}``.
-
-    Unscrubbed: pass it through :func:`scrub` before it goes anywhere.
-    """
+    """The message of ``{"message": ...}`` or ``{"error": {"message": ...}}``, unscrubbed."""
     try:
         payload = json.loads(body)
     except (ValueError, RecursionError):
@@ -423,14 +405,10 @@ def _envelope_message(payload: object) -> str | None:
     message = payload.get("message")
     if isinstance(message, str) and message.strip():
         return message
-    error = payload.get("error")
+    error = payload.get("error")  # {"error": {"message": ...}} or {"error": "..."}
     if isinstance(error, dict):
-        message = error.get("message")
-        if isinstance(message, str) and message.strip():
-            return message
-    if isinstance(error, str) and error.strip():
-        return error
-    return None
+        error = error.get("message")
+    return error if isinstance(error, str) and error.strip() else None
 
 
 def reload_secrets(tenant: Credentials) -> None:

@@ -30,7 +30,7 @@ One request for one tenant-day goes like this:
 
 :class:`ClientMetrics` counts requests by tenant and outcome, token requests, rate-limit and
 retry waits, for ``/metrics``. Secrets appear in no log line, exception, repr or metric: every
-text from the server goes through :func:`~collector.auth.scrub` (the tenant's secrets, every
+text from the server goes through :func:`~collector.log.scrub` (the tenant's secrets, every
 registered secret and token, credential shapes), and a 200 body that echoes the credential sent
 with it has it replaced by ``***`` before anything reads or stores it.
 """
@@ -56,7 +56,6 @@ from collector.auth import (
     TokenProvider,
     error_message,
     reload_secrets,
-    scrub,
     secret_values,
 )
 from collector.client_transport import (
@@ -76,7 +75,7 @@ from collector.errors import (
     ServerError,
     TransportError,
 )
-from collector.log import get_logger
+from collector.log import get_logger, scrub
 from collector.models import UsageResponse, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (

@@ -22,7 +22,7 @@ chain, so their lines are redacted and carry the tenant too. The secret registry
 grows: a rotated-out secret must stay hidden as well. Access tokens are registered the moment they
 are obtained (:func:`register_token`) and the last few per tenant are kept, so an hourly token per
 tenant does not grow the registry for ever. :func:`redact` is also what scrubs every text that
-comes from a remote server (``collector.auth.scrub``). Secrets shorter than
+comes from a remote server (:func:`scrub`). Secrets shorter than
 :data:`MIN_SECRET_LENGTH` are not registered (masking every "ab" would garble logs; no real
 credential is that short).
 """
@@ -50,6 +50,7 @@ __all__ = [
     "redact_secrets",
     "register_secrets",
     "register_token",
+    "scrub",
 ]
 
 MIN_SECRET_LENGTH = 4
@@ -191,6 +192,21 @@ def redact(text: str) -> str:
         if token in text:
             text = text.replace(token, MASK)
     return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
+
+
+def scrub(text: str, secrets: Iterable[str] = (), *, limit: int = 300) -> str:
+    """``text`` from a remote server, made safe to log, store, show and raise.
+
+    Every one of ``secrets`` and every secret the log redactor knows (configured secrets, access
+    tokens, see :func:`collector.log.register_token`) becomes ``***``, and so does anything shaped
+    like a credential (``Bearer ...``, ``zak_...``, ``"client_secret": ...``); whitespace runs
+    collapse to one space and the text is cut to ``limit`` characters.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = redact(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _mask_credential(match: re.Match[str]) -> str:

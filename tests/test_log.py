@@ -21,6 +21,7 @@ from collector.log import (
     redact,
     register_secrets,
     register_token,
+    scrub,
 )
 
 
@@ -196,3 +197,17 @@ def test_only_the_last_few_tokens_per_tenant_are_kept() -> None:
     assert redact(tokens[-1]) == "***"
     assert redact(tokens[-TOKENS_KEPT_PER_OWNER]) == "***"
     assert redact(tokens[0]) == tokens[0]
+
+
+def test_scrub_removes_secrets_and_bounds_length() -> None:
+    """scrub() masks each secret and cuts long text."""
+    assert scrub("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret *** here"
+    assert len(scrub("x" * 1000, [])) == 300
+
+
+def test_scrub_hides_registered_tokens_and_credential_shapes() -> None:
+    """Text from a server loses tokens the collector obtained and anything shaped like a
+    credential, even when the caller passes no secrets."""
+    register_token("acme", "opaque-token-9f8e7d")
+    text = "you sent opaque-token-9f8e7d as Authorization: Bearer abc.def and zak_live_123"
+    assert scrub(text) == "you sent *** as Authorization: Bearer *** and ***"

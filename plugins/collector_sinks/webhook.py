@@ -38,10 +38,9 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
 from collector import retry
-from collector.auth import scrub
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.hookspecs import hookimpl
-from collector.log import register_secrets
+from collector.log import register_secrets, scrub
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig
 from collector_sinks import _serialize as ser
