@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import os
 import ssl
+import sys
 import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -360,15 +362,30 @@ async def test_https_refuses_an_untrusted_certificate(https_url: str) -> None:
 
 
 async def test_ssl_cert_file_names_a_private_ca(
-    authority: trustme.CA, https_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    authority: trustme.CA, https_url: str, tmp_path: Path
 ) -> None:
-    """``SSL_CERT_FILE`` replaces the trust store, as docs/configuration.md tells users."""
+    """``SSL_CERT_FILE`` in the environment the collector starts with replaces the trust store,
+    as docs/configuration.md tells users (a fresh interpreter: it is read once, at start-up)."""
     bundle = tmp_path / "ca.pem"
     authority.cert_pem.write_to_path(str(bundle))
-    monkeypatch.setenv("SSL_CERT_FILE", str(bundle))
-    client = transport()
-    try:
-        reply = await client.request("GET", https_url + "/hello", headers={"X-Name": "z"})
-    finally:
-        await client.aclose()
-    assert (reply.status, reply.body) == (200, b'{"hello": "z"}')
+    script = (
+        "import asyncio\n"
+        "from collector.client_transport import BodyBudget, ProxyRoutes, Transport\n"
+        "async def main():\n"
+        "    t = Transport(headers={}, max_body=1000, connections=2, timeout=5,\n"
+        "                  budget=BodyBudget(1000), proxies=ProxyRoutes({}))\n"
+        f"    reply = await t.request('GET', {https_url + '/hello'!r}, headers={{'X-Name': 'z'}})\n"
+        "    await t.aclose()\n"
+        "    print(reply.status, reply.body.decode())\n"
+        "asyncio.run(main())\n"
+    )
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "SSL_CERT_FILE": str(bundle)},
+    )
+    out, err = await asyncio.wait_for(child.communicate(), 60)
+    assert out.decode().strip() == '200 {"hello": "z"}', err.decode()[-2000:]
