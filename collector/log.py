@@ -34,7 +34,6 @@ import logging
 import re
 import sys
 import threading
-import time
 from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
@@ -83,17 +82,16 @@ _CREDENTIAL_SHAPES = re.compile(
 _lock = threading.Lock()
 _secrets: set[str] = set()
 _tokens: dict[str, deque[str]] = {}
-_fresh_tokens: list[str] = []  # registered since the pattern was last built
-_fresh_since = 0.0
+_token_set: set[str] = set()
 _secret_pattern: re.Pattern[str] | None = None
 _pattern_stale = False
 _HANDLER_MARK = "_collector_handler"
 TOKENS_KEPT_PER_OWNER = 4
 """Short-lived secrets (access tokens) hidden per owner: the current one and a few before it."""
-FRESH_TOKENS_MAX = 64
-FRESH_TOKENS_SECONDS = 10.0
-"""New tokens are matched one by one until there are this many or they are this old, then built
-into the pattern: rebuilding it for each of 1,000 tenants' tokens would cost seconds of CPU."""
+TOKEN_MIN_LENGTH = 16
+_TOKEN_RUN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{TOKEN_MIN_LENGTH},}}=*")
+"""A run of the characters bearer tokens are made of (RFC 6750 ``b64token``), long enough to be
+one: each is looked up in a set, so a thousand tenants' tokens cost no regex rebuild."""
 
 
 def register_secrets(values: Iterable[str]) -> None:
@@ -116,18 +114,23 @@ def register_token(owner: str, value: str) -> None:
     Unlike :func:`register_secrets`, only the last :data:`TOKENS_KEPT_PER_OWNER` values per
     ``owner`` are kept: a daemon obtains a token per tenant every hour, and a registry that only
     grew would grow for ever. Text is scrubbed when it arrives, while its token is current.
+    Tokens of :data:`TOKEN_MIN_LENGTH` characters or more, made of the bearer-token alphabet, are
+    matched as whole runs of that alphabet (punctuation around them aside) by a set lookup;
+    others join the configured secrets' pattern.
     """
-    global _fresh_since
     if len(value) < MIN_SECRET_LENGTH:
+        return
+    if not _TOKEN_RUN.fullmatch(value):
+        register_secrets([value])
         return
     with _lock:
         kept = _tokens.setdefault(owner, deque(maxlen=TOKENS_KEPT_PER_OWNER))
         if value in kept:
             return
+        if len(kept) == kept.maxlen:
+            _token_set.discard(kept[0])
         kept.append(value)
-        if not _fresh_tokens:
-            _fresh_since = time.monotonic()
-        _fresh_tokens.extend(_forms(value))
+        _token_set.add(value)
 
 
 def _forms(value: str) -> set[str]:
@@ -135,24 +138,23 @@ def _forms(value: str) -> set[str]:
 
 
 def _current_pattern() -> re.Pattern[str] | None:
-    """The pattern of every hidden string, rebuilt on first use after a configured secret was
-    added, or once enough fresh tokens piled up (see :data:`FRESH_TOKENS_MAX`)."""
+    """The pattern of every configured secret, rebuilt on first use after one was added."""
     global _secret_pattern, _pattern_stale
-    if not _pattern_stale and not _fresh_tokens:
+    if not _pattern_stale:
         return _secret_pattern
     with _lock:
-        due = len(_fresh_tokens) >= FRESH_TOKENS_MAX or (
-            _fresh_tokens and time.monotonic() - _fresh_since >= FRESH_TOKENS_SECONDS
-        )
-        if _pattern_stale or due:
-            words = set(_secrets)
-            for kept in _tokens.values():
-                for token in kept:
-                    words |= _forms(token)
-            _secret_pattern = re.compile(_alternation(words)) if words else None
+        if _pattern_stale:
+            _secret_pattern = re.compile(_alternation(_secrets)) if _secrets else None
             _pattern_stale = False
-            _fresh_tokens.clear()
         return _secret_pattern
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    run = match.group()
+    if run in _token_set:
+        return MASK
+    core = run.strip("-._~+/")  # a token at the end of a sentence, or between dots
+    return run.replace(core, MASK) if core in _token_set else run
 
 
 def _alternation(words: Iterable[str]) -> str:
@@ -188,9 +190,8 @@ def redact(text: str) -> str:
     pattern = _current_pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
-    for token in _fresh_tokens[:]:
-        if token in text:
-            text = text.replace(token, MASK)
+    if _token_set:
+        text = _TOKEN_RUN.sub(_mask_token, text)
     return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
 
 
