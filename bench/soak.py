@@ -10,6 +10,11 @@ on a timetable:
 - every ``--hook-outage-every``: the webhook receiver answers 503 for ``--hook-outage-for``;
 - every few seconds a random tenant's today changes (a late correction), so redeliveries flow.
 
+The first ``--large-tenants`` tenants are organizations of ``--large-users`` people (default two
+of 2,000: day bodies of about 100 KB, several hundred user rows per day), and every other one of
+them sends ``last_active`` as a date-time, so large bodies and the ``last_active_at`` column stay
+under load the whole time.
+
 Every ``--sample-every`` it samples the daemon's resident memory and open file descriptors (from
 ``/proc/PID``) and its asyncio task count, backlogs and fetch counters (from ``/metrics``), and
 prints a row (JSON). At the end it stops the daemon with SIGTERM (checking exit code 0 within the
@@ -40,7 +45,7 @@ import signal
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,7 @@ import aiohttp
 import yaml
 from aiohttp import web
 
-from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
+from collector.simulator import SimTenant, SimulatorSettings, demo_tenants, running_simulator
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(s|m|h)?\s*$")
 
@@ -118,10 +123,19 @@ def free_port() -> int:
         return port
 
 
+def soak_tenants(args: Any) -> list[SimTenant]:
+    """The demo tenants, the first ``--large-tenants`` of them large organizations."""
+    tenants = demo_tenants(args.tenants)
+    for index in range(min(args.large_tenants, len(tenants))):
+        variant = "datetime_last_active" if index % 2 else None
+        tenants[index] = replace(tenants[index], users=args.large_users, variant=variant)
+    return tenants
+
+
 def write_config(
     path: Path, base_url: str, token_url: str, hook_url: str, workdir: Path, args: Any, port: int
 ) -> None:
-    tenants = demo_tenants(args.tenants)
+    tenants = soak_tenants(args)
     config = {
         "api": {
             "base_url": base_url,
@@ -297,7 +311,7 @@ async def fault_timetable(
 async def soak(args: Any) -> int:
     workdir = Path(args.output)
     settings = SimulatorSettings(
-        tenants=demo_tenants(args.tenants),
+        tenants=soak_tenants(args),
         latency=args.latency,
         failure_rate=args.failure_rate,
         seed=args.seed,
@@ -389,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=duration, default=duration("30m"))
     parser.add_argument("--tenants", type=int, default=20)
+    parser.add_argument(
+        "--large-tenants", type=int, default=2, help="how many tenants are large organizations"
+    )
+    parser.add_argument("--large-users", type=int, default=2000, help="people per large tenant")
     parser.add_argument("--lookback", type=int, default=30)
     parser.add_argument("--every", type=float, default=5.0, help="schedule interval, seconds")
     parser.add_argument("--jitter", type=float, default=2.0, help="schedule jitter, seconds")

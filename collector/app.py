@@ -28,7 +28,7 @@ from collector.plugin_manager import (
     make_plugin_manager,
     notify,
 )
-from collector.sink import Sink
+from collector.sink import Sink, SinkHost
 from collector.store import Store
 
 log = structlog.get_logger("collector.app")
@@ -90,9 +90,10 @@ def build_deliverer(
 ) -> tuple[dict[str, Sink], Deliverer | None]:
     """Create the configured sink instances (no I/O yet) and the deliverer that drains them."""
     sinks: dict[str, Sink] = {}
+    host = SinkHost(shared_group=config.files.shared_group)
     for name, sink_config in config.sinks.items():
         if only_sinks is None or name in only_sinks:
-            sinks[name] = plugins.registry.create(name, sink_config)
+            sinks[name] = plugins.registry.create(name, sink_config, host)
     if not sinks:
         return sinks, None
     routes = sink_routes(config)

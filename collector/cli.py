@@ -182,17 +182,34 @@ def build_parser() -> argparse.ArgumentParser:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print JSON (same as GET /status)")
 
-    report = sub.add_parser("report", help="cross-tenant usage summary from a SQL sink")
-    _config_arg(report, required=False)
-    report.add_argument("--db", help="SQLAlchemy URL or SQLite path of a SQL sink's database")
-    report.add_argument(
-        "--sink", help="name of a sqlite/sql sink in the config (default: the first)"
+    report = sub.add_parser(
+        "report", help="cross-tenant usage and seat hygiene from a SQL or CSV sink (text/HTML)"
     )
-    report.add_argument("--days", type=int, default=30, help="window ending today (default 30)")
+    _config_arg(report, required=False)
+    report.add_argument("--sink", help="sink to read, by name (default: the first SQL or CSV one)")
+    report.add_argument("--db", help="read this SQLAlchemy URL or SQLite file instead of a sink")
+    report.add_argument("--csv", metavar="DIR", help="read this CSV sink directory instead")
+    window = report.add_mutually_exclusive_group()
+    window.add_argument(
+        "--days", type=int, default=30, help="window of N days ending --until (7, 30, 90...; 30)"
+    )
+    window.add_argument("--since", type=parse_day, help="first day of the window, YYYY-MM-DD")
     report.add_argument(
         "--until", type=parse_day, help="last day of the window (default: today UTC)"
     )
-    report.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    report.add_argument(
+        "--stale-days",
+        type=int,
+        default=14,
+        help="seat hygiene: a user last active more than N days ago is stale (default 14)",
+    )
+    report.add_argument("--format", choices=["table", "csv", "json", "html"], default="table")
+    report.add_argument(
+        "--section",
+        choices=["usage", "seats"],
+        help="table/csv: only this part (csv default: usage); json and html hold both",
+    )
+    report.add_argument("-o", "--output", help="write to this file instead of stdout")
 
     replay = sub.add_parser(
         "replay", help="redeliver stored history to a sink without calling the API"

@@ -18,10 +18,10 @@ from collector.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_s
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
-from collector.report import cycle_summary, render_usage, usage_report
+from collector.report import cycle_summary
 
 if TYPE_CHECKING:
-    import sqlalchemy as sa
+    from collector.report.sources import ReportSource
 
 log = structlog.get_logger("collector.cli")
 
@@ -168,35 +168,47 @@ async def replay(args: argparse.Namespace) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    url = args.db
-    if url and "://" not in url:
-        url = f"sqlite:///{url}"
-    if url is None:
-        if not args.config:
-            print("error: give --db or -c CONFIG", file=sys.stderr)
-            return EXIT_USAGE
-        config, _ = _load(args)
-        url = _sql_sink_url(config, args.sink)
-        if url is None:
-            print("error: no sqlite/sql sink in the config; give --db", file=sys.stderr)
-            return EXIT_USAGE
-    until: dt.date = args.until or utc_today()
-    since = until - dt.timedelta(days=args.days - 1)
-    rows = usage_report(url, since, until)
-    print(render_usage(rows, args.format, since, until))
+    from collector.report.model import ReportError, Window
+    from collector.report.render import render
+    from collector.report.sources import make_report
+
+    try:
+        until: dt.date = args.until or utc_today()
+        window = Window(args.since, until) if args.since else Window.last(args.days, until)
+        source, names = _report_source(args)
+        usage = make_report(source, window, names=names, stale_days=args.stale_days)
+        text = render(usage, args.format, args.section)
+    except ReportError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if not args.output:
+        print(text)
+        return EXIT_OK
+    try:
+        Path(args.output).write_text(text if text.endswith("\n") else text + "\n", "utf-8")
+    except OSError as error:
+        print(f"error: cannot write {args.output}: {error.strerror}", file=sys.stderr)
+        return EXIT_USAGE
     return EXIT_OK
 
 
-def _sql_sink_url(config: AppConfig, name: str | None) -> str | sa.URL | None:
-    """The database of a sqlite/sql sink, password included (the sink's own URL builder)."""
-    from collector_sinks.sqlite import SqliteSinkConfig
+def _report_source(args: argparse.Namespace) -> tuple[ReportSource, dict[str, str]]:
+    """What ``report`` reads (``--db``, ``--csv`` or a sink of the config) and the tenant names
+    of the config, if one is given."""
+    from collector.report.model import ReportError
+    from collector.report.sources import CsvSource, SqlSource, choose_sink
 
-    for sink_name, sink_config in config.sinks.items():
-        if name is not None and sink_name != name:
-            continue
-        if isinstance(sink_config, SqliteSinkConfig):
-            return sink_config.sqlalchemy_url()
-    return None
+    if sum(bool(x) for x in (args.db, args.csv, args.sink)) > 1:
+        raise ReportError("give one of --sink, --db and --csv")
+    config = _load(args)[0] if args.config else None
+    names = {t.id: t.name for t in config.tenants} if config else {}
+    if args.db:
+        return SqlSource.from_argument(args.db), names
+    if args.csv:
+        return CsvSource(Path(args.csv).expanduser(), f"CSV files in {args.csv}"), names
+    if config is None:
+        raise ReportError("give -c CONFIG (to read its SQL or CSV sink), --db URL or --csv DIR")
+    return choose_sink(config.sinks, args.sink), names
 
 
 async def demo(args: argparse.Namespace) -> int:
@@ -217,21 +229,26 @@ async def demo(args: argparse.Namespace) -> int:
         print(f"simulator on {sim.base_url} with 5 demo organizations; collecting 30 days...\n")
         result, delivered = await _cycle(config, plugins_, None)
     print(cycle_summary(result))
-    url = _sql_sink_url(config, None)
-    if url is not None:
-        until = utc_today()
-        since = until - dt.timedelta(days=29)
-        print()
-        print(render_usage(usage_report(url, since, until), "table", since, until))
-    print(f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state)")
-    print(f"next: zencoder-collector report --db {output}/usage.db --format csv")
+    from collector.report.model import Window
+    from collector.report.render import render
+    from collector.report.sources import choose_sink, make_report
+
+    usage = make_report(choose_sink(config.sinks, None), Window.last(30, utc_today()))
+    print()
+    print(render(usage, "table", "usage"))
+    page = output / "report.html"
+    await asyncio.to_thread(page.write_text, render(usage, "html"), "utf-8")
+    print(
+        f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state), "
+        f"{page} (HTML report)"
+    )
+    print(f"next: zencoder-collector report --db {output}/usage.db --format html -o report.html")
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
 
 
 def _demo_config_path() -> Path:
-    local = Path("config/demo.yaml")
-    if local.is_file():
-        return local
+    """The demo config is package data: wheel and editable installs both have it, whatever the
+    working directory (config/demo.yaml in the repository is a link to it)."""
     from importlib import resources
 
     return Path(str(resources.files("collector") / "_data" / "demo.yaml"))

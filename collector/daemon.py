@@ -16,8 +16,8 @@ Lifecycle:
 - SIGHUP: reload the config. An invalid file is rejected with its problems logged and the old
   config kept. Otherwise added tenants are scheduled, removed ones stop (their in-flight cycle is
   cancelled), tenants with changed credentials lose their cached token, and a change to the sinks
-  or their routes restarts the deliverer with the new sink set. ``api``, ``state`` and ``server``
-  changes need a restart (logged).
+  or their routes restarts the deliverer with the new sink set. ``api``, ``state``, ``server``
+  and ``files`` changes need a restart (logged).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime,
 from collector.config import AppConfig, TenantConfig
 from collector.deliverer import Deliverer, SinkStats
 from collector.errors import CollectorError, ConfigError, StoreError
-from collector.metrics import Metrics, process_stats
+from collector.metrics import Metrics
 from collector.pipeline import CycleResult
 from collector.plugin_manager import configure_plugins
 from collector.retry import waits_disabled
@@ -76,6 +76,22 @@ def next_run_after(
         assert schedule.every is not None  # the config guarantees every or cron
         base = after + schedule.every
     return base + offset
+
+
+def schedule_seconds(config: AppConfig, tenant: TenantConfig) -> float:
+    """The longest gap between two of the tenant's cycles: its interval (for cron, the gap after
+    the next run) plus the full jitter; alerts call a tenant stale after two of these."""
+    schedule = config.tenant_schedule(tenant)
+    if schedule.cron:
+        from croniter import croniter
+
+        runs = croniter(schedule.cron, dt.datetime.now(dt.UTC))
+        first: dt.datetime = runs.get_next(dt.datetime)
+        gap = runs.get_next(dt.datetime) - first
+    else:
+        assert schedule.every is not None  # the config guarantees every or cron
+        gap = schedule.every
+    return (gap + schedule.jitter).total_seconds()
 
 
 def grace_from_env(environ: dict[str, str] | None = None) -> float:
@@ -338,7 +354,7 @@ class Daemon:
             ):
                 # A new rhythm applies from now, not after the old (maybe long) interval.
                 self.next_run.pop(tenant_id, None)
-        for section in ("api", "state", "server"):
+        for section in ("api", "state", "server", "files"):
             if getattr(old, section) != getattr(new, section):
                 log.warning(
                     "config section changed; it takes effect after a restart", section=section
@@ -489,16 +505,14 @@ class Daemon:
         """Bring the gauges and mirrored counters up to date before a scrape."""
         m = self.metrics
         m.asyncio_tasks.set(len(asyncio.all_tasks()))
-        rss, fds = process_stats()
-        if rss is not None:
-            m.resident_memory.set(rss)
-        if fds is not None:
-            m.open_fds.set(fds)
         runtime = self._runtime
         if runtime is None:
             return
         # The client keeps counting for tenants a reload removed; export configured ones only.
         configured = {t.id for t in self._tenants(runtime.config)}
+        m.start_series(tenants=configured, sinks=runtime.config.sinks)
+        for tenant in self._tenants(runtime.config):
+            m.schedule_interval.set(schedule_seconds(runtime.config, tenant), tenant=tenant.id)
         client = runtime.client.metrics
         for metric, values in (
             (m.rate_limit_wait, dict(client.rate_limit_wait_seconds)),
@@ -508,6 +522,9 @@ class Daemon:
             for tenant_id, value in values.items():
                 if tenant_id in configured:
                     metric.set(value, tenant=tenant_id)
+        for (tenant_id, outcome), count in dict(client.requests).items():
+            if tenant_id in configured:
+                m.api_requests.set(count, tenant=tenant_id, outcome=outcome)
         stats = self._sink_stats()
         for name in set(stats) | set(self._retired_sink_stats):
             delivered, failed = self._retired_sink_stats.get(name, (0, 0))

@@ -17,6 +17,11 @@ Failures, decided by the exception's class:
   is also split into single days (to find a poison day); each failed day waits its own backoff
   (full jitter, doubling per failure, or the sink's ``retry_after``) while later days go on, and
   after ``max_attempts`` failures it is dead-lettered and the sink carries on with the rest.
+- A failing ``open()`` (a locked file, a refused connection) counts as a failed attempt of the
+  sink (``sink_failures_total``) and is recorded as its last error for ``status``; the lane
+  tries to open it again after a backoff.
+- An exception outside the sink contract (not a SinkError, not a timeout) is a bug in the sink:
+  handled as transient, and its traceback logged at debug level.
 - A sink *outage* is not the data's fault: when three writes in a row fail, the pass stops and the
   lane backs off as a whole (growing to ``backoff_max``). A failed attempt is only counted against
   a day (towards ``max_attempts``) when the same pass also delivered something, i.e. the sink was
@@ -42,7 +47,7 @@ import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
-from collector.errors import SinkPermanentError, SinkTransientError, StoreError
+from collector.errors import SinkError, SinkPermanentError, SinkTransientError, StoreError
 from collector.log import get_logger
 from collector.models import TenantDay
 from collector.pii import apply_sink_policy
@@ -325,13 +330,25 @@ class Deliverer:
             async with asyncio.timeout(lane.timeout):
                 await lane.sink.open()
         except Exception as exc:  # an open failure is a transient sink failure
+            self._unexpected(lane, exc, "open")
             self._record_error(lane, "open failed: " + _error_text(exc, lane.timeout))
             log.warning("sink open failed", sink=lane.name, error=lane.stats.last_error)
             lane.outages += 1
             lane.stats.state = "down"
+            lane.stats.failed += 1  # sink_failures_total: a failed open is a failed attempt
+            await self._note_open_failure(lane)
             return False
         lane.opened = True
         return True
+
+    async def _note_open_failure(self, lane: _Lane) -> None:
+        """Put the open failure where ``status`` reads it (the store's sink row)."""
+        try:
+            lane.stats.backlog = await self._store.end_pass(
+                lane.name, lane.stats.last_error, attempted=True
+            )
+        except StoreError as exc:  # the lane retries the open anyway; status catches up then
+            log.warning("could not record the sink's open failure", sink=lane.name, error=str(exc))
 
     async def _pass(self, lane: _Lane) -> _PassResult:
         """One walk over the sink's queue; see the module docstring for the failure rules."""
@@ -376,6 +393,9 @@ class Deliverer:
                 lane.name,
                 lane.stats.last_error if result.failed else None,
                 attempted=result.attempted > 0,
+                # A pass that delivered days and dead-lettered others succeeded too: `status`
+                # shows both its last success and its last error.
+                delivered=result.delivered > 0,
             )
             return result
 
@@ -429,10 +449,26 @@ class Deliverer:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # any sink exception is a delivery failure
+            self._unexpected(lane, exc, "write")
             reason = _error_text(exc, lane.timeout)
             self._record_error(lane, reason)
             return exc, reason
         return None
+
+    def _unexpected(self, lane: _Lane, exc: Exception, call: str) -> None:
+        """Log the traceback of an exception outside the sink contract, for the plugin's authors.
+
+        A SinkError or a timeout is the contract working; anything else is a bug in the sink.
+        At debug level: the one-line reason still goes to ``status`` and the warning logs, and a
+        sink failing on every write must not fill the log with tracebacks.
+        """
+        if not isinstance(exc, SinkError | TimeoutError):
+            log.debug(
+                "sink raised an unexpected exception",
+                sink=lane.name,
+                call=call,
+                exc_info=(type(exc), exc, exc.__traceback__),
+            )
 
     async def _delivered(self, lane: _Lane, unit: Sequence[TenantDay]) -> None:
         await self._store.mark_delivered(lane.name, unit)

@@ -6,6 +6,12 @@ module concatenates the partitions of a date range (both ends included), ordered
 day, with a single header row, into ``OUT/usage_daily.csv`` and its three siblings. Each output
 file is written to a temporary file and renamed, so a spreadsheet that has the old export open
 never sees a half-written one.
+
+Only complete days are exported: a day counts when its ``usage_daily`` partition (the marker the
+sink publishes last) exists, so the files of a day whose write failed half-way never leak into an
+export. Text cells a spreadsheet would run as formulas get a leading ``'`` (``--no-formula-guard``
+turns that off), and the files and directories it creates are owner-only unless the config says
+``files.shared_group`` (:mod:`collector.files`).
 """
 
 from __future__ import annotations
@@ -15,15 +21,21 @@ import contextlib
 import csv
 import datetime as dt
 import os
+import re
 import sys
-import tempfile
 from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
 from collector.errors import CollectorError
+from collector.files import create_temp_file, ensure_private_dir, guard_formula
 from collector_sinks.csv import COLUMNS, fsync_directory, safe_segment
+
+MARKER = "usage_daily"
+"""The table whose partition the csv sink publishes last: its presence means a complete day."""
+
+_INTEGER = re.compile(r"^-?[0-9]+$")
 
 
 class ExportError(CollectorError):
@@ -63,10 +75,15 @@ def _partition_rows(path: Path, header: tuple[str, ...]) -> list[list[str]]:
         return [[row.get(column) or "" for column in header] for row in reader]
 
 
+def _guard_cells(row: list[str]) -> list[str]:
+    # Partitions hold text only; an integer (a count) is a number to a spreadsheet, not a formula.
+    return [cell if _INTEGER.match(cell) else guard_formula(cell) for cell in row]
+
+
 @contextlib.contextmanager
-def _atomic_text(target: Path) -> Iterator[TextIO]:
+def _atomic_text(target: Path, shared_group: bool) -> Iterator[TextIO]:
     """Stream text into a temporary file beside ``target``; fsync and rename it on success."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    fd, tmp_name = create_temp_file(target.parent, f".{target.name}.", shared_group)
     try:
         with os.fdopen(fd, "w", encoding="utf-8", newline="") as handle:
             yield handle
@@ -85,11 +102,16 @@ def export_csv(
     since: dt.date,
     until: dt.date,
     tenants: Collection[str] | None = None,
+    *,
+    formula_guard: bool = True,
+    shared_group: bool = False,
 ) -> ExportResult:
     """Concatenate the partitions under ``root`` for ``since..until`` into ``out_dir``.
 
     ``tenants`` limits the export to those tenant ids (default: every tenant directory). A day
-    with no partition is simply absent; each table gets a file even when it has no rows.
+    without its ``usage_daily`` partition is absent; each table gets a file even when it has no
+    rows. ``formula_guard`` neutralizes formula-like text cells; ``shared_group`` makes the files
+    and directories it creates group-readable.
     """
     root = Path(root).expanduser()
     out = Path(out_dir).expanduser()
@@ -99,26 +121,29 @@ def export_csv(
         raise ExportError(f"{root} is not a directory (the path of a csv sink)")
     tenant_ids = _tenants(root, tenants)
     days = list(_days(since, until))
-    out.mkdir(parents=True, exist_ok=True)
+    # The complete days: those whose marker the sink has published (it comes last).
+    complete = {
+        tenant: [d for d in days if (root / tenant / MARKER / f"{d.isoformat()}.csv").is_file()]
+        for tenant in tenant_ids
+    }
+    ensure_private_dir(out, shared_group)
     result = ExportResult()
     seen_partitions: set[tuple[str, dt.date]] = set()
     for table, header in COLUMNS.items():
         target = out / f"{table}.csv"
-        with _atomic_text(target) as handle:
+        with _atomic_text(target, shared_group) as handle:
             writer = csv.writer(handle, lineterminator="\r\n")
             writer.writerow(header)
             count = 0
             for tenant in tenant_ids:
                 table_dir = root / tenant / table
-                if not table_dir.is_dir():
-                    continue
-                for day in days:
-                    partition = table_dir / f"{day.isoformat()}.csv"
-                    if not partition.is_file():
+                for day in complete[tenant]:
+                    try:
+                        rows = _partition_rows(table_dir / f"{day.isoformat()}.csv", header)
+                    except FileNotFoundError:  # being replaced by the sink right now
                         continue
                     seen_partitions.add((tenant, day))
-                    rows = _partition_rows(partition, header)
-                    writer.writerows(rows)
+                    writer.writerows(map(_guard_cells, rows) if formula_guard else rows)
                     count += len(rows)
         result.files[table] = target
         result.rows[table] = count
@@ -156,9 +181,17 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tenant", action="append", default=None, help="tenant id (repeatable; default: all)"
     )
+    parser.add_argument(
+        "--no-formula-guard",
+        dest="formula_guard",
+        action="store_false",
+        help="write text cells exactly as stored, even those a spreadsheet would run as formulas "
+        "(=, +, -, @, tab, CR); by default they get a leading '",
+    )
 
 
-def _root_from_config(config_path: str, sink_name: str) -> Path:
+def _root_from_config(config_path: str, sink_name: str) -> tuple[Path, bool]:
+    """The csv sink's root and the config's ``files.shared_group``."""
     from collector.config import load_config
     from collector.plugin_manager import SinkRegistry, make_plugin_manager
 
@@ -170,19 +203,28 @@ def _root_from_config(config_path: str, sink_name: str) -> Path:
     path = getattr(sink, "path", None)
     if sink.type != "csv" or path is None:
         raise ExportError(f"sink {sink_name!r} is of type {sink.type}, not csv")
-    return Path(path)
+    return Path(path), config.files.shared_group
 
 
 def run_export(args: argparse.Namespace) -> int:
     """Run ``export csv`` from parsed arguments; print one line per file; return the exit code."""
+    shared_group = False
     if args.sink is not None:
         if not args.config:
             raise ExportError("--sink needs the config file: -c FILE")
-        root = _root_from_config(args.config, args.sink)
+        root, shared_group = _root_from_config(args.config, args.sink)
     else:
         root = Path(args.root)
     until = args.until or dt.datetime.now(dt.UTC).date()
-    result = export_csv(root, args.out, args.since, until, tenants=args.tenant)
+    result = export_csv(
+        root,
+        args.out,
+        args.since,
+        until,
+        tenants=args.tenant,
+        formula_guard=args.formula_guard,
+        shared_group=shared_group,
+    )
     for table, path in result.files.items():
         print(f"{path}  {result.rows[table]} rows", file=sys.stdout)
     print(

@@ -8,10 +8,21 @@ dataclasses were (docs/performance.md). Records behave like frozen dataclasses f
 attribute access, ``==``, ``hash``, ``repr``; use :func:`msgspec.structs.asdict` and
 :func:`msgspec.structs.replace` where you would use the :mod:`dataclasses` helpers.
 
-The payload structs ignore unknown fields (the API has added fields before, e.g. lines of code)
-but are strict about the fields they know: a count must be a non-negative JSON integer (not a
-float, a string or a boolean) and a date a ``YYYY-MM-DD`` string, otherwise the whole response is
-rejected as :class:`~collector.errors.BadResponse` and nothing from it is stored.
+The payload structs follow what the documentation allows and are strict where a wrong value
+would be stored:
+
+- unknown fields are ignored (the API has added fields before, e.g. lines of code);
+- every date field (``day``, ``period.start``/``end``, ``last_active``) is typed "ISO 8601" by
+  the documentation: a date (``2026-11-30``) or a date-time (``2026-11-30T14:03:11Z``, with an
+  offset, fractional seconds) is accepted. ``last_active`` keeps the instant, in UTC
+  (:class:`LastActive`); a day field names a day, so it keeps the date as written;
+- a count is a non-negative JSON integer that every sink can store (at most 2^63 - 1, the
+  largest SQL ``BIGINT``/int64): not a float, a string or a boolean;
+- nesting too deep to read, or any other body msgspec cannot decode, is a bad response.
+
+Any defect rejects the whole response as :class:`~collector.errors.BadResponse` naming the
+field path (``data.users[3].messages``), never the value (user rows hold emails), and nothing
+from it is stored.
 """
 
 from __future__ import annotations
@@ -21,14 +32,127 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Final, Literal
 
 import msgspec
 
 from collector.errors import BadResponse
 
-Count = Annotated[int, msgspec.Meta(ge=0)]
+INT64_MAX: Final = 2**63 - 1
+"""The largest count accepted: what a signed 64-bit column (SQL ``BIGINT``) holds."""
+
+Count = Annotated[int, msgspec.Meta(ge=0, le=INT64_MAX)]
 Name = Annotated[str, msgspec.Meta(min_length=1)]
+
+_NOT_ISO = "expected an ISO 8601 date or date-time"
+
+
+class ApiDate(dt.date):
+    """The calendar date a day field names, from ``2026-11-30`` or a date-time on that date.
+
+    A date-time's date is taken as written (``2026-11-30T00:00:00+02:00`` names 2026-11-30):
+    the offset says in which zone the API counts the day it names, not another day. It is a
+    :class:`datetime.date` in every respect (it compares and hashes as one).
+    """
+
+    __slots__ = ()
+
+
+class LastActive:
+    """``users[].last_active``: the UTC ``day`` of the user's last activity, and the instant
+    ``at`` (aware, UTC) when the API sent a date-time rather than a bare date.
+
+    A date-time without an offset is read as UTC, the zone of every date the API serves.
+    Immutable, like the structs holding it: one parsed value is shared by every body that has
+    the same text.
+    """
+
+    __slots__ = ("at", "day")
+    day: dt.date
+    at: dt.datetime | None
+
+    def __init__(self, day: dt.date, at: dt.datetime | None) -> None:
+        object.__setattr__(self, "day", day)
+        object.__setattr__(self, "at", at)
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"LastActive is immutable (cannot set {name})")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, LastActive):
+            return NotImplemented
+        return (self.day, self.at) == (other.day, other.at)
+
+    def __hash__(self) -> int:
+        return hash((self.day, self.at))
+
+    def __repr__(self) -> str:
+        return f"LastActive(day={self.day!r}, at={self.at!r})"
+
+    def isoformat(self) -> str:
+        """The instant when known, else the date: what the API meant, in UTC."""
+        return self.at.isoformat() if self.at is not None else self.day.isoformat()
+
+
+# The same few date texts recur in every body (each user's last_active is the day asked for, or
+# a recent one): parse each text once. Bounded: cleared when full, as entries are cheap to redo.
+_CACHE_LIMIT: Final = 4096
+_api_dates: dict[str, ApiDate] = {}
+_last_actives: dict[str, LastActive] = {}
+
+
+def _iso_moment(text: str) -> dt.date | dt.datetime:
+    """A date for a bare ISO 8601 date, else a datetime; ValueError if it is neither."""
+    if len(text) > 10:
+        try:
+            return dt.datetime.fromisoformat(text)
+        except ValueError:
+            pass
+    else:
+        try:
+            return dt.date.fromisoformat(text)
+        except ValueError:
+            pass
+    raise ValueError(_NOT_ISO)
+
+
+def _api_date(text: str) -> ApiDate:
+    value = _iso_moment(text)
+    day = ApiDate(value.year, value.month, value.day)
+    if len(_api_dates) >= _CACHE_LIMIT:
+        _api_dates.clear()
+    _api_dates[text] = day
+    return day
+
+
+def _last_active(text: str) -> LastActive:
+    value = _iso_moment(text)
+    if isinstance(value, dt.datetime):
+        at = value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+        found = LastActive(at.date(), at)
+    else:
+        found = LastActive(value, None)
+    if len(_last_actives) >= _CACHE_LIMIT:
+        _last_actives.clear()
+    _last_actives[text] = found
+    return found
+
+
+def _decode_hook(type_: type, value: Any) -> Any:
+    """Build the date types above from JSON strings; msgspec adds the field path to errors."""
+    if type(value) is not str:
+        raise TypeError(f"Expected `str`, got `{type(value).__name__}`")
+    if type_ is ApiDate:
+        return _api_dates.get(value) or _api_date(value)
+    if type_ is LastActive:
+        return _last_actives.get(value) or _last_active(value)
+    raise NotImplementedError
+
+
+def _encode_hook(value: Any) -> Any:
+    if isinstance(value, ApiDate | LastActive):
+        return value.isoformat()
+    raise NotImplementedError
 
 
 class _Payload(msgspec.Struct, frozen=True, gc=False):
@@ -40,8 +164,8 @@ class _Payload(msgspec.Struct, frozen=True, gc=False):
 
 
 class Period(_Payload, frozen=True, gc=False):
-    start: dt.date
-    end: dt.date
+    start: ApiDate
+    end: ApiDate
     days: Count
 
 
@@ -53,7 +177,7 @@ class Summary(_Payload, frozen=True, gc=False):
 class UserUsage(_Payload, frozen=True, gc=False):
     email: Name
     messages: Count
-    last_active: dt.date | None = None
+    last_active: LastActive | None = None
     ides: tuple[Name, ...] = ()
     languages: tuple[Name, ...] = ()
 
@@ -69,7 +193,7 @@ class LanguageUsage(_Payload, frozen=True, gc=False):
 
 
 class DailyUsage(_Payload, frozen=True, gc=False):
-    day: dt.date
+    day: ApiDate
     active_users: Count
     messages: Count
     ides: tuple[IdeUsage, ...] = ()
@@ -88,7 +212,7 @@ class UsageResponse(_Payload, frozen=True, gc=False):
     data: UsageData
 
 
-_DECODER = msgspec.json.Decoder(UsageResponse)
+_DECODER = msgspec.json.Decoder(UsageResponse, dec_hook=_decode_hook)
 
 
 def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageResponse:
@@ -102,6 +226,8 @@ def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageRespons
     except msgspec.ValidationError as exc:
         problem, _, where = str(exc).partition(" - at `")
         location = where.rstrip("`").removeprefix("$").removeprefix(".") or "<body>"
+        if problem.startswith("Invalid enum value"):
+            problem = "not one of the documented values"  # msgspec's text quotes the value
         raise BadResponse(
             f"response does not match the documented schema (at {location}: {problem})",
             tenant=tenant,
@@ -111,11 +237,16 @@ def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageRespons
         raise BadResponse(
             f"HTTP 200 with a body that is not valid JSON ({exc})", tenant=tenant, status=200
         ) from None
+    except RecursionError:
+        # msgspec gives up on deep nesting (even inside an ignored field) this way.
+        raise BadResponse(
+            "HTTP 200 with JSON nested too deeply to read", tenant=tenant, status=200
+        ) from None
 
 
 def payload_as_builtins(response: UsageResponse) -> dict[str, Any]:
-    """The validated response as plain JSON-able Python (dates as ``YYYY-MM-DD``)."""
-    built: dict[str, Any] = msgspec.to_builtins(response)
+    """The validated response as plain JSON-able Python (dates as ISO 8601 text)."""
+    built: dict[str, Any] = msgspec.to_builtins(response, enc_hook=_encode_hook)
     return built
 
 
@@ -156,7 +287,12 @@ class LanguageRecord(_Record, frozen=True, gc=False):
 
 
 class UserDayRecord(_Record, frozen=True, gc=False):
-    """Row of ``usage_user_daily``; ``user`` is the email, or its pseudonym under a PII policy."""
+    """Row of ``usage_user_daily``; ``user`` is the email, or its pseudonym under a PII policy.
+
+    ``last_active`` is the UTC date of the user's last activity; ``last_active_at`` the instant
+    (aware, UTC) when the API sent a date-time, else None. It comes last, as in every sink's
+    columns, where it was added after the others.
+    """
 
     tenant: str
     day: dt.date
@@ -165,6 +301,7 @@ class UserDayRecord(_Record, frozen=True, gc=False):
     last_active: dt.date | None
     ides: tuple[str, ...]
     languages: tuple[str, ...]
+    last_active_at: dt.datetime | None = None
 
 
 class TenantDay(_Record, frozen=True, gc=False):
@@ -219,15 +356,19 @@ def normalize(
     """Turn a ``day=`` response into one :class:`TenantDay`.
 
     A day with no activity may come back with an empty ``daily`` list: that is a valid day with
-    zero users, not an error. A ``daily`` entry for another date is a bad response. Records are
-    built positionally: this runs once per tenant-day and keyword calls cost a third more.
+    zero users, not an error. A ``period`` or a ``daily`` entry for another date is a bad
+    response, even when ``daily`` is empty (another day's users would be stored as this day's).
+    Records are built positionally: this runs once per tenant-day and keyword calls cost a third
+    more.
     """
     data = response.data
+    _check_period(tenant, day, data.period)
     daily_entries = data.daily
     if len(daily_entries) > 1 or any(d.day != day for d in daily_entries):
+        index = next((i for i, d in enumerate(daily_entries) if d.day != day), 1)
         raise BadResponse(
             f"asked for day {day.isoformat()} but the response covers "
-            f"{sorted({d.day.isoformat() for d in daily_entries})}",
+            f"{sorted({d.day.isoformat() for d in daily_entries})} (at data.daily[{index}].day)",
             tenant=tenant,
             status=200,
         )
@@ -243,7 +384,11 @@ def normalize(
         ides = languages = ()
     users = tuple(
         [
-            UserDayRecord(tenant, day, u.email, u.messages, u.last_active, u.ides, u.languages)
+            UserDayRecord(tenant, day, u.email, u.messages, None, u.ides, u.languages)
+            if (seen := u.last_active) is None
+            else UserDayRecord(
+                tenant, day, u.email, u.messages, seen.day, u.ides, u.languages, seen.at
+            )
             for u in data.users
         ]
     )
@@ -253,6 +398,23 @@ def normalize(
     if digest is None:
         digest = content_hash(payload_as_builtins(response)["data"])
     return TenantDay(tenant, day, fetched_at, final, daily, ides, languages, users, digest)
+
+
+def _check_period(tenant: str, day: dt.date, period: Period) -> None:
+    """The period of a ``day=`` answer must be that day.
+
+    It starts on the day asked for and ends on it, or on the next day: the documentation's 7-day
+    example runs from start to start + 7 days, so an exclusive end is as plausible as an
+    inclusive one.
+    """
+    if period.start == day and 0 <= (period.end - period.start).days <= 1:
+        return
+    raise BadResponse(
+        f"asked for day {day.isoformat()} but the response's period runs from "
+        f"{period.start.isoformat()} to {period.end.isoformat()} (at data.period)",
+        tenant=tenant,
+        status=200,
+    )
 
 
 def _reject_duplicates(

@@ -61,6 +61,7 @@ class Pseudonymizer:
                     last_active=user.last_active,
                     ides=user.ides,
                     languages=user.languages,
+                    last_active_at=user.last_active_at,
                 )
             else:
                 merged[alias] = _merge(earlier, user)
@@ -79,6 +80,9 @@ def _merge(kept: UserDayRecord, other: UserDayRecord) -> UserDayRecord:
         last_active=last_active,
         ides=_union(kept.ides, other.ides),
         languages=_union(kept.languages, other.languages),
+        last_active_at=max(
+            (t for t in (kept.last_active_at, other.last_active_at) if t is not None), default=None
+        ),
     )
 
 

@@ -32,7 +32,7 @@ from pydantic import ConfigDict, model_validator
 
 from collector import hookspecs
 from collector.errors import CollectorError
-from collector.sink import Sink, SinkConfig
+from collector.sink import Sink, SinkConfig, SinkHost
 
 if TYPE_CHECKING:
     from datetime import date
@@ -323,9 +323,12 @@ class SinkRegistry:
         known = ", ".join(self._infos) or "none"
         raise PluginLoadError(f"unknown sink type '{type_name}' (installed: {known})")
 
-    def create(self, name: str, config: SinkConfig) -> Sink:
+    def create(self, name: str, config: SinkConfig, host: SinkHost | None = None) -> Sink:
         """Instantiate the sink instance ``name`` from its validated config (no I/O)."""
-        return self.require(config.type)(name, config)
+        sink = self.require(config.type)(name, config)
+        if host is not None:
+            sink.host = host
+        return sink
 
     def render(self, *, as_json: bool = False, schemas: bool = False) -> str:
         """The text (or JSON) the ``zencoder-collector plugins`` command prints."""
@@ -423,6 +426,14 @@ def notify(pm: pluggy.PluginManager, hook_name: str, /, **kwargs: Any) -> int:
             failures += 1
             log.warning(
                 "plugin hook raised", plugin=impl.plugin_name, hook=hook_name, error=_describe(exc)
+            )
+            # The traceback is for the plugin's authors: at debug, so a hook failing on every
+            # event does not fill the log.
+            log.debug(
+                "plugin hook traceback",
+                plugin=impl.plugin_name,
+                hook=hook_name,
+                exc_info=(type(exc), exc, exc.__traceback__),
             )
     return failures
 

@@ -10,6 +10,10 @@ A sink is a class with
 - ``async aclose()``: release everything, flush nothing new;
 - ``async ping()``: optional health probe used by ``validate --check`` and ``/readyz``.
 
+The host sets ``sink.host`` (a :class:`SinkHost`) after creating the instance and before
+``open()``: settings of the whole collector a sink should honour, such as the mode of the files it
+creates (``host.shared_group``, see :mod:`collector.files`).
+
 The host promises: ``write`` is never called concurrently on one instance; every call runs under
 the instance's ``timeout``; the batch already has the instance's PII policy applied; a raise of
 :class:`~collector.errors.SinkTransientError` (or any unexpected exception) is retried with backoff,
@@ -22,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
@@ -75,11 +80,22 @@ class SinkConfig(BaseModel):
         return self
 
 
+@dataclass(frozen=True)
+class SinkHost:
+    """Collector-wide settings a sink instance honours, beyond its own config."""
+
+    shared_group: bool = False
+    """``files.shared_group``: files and directories the sink creates are group-readable (0640 /
+    0750) instead of owner-only (0600 / 0700); see :mod:`collector.files`."""
+
+
 class Sink:
     """Base class for sinks. Subclasses set ``type_name`` and ``Config`` and implement ``write``."""
 
     type_name: ClassVar[str] = ""
     Config: ClassVar[type[SinkConfig]] = SinkConfig
+    host: SinkHost = SinkHost()
+    """Set by the host after ``__init__`` (defaults: private files)."""
 
     def __init__(self, name: str, config: Any) -> None:
         self.name = name

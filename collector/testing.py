@@ -1,8 +1,9 @@
-"""Test helpers for the collector and for sink plugin authors (a pytest plugin named ``collector``).
+"""Test helpers for the collector and for sink plugin authors: import what a test needs.
 
-Loaded by pytest through the ``pytest11`` entry point wherever the collector is installed:
+The fixtures (``simulator``, ``simulator_settings``) live in :mod:`collector.pytest_plugin`, the
+thin pytest plugin that the ``pytest11`` entry point loads; this module is imported only by the
+tests that use it:
 
-- fixture ``simulator``: a running fake Zencoder API (override ``simulator_settings`` to change it);
 - :class:`RecordingSink`, :class:`FailingSink` (transient, permanent, crash or hang) and the
   :data:`testing_sinks` plugin registering both;
 - :func:`make_tenant_day`, :func:`make_batch`, :func:`refetched`: consistent tenant-days;
@@ -18,8 +19,8 @@ import dataclasses
 import datetime as dt
 import inspect
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, ClassVar, Literal
 
 import msgspec
 import pytest
@@ -37,14 +38,6 @@ from collector.models import (
     content_hash,
 )
 from collector.sink import Sink, SinkConfig
-
-try:
-    from pytest_asyncio import fixture as async_fixture
-except ImportError:  # pragma: no cover - without pytest-asyncio, another async plugin must run it
-    async_fixture = pytest.fixture  # type: ignore[assignment]  # same call shape, other overloads
-
-if TYPE_CHECKING:
-    from collector.simulator import Simulator, SimulatorSettings
 
 __all__ = [
     "UNICODE_EMAILS",
@@ -358,26 +351,6 @@ class _TestingSinks:
 
 testing_sinks = _TestingSinks()
 """A plugin object providing sink types ``recording`` and ``failing`` (for end-to-end tests)."""
-
-
-# --- fixtures -----------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def simulator_settings() -> SimulatorSettings:
-    """Settings of the ``simulator`` fixture: three demo tenants (override to change)."""
-    from collector.simulator import SimulatorSettings, demo_tenants
-
-    return SimulatorSettings(tenants=demo_tenants(3))
-
-
-@async_fixture
-async def simulator(simulator_settings: SimulatorSettings) -> AsyncIterator[Simulator]:
-    """A running simulator on 127.0.0.1 (ephemeral port) for the duration of the test."""
-    from collector.simulator import running_simulator
-
-    async with running_simulator(simulator_settings) as sim:
-        yield sim
 
 
 # --- the conformance suite ----------------------------------------------------------------------

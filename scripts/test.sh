@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The README's second command: install the development dependencies into .venv and run every check:
-# ruff, mypy --strict, the whole pytest suite, the example plugin's own tests, hadolint.
+# ruff, mypy --strict (ours and the example plugin's), hadolint, the whole pytest suite (deploy
+# files, dashboard and alert rules included), the example plugin's own tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -17,6 +18,9 @@ echo "== ruff"
 "$VENV/bin/ruff" format --check collector plugins tests
 echo "== mypy --strict"
 "$VENV/bin/mypy"
+echo "== mypy --strict on the example plugin (as its author runs it, against the installed collector)"
+MYPY="$(cd "$VENV" && pwd)/bin/mypy"
+(cd docs/examples/collector-sink-jsonl && "$MYPY" --strict src tests)
 echo "== hadolint"
 "$VENV/bin/hadolint" Dockerfile
 echo "== pytest"

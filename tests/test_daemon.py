@@ -23,7 +23,7 @@ import sqlalchemy
 import yaml
 
 from collector.app import load, load_plugins
-from collector.daemon import DEFAULT_GRACE, grace_from_env, next_run_after
+from collector.daemon import DEFAULT_GRACE, grace_from_env, next_run_after, schedule_seconds
 from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
@@ -403,3 +403,41 @@ async def test_readyz_waits_for_an_unreachable_state_store(
                 assert await d.stop() == 0
     assert real.password
     assert real.password not in d.output()
+
+
+async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
+    tmp_path: Path,
+) -> None:
+    """A running daemon's /metrics has every configured tenant's error counter at 0, its
+    schedule interval, the API requests by outcome, the process_* metrics and build_info."""
+    tenants = demo_tenants(2)
+    lookback = 2
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = _daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
+        async with DaemonProcess(config) as d:
+            await eventually(
+                lambda: sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback),
+                within=60,
+                what="the first cycle delivered",
+                daemon=d,
+            )
+            metrics = await d.metrics()
+    for tenant in tenants:
+        assert metrics[f'zencoder_collector_fetch_errors_total{{tenant="{tenant.id}"}}'] == 0
+        assert (
+            metrics[f'zencoder_collector_schedule_interval_seconds{{tenant="{tenant.id}"}}'] == 3600
+        )
+        ok = f'zencoder_collector_api_requests_total{{outcome="ok",tenant="{tenant.id}"}}'
+        assert metrics[ok] >= lookback
+    assert metrics['zencoder_collector_sink_failures_total{sink="warehouse"}'] == 0
+    assert metrics["process_resident_memory_bytes"] > 0
+    assert any(key.startswith("zencoder_collector_build_info{") for key in metrics)
+
+
+def test_schedule_seconds_is_the_interval_or_cron_gap_plus_jitter(tmp_path: Path) -> None:
+    """The exported schedule interval is ``every`` plus the jitter, or for cron the gap between
+    two runs plus the jitter (what the stale-tenant alert doubles)."""
+    config, tenant = _schedule_config(tmp_path, {"every": "1h", "jitter": "5m"})
+    assert schedule_seconds(config, tenant) == 3900
+    config, tenant = _schedule_config(tmp_path, {"cron": "0 */6 * * *", "jitter": "0s"})
+    assert schedule_seconds(config, tenant) == 6 * 3600

@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from pydantic import SecretStr
+from structlog.testing import capture_logs
 
 from collector.deliverer import Deliverer
 from collector.errors import SinkPermanentError, SinkTransientError
@@ -24,6 +25,8 @@ from collector.models import Batch, TenantDay, normalize, parse_usage
 from collector.retry import no_wait
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
+from collector_sinks.csv import CsvSink, CsvSinkConfig
+from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig
 
 DAY = dt.date(2025, 1, 10)
 EMAIL = "ada@acme.example"
@@ -459,3 +462,87 @@ async def test_complete_routes_unregister_sinks_no_longer_configured(store: Stor
     assert await delivery.run_until_drained() is True
     assert set(await store.registered_sinks()) == {"new"}
     assert await store.backlog("old") == 0
+
+
+# --- failures visible where the docs promise them -----------------------------------------------
+
+
+async def sink_row(store: Store, name: str) -> Any:
+    """The sink's row of the status snapshot (what `status` and /status show)."""
+    [row] = [s for s in (await store.status_snapshot()).sinks if s.sink == name]
+    return row
+
+
+async def test_an_open_failure_shows_in_status_and_the_failure_count(
+    store: Store, tmp_path: Path
+) -> None:
+    """A csv sink whose root cannot be created fails open(): status shows it as the sink's last
+    error and the sink's failure count (sink_failures_total) goes up."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("a file where the csv root should be")
+    sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=blocker))
+    delivery = deliverer(store, {"sheets": sink})
+    await store.record_fetched(history(["acme"], 2))
+    assert await delivery.run_until_drained() is False
+    row = await sink_row(store, "sheets")
+    assert row.last_error.startswith("open failed: SinkTransientError: sink sheets")
+    assert row.last_error_at is not None
+    assert row.backlog == 2
+    assert delivery.stats()["sheets"].failed >= 1
+
+
+async def test_a_pass_that_delivered_and_dead_lettered_notes_its_success(store: Store) -> None:
+    """Days delivered in a pass that also dead-lettered others set the sink's last success."""
+    poison = ("acme", DAY + dt.timedelta(days=1))
+    sink = PoisonSink("hook", poison, SinkPermanentError)
+    delivery = deliverer(store, {"hook": sink}, {"hook": config(batch_size=10)})
+    await store.record_fetched(history(["acme"], 4))
+    assert await delivery.run_until_drained() is False
+    row = await sink_row(store, "hook")
+    assert len(sink.received) == 3
+    assert row.dead_letters == 1
+    assert row.last_success_at is not None
+    assert row.last_error == "SinkPermanentError: row rejected: bad day"
+
+
+async def test_an_unexpected_exception_is_logged_with_its_traceback_at_debug(
+    store: Store,
+) -> None:
+    """A plugin's RuntimeError is logged at debug with its traceback; a contract error is not."""
+    sinks: dict[str, Sink] = {
+        "buggy": RaisingSink("buggy", lambda: RuntimeError("bug in plugin")),
+        "down": RaisingSink("down", lambda: SinkTransientError("HTTP 503")),
+    }
+    delivery = deliverer(store, sinks)
+    await store.record_fetched(history(["acme"], 1))
+    with capture_logs() as logs:
+        assert await delivery.run_until_drained() is False
+    unexpected = [e for e in logs if e["event"] == "sink raised an unexpected exception"]
+    assert [(e["sink"], e["log_level"], e["call"]) for e in unexpected] == [
+        ("buggy", "debug", "write")
+    ]
+    kind, error, trace = unexpected[0]["exc_info"]
+    assert (kind, str(error)) == (RuntimeError, "bug in plugin")
+    assert trace is not None
+    assert (await sink_row(store, "buggy")).last_error == "RuntimeError: bug in plugin"
+
+
+async def test_a_value_the_sqlite_sink_cannot_store_dead_letters_that_day_only(
+    store: Store, tmp_path: Path
+) -> None:
+    """A day whose count overflows SQLite's integers is dead-lettered at its first attempt; the
+    other days of its batch are stored, and nothing is retried."""
+    items = history(["acme"], 4)
+    poison = DAY + dt.timedelta(days=2)
+    items[2] = fetched("acme", poison, messages=2**63)  # SQLite's largest integer is 2**63 - 1
+    sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=tmp_path / "usage.db"))
+    delivery = deliverer(store, {"warehouse": sink}, {"warehouse": config(batch_size=10)})
+    await store.record_fetched(items)
+    assert await delivery.run_until_drained(failed_passes=3) is False
+    [dead] = await store.dead_letters("warehouse")
+    assert ((dead.tenant, dead.day), dead.attempts) == (("acme", poison), 1)
+    assert dead.error.startswith("SinkPermanentError: sink warehouse: OverflowError")
+    assert await store.backlog("warehouse") == 0
+    stats = delivery.stats()["warehouse"]
+    assert (stats.delivered, stats.dead_lettered, stats.failed) == (3, 1, 1)
+    await delivery.aclose()

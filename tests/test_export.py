@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -171,3 +173,84 @@ async def test_cli_finds_the_root_through_the_config(tmp_path: Path) -> None:
     )
     with pytest.raises(ExportError, match="no sink named"):
         run_export(missing)
+
+
+FORMULAS = ('=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3+cmd", "\t=1+1")
+"""Cells a spreadsheet would run as formulas (the OWASP CSV-injection triggers)."""
+
+
+@pytest.fixture
+async def raw_root(tmp_path: Path) -> Path:
+    """A CSV sink root written with csv_formula_guard off: formula-like emails and IDEs as sent."""
+    root = tmp_path / "raw"
+    sink = CsvSink("feed", CsvSinkConfig(type="csv", path=root, csv_formula_guard=False))
+    await sink.write([make_tenant_day("acme", START, list(FORMULAS), ides=FORMULAS)])
+    return root
+
+
+def test_export_neutralizes_formula_cells(raw_root: Path, tmp_path: Path) -> None:
+    """Formula-like text cells get a leading quote in the export; counts stay plain numbers."""
+    out = tmp_path / "out"
+    export_csv(raw_root, out, START, START)
+    users = read_csv(out / "usage_user_daily.csv")[1:]
+    assert sorted(row[2] for row in users) == sorted("'" + f for f in FORMULAS)
+    assert all(row[3].isdigit() for row in users)
+    ides = read_csv(out / "usage_daily_ide.csv")[1:]
+    assert sorted(row[2] for row in ides) == sorted("'" + f for f in FORMULAS)
+    daily = read_csv(out / "usage_daily.csv")[1]
+    assert daily[2].isdigit()
+    assert daily[3].isdigit()
+
+
+async def test_export_guard_is_idempotent(tmp_path: Path) -> None:
+    """Partitions the csv sink already guarded are exported with one quote, not two."""
+    root = tmp_path / "csv"
+    sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=root))
+    await sink.write([make_tenant_day("acme", START, list(FORMULAS))])
+    export_csv(root, tmp_path / "out", START, START)
+    users = read_csv(tmp_path / "out" / "usage_user_daily.csv")[1:]
+    assert sorted(row[2] for row in users) == sorted("'" + f for f in FORMULAS)
+
+
+def test_no_formula_guard_keeps_the_text(raw_root: Path, tmp_path: Path) -> None:
+    """export csv --no-formula-guard writes the stored text unchanged."""
+    parser = argparse.ArgumentParser()
+    add_export_arguments(parser)
+    out = tmp_path / "out"
+    args = parser.parse_args(
+        ["--root", str(raw_root), "-o", str(out), "--since", "2025-01-15", "--until",
+         "2025-01-15", "--no-formula-guard"]
+    )  # fmt: skip
+    assert run_export(args) == 0
+    users = read_csv(out / "usage_user_daily.csv")[1:]
+    assert sorted(row[2] for row in users) == sorted(FORMULAS)
+
+
+def test_export_skips_a_day_without_its_usage_daily_file(csv_root: Path, tmp_path: Path) -> None:
+    """Detail files of a day whose usage_daily partition is missing (an incomplete day) are not
+    exported."""
+    (csv_root / "acme" / "usage_daily" / f"{START.isoformat()}.csv").unlink()
+    out = tmp_path / "out"
+    result = export_csv(csv_root, out, START, START, ["acme", "globex"])
+    assert {row[0] for row in read_csv(out / "usage_user_daily.csv")[1:]} == {"globex"}
+    assert {row[0] for row in read_csv(out / "usage_daily_ide.csv")[1:]} == {"globex"}
+    assert result.partitions == 1
+
+
+def test_export_creates_private_files_unless_shared(csv_root: Path, tmp_path: Path) -> None:
+    """Under umask 022 the export's directory is 0700 and its files 0600; shared: 0750 / 0640."""
+    old = os.umask(0o022)
+    try:
+        export_csv(csv_root, tmp_path / "private" / "out", START, START)
+        export_csv(csv_root, tmp_path / "shared", START, START, shared_group=True)
+    finally:
+        os.umask(old)
+    for directory, dir_mode, file_mode in (
+        (tmp_path / "private", 0o700, 0o600),
+        (tmp_path / "private" / "out", 0o700, 0o600),
+        (tmp_path / "shared", 0o750, 0o640),
+    ):
+        assert stat.S_IMODE(directory.stat().st_mode) == dir_mode
+        for path in directory.glob("*.csv"):
+            assert stat.S_IMODE(path.stat().st_mode) == file_mode
+    assert len(list((tmp_path / "shared").glob("*.csv"))) == 4

@@ -147,3 +147,96 @@ def test_content_hash_ignores_key_order_and_fetch_time() -> None:
     changed["data"]["daily"][0]["messages"] = 8
     other = normalize("acme", DAY, _parse(changed), fetched_at=FETCHED, final=False)
     assert other.content_hash != first.content_hash
+
+
+@pytest.mark.parametrize(
+    "moment",
+    ["2026-03-04T00:00:00Z", "2026-03-04T09:15:00.123456789+02:00", "2026-03-04T23:59:59-05:00"],
+)
+def test_day_fields_accept_iso_date_times_and_keep_the_date_as_written(moment: str) -> None:
+    """``day`` and ``period.start``/``end`` given as date-times (Z, offsets, fractions) name the
+    date they are written with."""
+    body = _payload(period={"start": moment, "end": moment, "days": 1})
+    body["data"]["daily"][0]["day"] = moment
+    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=True)
+    assert (td.day, td.daily.messages) == (DAY, 7)
+
+
+def test_last_active_date_time_is_stored_as_the_utc_date_and_the_utc_instant() -> None:
+    """A ``last_active`` date-time becomes its UTC date plus the full UTC timestamp; a bare date
+    has no timestamp, and a date-time without offset is read as UTC."""
+    body = _payload()
+    users = body["data"]["users"]
+    users[0]["last_active"] = "2026-03-05T01:30:00.5+02:00"  # 2026-03-04 23:30:00.5 UTC
+    users.append({"email": "c@example.ai", "messages": 1, "last_active": "2026-03-04T08:00:00"})
+    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=True)
+    by_user = {u.user: (u.last_active, u.last_active_at) for u in td.users}
+    assert by_user == {
+        "a@example.ai": (DAY, dt.datetime(2026, 3, 4, 23, 30, 0, 500000, tzinfo=dt.UTC)),
+        "b@example.ai": (DAY, None),
+        "c@example.ai": (DAY, dt.datetime(2026, 3, 4, 8, 0, tzinfo=dt.UTC)),
+    }
+
+
+@pytest.mark.parametrize("count", [2**63, 2**64, 10**30])
+def test_counts_beyond_int64_name_the_field_path_not_the_value(count: int) -> None:
+    """A count no sink can store is a bad response naming where it is, never the number."""
+    body = _payload()
+    body["data"]["users"][1]["messages"] = count
+    with pytest.raises(BadResponse) as caught:
+        _parse(body)
+    assert "data.users[1].messages" in str(caught.value)
+    assert str(count) not in str(caught.value)
+
+
+def test_the_largest_int64_count_is_accepted() -> None:
+    """2^63 - 1 fits every sink, so it is a valid count."""
+    body = _payload()
+    body["data"]["daily"][0]["messages"] = 2**63 - 1
+    assert _parse(body).data.daily[0].messages == 2**63 - 1
+
+
+def test_a_malformed_date_names_its_path_without_its_value() -> None:
+    """A date field that is not ISO 8601 is rejected at its path; the text is not echoed."""
+    body = _payload()
+    body["data"]["users"][0]["last_active"] = "last tuesday, said ann@example.ai"
+    with pytest.raises(BadResponse) as caught:
+        _parse(body)
+    assert "data.users[0].last_active" in str(caught.value)
+    assert "tuesday" not in str(caught.value)
+
+
+def test_an_unexpected_status_value_is_not_echoed() -> None:
+    """msgspec quotes a wrong enum value; the reason keeps only where it is."""
+    body = _payload()
+    body["status"] = "secret-ish-text"
+    with pytest.raises(BadResponse, match="at status") as caught:
+        _parse(body)
+    assert "secret-ish-text" not in str(caught.value)
+
+
+def test_deep_nesting_is_a_bad_response_not_a_crash() -> None:
+    """JSON nested 5,000 levels deep, even in an ignored field, fails the day with a reason."""
+    body = json.dumps(_payload())[:-1] + ', "extra": ' + "[" * 5000 + "]" * 5000 + "}"
+    with pytest.raises(BadResponse, match="nested too deeply"):
+        parse_usage(body)
+
+
+@pytest.mark.parametrize("daily", ["empty", "other day"])
+def test_a_period_for_another_day_is_rejected_even_without_daily(daily: str) -> None:
+    """Another day's period is a bad response, with or without ``daily`` entries."""
+    other = {"start": "2026-03-03", "end": "2026-03-03", "days": 1}
+    body = _payload(period=other)
+    if daily == "empty":
+        body["data"]["daily"] = []
+    else:
+        body["data"]["daily"][0]["day"] = "2026-03-03"
+    with pytest.raises(BadResponse, match=r"asked for day 2026-03-04 .*at data\.period"):
+        normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+
+
+def test_a_period_ending_the_next_day_is_the_day_asked_for() -> None:
+    """An exclusive period end (start + 1 day), as in the documented 7-day example, is accepted."""
+    body = _payload(period={"start": "2026-03-04", "end": "2026-03-05", "days": 1})
+    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+    assert td.daily.messages == 7

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from collector.config import load_config
 from collector.errors import ConfigError
@@ -26,7 +27,7 @@ from collector.plugin_manager import (
     make_plugin_manager,
     notify,
 )
-from collector.sink import Sink
+from collector.sink import Sink, SinkHost
 from collector.testing import FailingSink, RecordingSink, RecordingSinkConfig, testing_sinks
 from collector_sinks.csv import CsvSink, CsvSinkConfig
 from collector_sinks.sqlite import SqliteSink, SqlSink
@@ -359,6 +360,37 @@ def test_notify_isolates_a_raising_plugin() -> None:
     assert failures == 1
     # pluggy's order (the last registered first) is kept; "broken" sat in the middle.
     assert seen == ["last:acme:AuthError", "tenant-only:acme", "first:acme:AuthError"]
+
+
+def test_notify_logs_a_raising_plugins_traceback_at_debug() -> None:
+    """A hookimpl's exception is a one-line warning plus its traceback at debug level."""
+
+    class Broken:
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str) -> None:
+            raise ValueError(f"cannot alert about {tenant}")
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Broken(), name="broken")
+    with capture_logs() as logs:
+        assert notify(pm, "collector_tenant_failed", tenant="acme", error="AuthError") == 1
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("plugin hook raised", "warning"),
+        ("plugin hook traceback", "debug"),
+    ]
+    kind, error, trace = logs[1]["exc_info"]
+    assert (kind, str(error)) == (ValueError, "cannot alert about acme")
+    assert logs[1]["plugin"] == "broken"
+    assert trace is not None
+
+
+def test_create_hands_the_host_settings_to_the_sink(tmp_path: Path) -> None:
+    """registry.create sets sink.host when given one; without, the sink keeps private defaults."""
+    registry = SinkRegistry.from_plugin_manager(make_plugin_manager())
+    config = CsvSinkConfig(type="csv", path=tmp_path)
+    shared = registry.create("sheets", config, SinkHost(shared_group=True))
+    assert shared.host.shared_group is True
+    assert registry.create("sheets", config).host == SinkHost(shared_group=False)
 
 
 def test_notify_rejects_wrong_arguments_and_skips_wrappers() -> None:

@@ -64,6 +64,17 @@ def test_tenants_file_fills_in_the_demo_rule(tmp_path: Path) -> None:
         load_tenants_file(path)
 
 
+def test_tenants_file_names_an_api_variant(tmp_path: Path) -> None:
+    """A tenant's ``variant`` is read from the file, and an unknown one is refused by name."""
+    path = tmp_path / "tenants.yaml"
+    path.write_text("- id: big\n  users: 2000\n  variant: datetime_last_active\n")
+    (big,) = load_tenants_file(path)
+    assert (big.users, big.variant) == (2000, "datetime_last_active")
+    path.write_text("- id: a\n  variant: sideways\n")
+    with pytest.raises(ValueError, match="unknown variant 'sideways'"):
+        load_tenants_file(path)
+
+
 async def test_simulate_command_serves_and_stops_on_sigterm(
     tmp_path: Path, http: aiohttp.ClientSession
 ) -> None:

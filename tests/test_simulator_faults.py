@@ -190,6 +190,29 @@ async def test_bad_response_modes_have_the_named_defect(
         sim.faults.set(T1, bad_response="nonsense")
 
 
+async def test_variant_knob_serves_the_variant_to_that_tenant_only(
+    sim: Simulator, http: aiohttp.ClientSession
+) -> None:
+    """``variant`` reshapes one tenant's good answers over the socket (here gzip on the wire and
+    a 502 HTML page); other tenants keep the plain answer, and unknown names are refused."""
+    day = f"day={TODAY - dt.timedelta(days=1)}"
+    _, _, plain, _ = await get_usage(http, sim, day)
+    sim.faults.set(T1, variant="gzip")
+    status, _, body, response = await get_usage(http, sim, day)
+    assert (status, response.headers["Content-Encoding"], body) == (200, "gzip", plain)
+    sim.faults.set(T1, variant="html_502")
+    status, content_type, body, _ = await get_usage(http, sim, day)
+    assert (status, content_type) == (502, "text/html")
+    assert b"502 Bad Gateway" in body
+    sim.faults.set(T1, variant="datetime_last_active")
+    users = json.loads((await get_usage(http, sim, day))[2])["data"]["users"]
+    assert all(u["last_active"].endswith("Z") for u in users)
+    other = await get_usage(http, sim, day, headers={"zencoder-api-key": "zak_test_tenant-02"})
+    assert all("T" not in u["last_active"] for u in json.loads(other[2])["data"]["users"])
+    with pytest.raises(ValueError, match="unknown API variant"):
+        sim.faults.set(T1, variant="nonsense")
+
+
 # --- fault knobs: token endpoint ------------------------------------------------------------------
 
 

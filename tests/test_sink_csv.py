@@ -8,8 +8,11 @@ import datetime as dt
 import io
 import json
 import os
+import stat
+import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +21,7 @@ from structlog.testing import capture_logs
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay
+from collector.sink import SinkHost
 from collector.testing import make_batch, make_tenant_day, refetched
 from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig, partition_path
 
@@ -55,6 +59,7 @@ def expected_rows(td: TenantDay) -> dict[str, list[list[str]]]:
                 u.last_active.isoformat() if u.last_active else "",
                 json.dumps(list(u.ides), ensure_ascii=False),
                 json.dumps(list(u.languages), ensure_ascii=False),
+                u.last_active_at.astimezone(dt.UTC).isoformat() if u.last_active_at else "",
             ]
             for u in td.users
         ],
@@ -225,3 +230,185 @@ def test_config_requires_a_path() -> None:
         CsvSinkConfig.model_validate({"type": "csv"})
     with pytest.raises(ValidationError, match="Extra inputs"):
         CsvSinkConfig.model_validate({"type": "csv", "path": "x", "compress": True})
+
+
+# --- spreadsheet formulas -------------------------------------------------------------------------
+
+FORMULAS = (
+    '=HYPERLINK("http://x","y")',
+    "+cmd|' /C calc'!A0",
+    "@SUM(1+1)",
+    "-2+3+cmd",
+    "\t=1+1",
+    "\r=1+1",
+)
+"""Cells a spreadsheet would run as formulas (the OWASP CSV-injection triggers)."""
+
+
+def formula_day() -> TenantDay:
+    """A tenant-day whose emails, IDE names and language names are all formulas."""
+    return make_tenant_day("acme", users=list(FORMULAS), ides=FORMULAS, languages=FORMULAS)
+
+
+async def test_formula_cells_are_neutralized_by_default(sink: CsvSink) -> None:
+    """Every text cell starting with =, +, -, @, tab or CR gets a leading quote; numbers do not."""
+    td = formula_day()
+    await sink.write([td])
+    guarded = {"'" + text for text in FORMULAS}
+    users = read_csv(partition_path(sink.root, "acme", "usage_user_daily", td.day))[1:]
+    assert {row[2] for row in users} == guarded
+    assert [row[3] for row in users] == [str(u.messages) for u in td.users]
+    ides = read_csv(partition_path(sink.root, "acme", "usage_daily_ide", td.day))[1:]
+    assert {row[2] for row in ides} == guarded
+    assert all(row[3].isdigit() for row in ides)
+    languages = read_csv(partition_path(sink.root, "acme", "usage_daily_language", td.day))[1:]
+    assert {row[2] for row in languages} == guarded
+    daily = read_csv(partition_path(sink.root, "acme", "usage_daily", td.day))[1]
+    assert daily[2:4] == [str(td.daily.active_users), str(td.daily.messages)]
+
+
+async def test_formula_guard_can_be_turned_off(tmp_path: Path) -> None:
+    """csv_formula_guard: false writes the text exactly as the API sent it."""
+    sink = CsvSink(
+        "feed", CsvSinkConfig(type="csv", path=tmp_path / "csv", csv_formula_guard=False)
+    )
+    await sink.open()
+    td = formula_day()
+    await sink.write([td])
+    assert_partition(sink.root, td)
+
+
+# --- a day is all four tables or none -----------------------------------------------------------
+
+
+def visible_days(root: Path) -> dict[str, set[str]]:
+    """Per table, the partitions a reader can see (temporary files excluded)."""
+    return {
+        table: {p.name for p in (root / "acme" / table).glob("*.csv")}
+        if (root / "acme" / table).is_dir()
+        else set()
+        for table in COLUMNS
+    }
+
+
+async def test_a_failing_table_directory_publishes_no_file_of_the_day(tmp_path: Path) -> None:
+    """When one table's directory cannot take the file, none of the day's four files appear."""
+    root = tmp_path / "csv"
+    sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=root))
+    await sink.open()
+    (root / "acme").mkdir(parents=True)
+    (root / "acme" / "usage_user_daily").write_text("a file where a directory belongs")
+    with pytest.raises(SinkTransientError):
+        await sink.write(make_batch(("acme",), 2))
+    assert visible_days(root) == {
+        "usage_daily": set(),
+        "usage_daily_ide": set(),
+        "usage_daily_language": set(),
+        "usage_user_daily": set(),
+    }
+    assert [p.name for p in root.rglob("*.tmp")] == []
+
+
+@pytest.fixture
+def tiny_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 256 KiB tmpfs mounted on a fresh directory (skips where mounting is not permitted)."""
+    mount_point = tmp_path / "tiny"
+    mount_point.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount_point)],
+        capture_output=True,
+        check=False,
+    )
+    if mounted.returncode != 0:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=False)
+
+
+async def test_a_full_disk_leaves_no_partial_day(tiny_disk: Path) -> None:
+    """A day that does not fit on the disk leaves none of its files; days written before stay."""
+    sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=tiny_disk / "csv"))
+    await sink.open()
+    small = make_tenant_day("acme", users=3)
+    await sink.write([small])
+    huge = make_tenant_day("acme", day=small.day + dt.timedelta(days=1), users=4000)
+    with pytest.raises(SinkTransientError, match="No space left"):
+        await sink.write([huge])
+    days = visible_days(sink.root)
+    assert all(names == {f"{small.day.isoformat()}.csv"} for names in days.values())
+    assert_partition(sink.root, small)
+    assert [p.name for p in sink.root.rglob("*.tmp")] == []
+
+
+async def test_a_replaced_day_keeps_its_marker_with_its_own_version(sink: CsvSink) -> None:
+    """While a day is replaced, whenever usage_daily/DAY.csv exists the user file beside it is of
+    the same version (same user count as the marker's active users)."""
+    small = make_tenant_day("acme", users=2)
+    large = make_tenant_day("acme", users=300)
+    await sink.write([small])
+    marker = partition_path(sink.root, "acme", "usage_daily", small.day)
+    users = partition_path(sink.root, "acme", "usage_user_daily", small.day)
+    mismatches: list[tuple[str, int]] = []
+    checks = 0
+    stop = threading.Event()
+
+    def reader() -> None:
+        nonlocal checks
+        while not stop.is_set():
+            try:
+                before = marker.stat()
+                active = read_csv(marker)[1][2]
+                user_rows = len(read_csv(users)) - 1
+                after = marker.stat()
+            except FileNotFoundError:
+                continue  # the day is being replaced: absent, as the contract says
+            if (before.st_ino, before.st_mtime_ns) != (after.st_ino, after.st_mtime_ns):
+                continue  # replaced while reading: a reader reads again
+            checks += 1
+            if int(active) != user_rows:
+                mismatches.append((active, user_rows))
+
+    thread = threading.Thread(target=reader)
+    thread.start()
+    try:
+        for i in range(60):
+            await sink.write([large if i % 2 == 0 else small])
+            await asyncio.sleep(0)
+    finally:
+        stop.set()
+        thread.join()
+    assert checks
+    assert mismatches == []
+
+
+# --- file modes ---------------------------------------------------------------------------------
+
+
+async def test_files_and_directories_are_owner_only_by_default(tmp_path: Path) -> None:
+    """Under umask 022 the sink creates its directories 0700 and its files 0600."""
+    old = os.umask(0o022)
+    try:
+        sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=tmp_path / "a" / "csv"))
+        await sink.open()
+        await sink.write(make_batch(("acme",), 1))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o700
+    directories = [p for p in sink.root.rglob("*") if p.is_dir()] + [sink.root]
+    files = [p for p in sink.root.rglob("*") if p.is_file()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in directories} == {0o700}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o600}
+
+
+async def test_shared_group_makes_them_group_readable(tmp_path: Path) -> None:
+    """With files.shared_group the sink creates directories 0750 and files 0640."""
+    sink = CsvSink("sheets", CsvSinkConfig(type="csv", path=tmp_path / "csv"))
+    sink.host = SinkHost(shared_group=True)
+    await sink.open()
+    await sink.write(make_batch(("acme",), 1))
+    directories = [p for p in sink.root.rglob("*") if p.is_dir()] + [sink.root]
+    files = [p for p in sink.root.rglob("*") if p.is_file()]
+    assert {stat.S_IMODE(p.stat().st_mode) for p in directories} == {0o750}
+    assert {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o640}

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.plugin_manager import SinkRegistry, make_plugin_manager
 from collector.sink import Sink
-from collector.testing import SinkConformance
+from collector.testing import SinkConformance, make_tenant_day
 from collector_sinks import s3 as s3_module
 from collector_sinks.csv import render_tables
 from collector_sinks.s3 import S3Sink, S3SinkConfig, partition_value
@@ -101,9 +101,9 @@ def expected_user_rows(tenant: str = "acme") -> list[dict[str, Any]]:
     return [
         {"tenant": tenant, "day": "2024-05-06", "user": "ada@acme.example", "messages": 30,
          "last_active": "2024-05-06", "ides": ["vscode", "jetbrains"],
-         "languages": ["python", "go"]},
+         "languages": ["python", "go"], "last_active_at": None},
         {"tenant": tenant, "day": "2024-05-06", "user": "bob@acme.example", "messages": 12,
-         "last_active": None, "ides": ["vscode"], "languages": []},
+         "last_active": None, "ides": ["vscode"], "languages": [], "last_active_at": None},
     ]  # fmt: skip
 
 
@@ -159,9 +159,9 @@ async def test_csv_gzip_objects_round_trip(sink_factory: Any, admin: Any, bucket
     assert rows == [
         {"tenant": "acme", "day": "2024-05-06", "user": "ada@acme.example", "messages": "30",
          "last_active": "2024-05-06", "ides": '["vscode", "jetbrains"]',
-         "languages": '["python", "go"]'},
+         "languages": '["python", "go"]', "last_active_at": ""},
         {"tenant": "acme", "day": "2024-05-06", "user": "bob@acme.example", "messages": "12",
-         "last_active": "", "ides": '["vscode"]', "languages": "[]"},
+         "last_active": "", "ides": '["vscode"]', "languages": "[]", "last_active_at": ""},
     ]  # fmt: skip
     daily, _ = read_object(admin, bucket, "usage_daily/tenant=acme/day=2024-05-06/part-0.csv.gz")
     assert gzip.decompress(daily).decode() == (
@@ -561,3 +561,47 @@ class TestS3GzipCsvConformance(TestS3Conformance):
     """The conformance kit against the s3 sink writing gzipped CSV objects."""
 
     settings: ClassVar[dict[str, Any]] = {"format": "csv", "gzip": True}
+
+
+FORMULAS = ('=HYPERLINK("http://x","y")', "+cmd|' /C calc'!A0", "@SUM(1+1)", "-2+3+cmd", "\t=1+1")
+"""Cells a spreadsheet would run as formulas (the OWASP CSV-injection triggers)."""
+
+
+def csv_cells(data: bytes, column: str) -> list[str]:
+    """One column of a CSV object's data rows."""
+    return [row[column] for row in csv.DictReader(io.StringIO(data.decode("utf-8"), newline=""))]
+
+
+async def test_csv_objects_neutralize_formula_cells(
+    sink_factory: Any, admin: Any, bucket: str
+) -> None:
+    """format: csv prefixes a quote to formula-like emails and names, exactly as the csv sink
+    does; numbers stay numbers."""
+    day = make_tenant_day("acme", users=list(FORMULAS), ides=FORMULAS, languages=FORMULAS)
+    sink = await sink_factory(format="csv")
+    await sink.write([day])
+    prefix = f"tenant=acme/day={day.day.isoformat()}/part-0.csv"
+    users, _ = read_object(admin, bucket, f"usage_user_daily/{prefix}")
+    assert sorted(csv_cells(users, "user")) == sorted("'" + f for f in FORMULAS)
+    assert csv_cells(users, "messages") == [str(u.messages) for u in day.users]
+    ides, _ = read_object(admin, bucket, f"usage_daily_ide/{prefix}")
+    assert sorted(csv_cells(ides, "ide_name")) == sorted("'" + f for f in FORMULAS)
+    for table, expected in render_tables(day).items():
+        data, _ = read_object(admin, bucket, f"{table}/{prefix}")
+        assert data == expected
+
+
+async def test_csv_formula_guard_off_and_ndjson_keep_the_text(
+    sink_factory: Any, admin: Any, bucket: str
+) -> None:
+    """csv_formula_guard: false writes CSV text as sent; NDJSON is never altered."""
+    day = make_tenant_day("acme", users=list(FORMULAS))
+    prefix = f"tenant=acme/day={day.day.isoformat()}"
+    raw = await sink_factory(format="csv", csv_formula_guard=False, prefix="raw")
+    await raw.write([day])
+    users, _ = read_object(admin, bucket, f"raw/usage_user_daily/{prefix}/part-0.csv")
+    assert sorted(csv_cells(users, "user")) == sorted(FORMULAS)
+    lake = await sink_factory(prefix="lake")
+    await lake.write([day])
+    users, _ = read_object(admin, bucket, f"lake/usage_user_daily/{prefix}/part-0.ndjson")
+    assert sorted(row["user"] for row in ndjson(users)) == sorted(FORMULAS)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import sqlite3
+import stat
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -18,9 +20,11 @@ from pydantic import SecretStr, ValidationError
 
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.models import TenantDay, UserDayRecord
+from collector.sink import SinkHost
 from collector.testing import make_batch, make_tenant_day, refetched
 from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig, SqlSink
 
+FIXTURES = Path(__file__).parent / "fixtures"
 TABLE_KEYS = {
     "usage_daily": ("tenant", "day"),
     "usage_daily_ide": ("tenant", "day", "ide_name"),
@@ -73,6 +77,7 @@ def expected_tables(tenant_days: list[TenantDay]) -> dict[str, list[tuple[Any, .
                 u.last_active.isoformat() if u.last_active else None,
                 u.ides,
                 u.languages,
+                _text(u.last_active_at),
             )
             for u in td.users
         ]
@@ -92,7 +97,12 @@ def comparable(tables: dict[str, list[tuple[Any, ...]]]) -> dict[str, list[tuple
         for row in tables["usage_daily"]
     )
     result["usage_user_daily"] = sorted(
-        (*row[:5], tuple(json.loads(row[5])), tuple(json.loads(row[6])))
+        (
+            *row[:5],
+            tuple(json.loads(row[5])),
+            tuple(json.loads(row[6])),
+            None if row[7] is None else _text(dt.datetime.fromisoformat(str(row[7]))),
+        )
         for row in tables["usage_user_daily"]
     )
     for name in ("usage_daily_ide", "usage_daily_language"):
@@ -224,6 +234,106 @@ async def test_naive_and_offset_timestamps_are_stored_in_utc(
     await sink.write([aware, naive])
     stamps = [row[4] for row in comparable(read_tables(target_url))["usage_daily"]]
     assert stamps == ["2025-01-16 06:30:00", "2025-01-16 07:45:00"]
+
+
+async def test_last_active_at_is_stored_in_utc_or_null(sink: SqliteSink, target_url: str) -> None:
+    """A user's last_active_at is stored as the same instant in UTC, and None as NULL."""
+    td = make_tenant_day("acme", users=3)
+    plus_two = dt.timezone(dt.timedelta(hours=2))
+    stamps = [dt.datetime(2025, 1, 14, 23, 59, 58, 250000, tzinfo=plus_two), None, None]
+    users = [replace(u, last_active_at=at) for u, at in zip(td.users, stamps, strict=True)]
+    await sink.write([td.with_users(users)])
+    stored = comparable(read_tables(target_url))["usage_user_daily"]
+    assert [row[7] for row in stored] == ["2025-01-14 21:59:58.250000", None, None]
+    assert stored == expected_tables([td.with_users(users)])["usage_user_daily"]
+
+
+async def test_a_database_of_the_previous_release_gains_last_active_at(tmp_path: Path) -> None:
+    """Opening a SQLite file written before last_active_at existed adds the column, keeps every
+    row (their last_active_at is NULL), and new days store it."""
+    path = tmp_path / "usage.db"
+    path.write_bytes((FIXTURES / "sink_sqlite_before_last_active_at.db").read_bytes())
+    before = read_tables(f"sqlite:///{path}")
+    assert len(before["usage_user_daily"]) == 12
+    assert all(len(row) == 7 for row in before["usage_user_daily"])
+    sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
+    await sink.open()
+    after = read_tables(f"sqlite:///{path}")
+    assert after["usage_user_daily"] == [(*row, None) for row in before["usage_user_daily"]]
+    assert {t: rows for t, rows in after.items() if t != "usage_user_daily"} == {
+        t: rows for t, rows in before.items() if t != "usage_user_daily"
+    }
+    td = make_tenant_day("initech", dt.date(2025, 1, 20), users=1)
+    at = dt.datetime(2025, 1, 20, 9, 30, tzinfo=dt.UTC)
+    await sink.write([td.with_users([replace(td.users[0], last_active_at=at)])])
+    await sink.aclose()
+    with sqlite3.connect(path) as conn:
+        stored = conn.execute(
+            "SELECT last_active_at FROM usage_user_daily WHERE tenant = 'initech'"
+        ).fetchall()
+    assert stored == [("2025-01-20 09:30:00.000000",)]
+    again = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
+    await again.open()  # the column is there now: nothing to add, nothing fails
+    await again.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_postgresql_table_of_the_previous_release_gains_last_active_at(
+    postgres_schema_url: str,
+) -> None:
+    """In PostgreSQL too, a usage_user_daily created before last_active_at gets the column (a
+    timestamptz) when the sink opens, and its rows stay."""
+    engine = sa.create_engine(postgres_schema_url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(
+                sa.text(
+                    "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+                    ' "user" VARCHAR NOT NULL, messages INTEGER NOT NULL, last_active DATE,'
+                    " ides VARCHAR NOT NULL, languages VARCHAR NOT NULL,"
+                    ' PRIMARY KEY (tenant, day, "user"))'
+                )
+            )
+            conn.execute(
+                sa.text(
+                    "INSERT INTO usage_user_daily VALUES"
+                    " ('acme', '2025-01-14', 'ada@acme.example', 3, '2025-01-14', '[]', '[]')"
+                )
+            )
+        sink = SqlSink(
+            "warehouse", SqliteSinkConfig(type="sql", url=SecretStr(postgres_schema_url))
+        )
+        await sink.open()
+        await sink.aclose()
+        with engine.connect() as conn:
+            rows = conn.execute(sa.text("SELECT * FROM usage_user_daily")).fetchall()
+        columns = {c["name"]: c for c in sa.inspect(engine).get_columns("usage_user_daily")}
+    finally:
+        engine.dispose()
+    assert [tuple(row) for row in rows] == [
+        (
+            "acme",
+            dt.date(2025, 1, 14),
+            "ada@acme.example",
+            3,
+            dt.date(2025, 1, 14),
+            "[]",
+            "[]",
+            None,
+        )
+    ]
+    assert isinstance(columns["last_active_at"]["type"], sa.DateTime)
+    assert columns["last_active_at"]["type"].timezone
+
+
+async def test_a_missing_column_without_create_tables_is_a_clear_error(tmp_path: Path) -> None:
+    """With create_tables off, an old table is not altered: opening names the missing column."""
+    path = tmp_path / "usage.db"
+    path.write_bytes((FIXTURES / "sink_sqlite_before_last_active_at.db").read_bytes())
+    sink = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
+    with pytest.raises(SinkPermanentError, match=r"lacks the column.* last_active_at"):
+        await sink.open()
+    await sink.aclose()
 
 
 async def test_data_error_is_permanent_and_hides_values(sink: SqliteSink) -> None:
@@ -382,3 +492,72 @@ async def test_write_cost_per_tenant_day(tmp_path: Path) -> None:
     per_tenant_day = (time.process_time() - started) / sum(len(b) for b in batches)
     await sink.aclose()
     assert per_tenant_day < 0.001, f"{per_tenant_day * 1000:.3f} ms per tenant-day"
+
+
+async def test_an_integer_the_database_cannot_store_is_permanent(sink: SqliteSink) -> None:
+    """A count beyond the column's range (2**64: past SQLite's 64 bits, PostgreSQL's INTEGER) is
+    a permanent error naming the sink, not a driver exception that would be retried forever."""
+    td = make_tenant_day("acme", users=["big.counter@example.com"])
+    huge = [replace(user, messages=2**64) for user in td.users]
+    with pytest.raises(SinkPermanentError, match="sink warehouse") as caught:
+        await sink.write([td.with_users(huge)])
+    assert "big.counter" not in str(caught.value)
+
+
+async def test_a_constraint_violation_is_permanent(tmp_path: Path) -> None:
+    """A row that breaks a constraint of a DBA-managed table (create_tables: false) is permanent."""
+    path = tmp_path / "usage.db"
+    creator = SqliteSink("a", SqliteSinkConfig(type="sqlite", path=path))
+    await creator.open()
+    await creator.aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE usage_user_daily")
+        conn.execute(
+            "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL, "
+            "user VARCHAR NOT NULL, messages INTEGER NOT NULL CHECK (messages < 1000), "
+            "last_active DATE, ides VARCHAR NOT NULL, languages VARCHAR NOT NULL, "
+            "PRIMARY KEY (tenant, day, user))"
+        )
+    sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
+    td = make_tenant_day("acme", users=1)
+    with pytest.raises(SinkPermanentError, match="IntegrityError"):
+        await sink.write([td.with_users([replace(td.users[0], messages=5000)])])
+    await sink.write([td])  # within the constraint: stored
+    await sink.aclose()
+
+
+async def test_a_created_database_is_owner_only(tmp_path: Path) -> None:
+    """Under umask 022 a new SQLite file, its -wal and -shm files are 0600 and its new
+    directory 0700; with files.shared_group 0640 and 0750."""
+    old = os.umask(0o022)
+    try:
+        private = SqliteSink("p", SqliteSinkConfig(type="sqlite", path=tmp_path / "p" / "u.db"))
+        await private.write(make_batch(("acme",), 1))
+        shared = SqliteSink("s", SqliteSinkConfig(type="sqlite", path=tmp_path / "s" / "u.db"))
+        shared.host = SinkHost(shared_group=True)
+        await shared.write(make_batch(("acme",), 1))
+    finally:
+        os.umask(old)
+    for directory, dir_mode, file_mode in (
+        (tmp_path / "p", 0o700, 0o600),
+        (tmp_path / "s", 0o750, 0o640),
+    ):
+        assert stat.S_IMODE(directory.stat().st_mode) == dir_mode
+        names = {p.name: stat.S_IMODE(p.stat().st_mode) for p in directory.iterdir()}
+        assert names == {"u.db": file_mode, "u.db-wal": file_mode, "u.db-shm": file_mode}
+    await private.aclose()
+    await shared.aclose()
+
+
+async def test_an_existing_database_keeps_its_mode(tmp_path: Path) -> None:
+    """A database file that already exists is used as it is, contents and mode."""
+    path = tmp_path / "usage.db"
+    first = SqliteSink("a", SqliteSinkConfig(type="sqlite", path=path))
+    await first.write(make_batch(("acme",), 1))
+    await first.aclose()
+    path.chmod(0o644)
+    again = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path))
+    await again.write(make_batch(("globex",), 1))
+    await again.aclose()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert {row[0] for row in read_tables(f"sqlite:///{path}")["usage_daily"]} == {"acme", "globex"}

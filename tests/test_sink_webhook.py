@@ -100,7 +100,7 @@ async def test_per_day_posts_one_signed_request_per_tenant_day(
     assert body["usage_user_daily"][0] == {
         "tenant": "acme", "day": "2024-05-06", "user": "ada@acme.example", "messages": 30,
         "last_active": "2024-05-06", "ides": ["vscode", "jetbrains"],
-        "languages": ["python", "go"],
+        "languages": ["python", "go"], "last_active_at": None,
     }  # fmt: skip
     assert [p["day"] for p in receiver.payloads()] == ["2024-05-06", "2024-05-07", "2024-05-08"]
 

@@ -19,7 +19,6 @@ import pytest
 import sqlalchemy as sa
 from pydantic import SecretStr
 
-import collector.testing
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.simulator import Simulator
 from collector.testing import (
@@ -338,8 +337,3 @@ async def test_simulator_fixture_serves_the_api(simulator: Simulator) -> None:
         body = await response.json()
     assert body["data"] == json.loads(json.dumps(simulator.day_data("tenant-02", day)))
     assert simulator.stats.usage_requests["tenant-02"] == 1
-
-
-def test_plugin_is_registered_through_pytest11(pytestconfig: pytest.Config) -> None:
-    """pytest loads collector.testing as the plugin named collector via its entry point."""
-    assert pytestconfig.pluginmanager.get_plugin("collector") is collector.testing

@@ -319,6 +319,16 @@ class ServerConfig(_Model):
         return None if self.listen is None else int(self.listen.rpartition(":")[2])
 
 
+class FilesConfig(_Model):
+    """Modes of the files and directories the collector creates (state database, sinks, export)."""
+
+    shared_group: bool = Field(
+        default=False,
+        description="false: files 0600 and directories 0700 (owner only); true: 0640 and 0750, "
+        "readable by the group, for teams that share a data directory.",
+    )
+
+
 class TenantConfig(_Model):
     """One client organization: its credentials and optional overrides of the defaults."""
 
@@ -463,6 +473,7 @@ class AppConfig(_Model):
     collection: CollectionConfig = Field(default_factory=CollectionConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    files: FilesConfig = Field(default_factory=FilesConfig)
     sinks: dict[str, SerializeAsAny[SinkConfig]] = Field(
         default_factory=dict, description="Sink instances by name; the name is the routing key."
     )

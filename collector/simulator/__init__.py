@@ -25,8 +25,11 @@ usage endpoint (:class:`UsageFaults`)
     ``retry_after_seconds`` (announced by ``throttle_next``/``unavailable``), ``down`` (every
     request 500), ``unavailable`` (every request 503 with Retry-After), ``forbidden`` (403),
     ``bad_response`` (a 200 with a defect: ``malformed_json``, ``html_200``, ``missing_fields``,
-    ``wrong_types``, ``negative_numbers``, ``wrong_day``, ``empty_body``), and the one-shot
-    counters ``fail_next``, ``throttle_next``, ``unavailable_next``.
+    ``wrong_types``, ``negative_numbers``, ``wrong_day``, ``empty_body``), ``variant`` (every good
+    ``day=`` answer served as an API variant the documentation allows or a gateway causes:
+    :data:`VARIANTS`, e.g. ``datetime_last_active``, ``unknown_fields``, ``html_502``, ``gzip``;
+    also settable per tenant as ``SimTenant.variant``), and the one-shot counters ``fail_next``,
+    ``throttle_next``, ``unavailable_next``.
 token endpoint (:class:`TokenFaults`, per client_id: ``faults.client(id)``, ``faults.set_token``)
     ``delay`` (s), ``fail`` (500), ``locked_out`` (400 "User is locked out"), ``expires_in`` (any
     JSON value announced instead of ``token_lifetime``, or :data:`OMIT` to leave it out),
@@ -68,6 +71,7 @@ from collector.simulator.settings import (
     load_tenants_file,
 )
 from collector.simulator.stats import RequestRecord, SimStats
+from collector.simulator.variants import VARIANTS, VariantAnswer, variant_answer
 
 __all__ = [
     "BAD_RESPONSE_MODES",
@@ -77,6 +81,7 @@ __all__ = [
     "PERIODS",
     "TOKEN_PATH",
     "USAGE_PATH",
+    "VARIANTS",
     "Faults",
     "RequestRecord",
     "SimStats",
@@ -85,8 +90,10 @@ __all__ = [
     "SimulatorSettings",
     "TokenFaults",
     "UsageFaults",
+    "VariantAnswer",
     "demo_tenants",
     "load_tenants_file",
     "running_simulator",
     "serve",
+    "variant_answer",
 ]

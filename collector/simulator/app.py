@@ -18,6 +18,7 @@ import json
 import re
 import resource
 import signal
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -32,6 +33,7 @@ from collector.simulator.data import UsageGenerator, stable_int
 from collector.simulator.faults import OMIT, Faults, defective_body
 from collector.simulator.settings import SimTenant, SimulatorSettings
 from collector.simulator.stats import SimStats
+from collector.simulator.variants import variant_answer
 
 USAGE_PATH = "/api/v1/data/usage"
 TOKEN_PATH = "/oauth/token"  # noqa: S105 (a URL path, not a password)
@@ -80,6 +82,7 @@ class Answer:
     body: bytes
     content_type: str = "application/json"
     retry_after: str | None = None
+    content_encoding: str | None = None
 
 
 def _b64(data: bytes) -> str:
@@ -307,6 +310,8 @@ class Simulator:
             self.stats.leave(tenant_id)
         self.stats.record(arrival, tenant_id, param, answer.status)
         headers = {"Retry-After": answer.retry_after} if answer.retry_after is not None else None
+        if answer.content_encoding is not None:
+            headers = {**(headers or {}), "Content-Encoding": answer.content_encoding}
         return web.Response(
             status=answer.status,
             body=answer.body,
@@ -382,7 +387,21 @@ class Simulator:
         if mode is not None:
             defective, content_type = defective_body(mode, body, day.isoformat() if day else "")
             return Answer(200, defective, content_type)
+        variant = faults.usage(tid, "variant", tenant.variant)
+        if variant is not None and day is not None:
+            served = variant_answer(variant, body, day)
+            return Answer(
+                served.status,
+                served.body,
+                served.content_type,
+                content_encoding=served.content_encoding,
+            )
         return Answer(200, body)
+
+    def answer_day(self, tenant_id: str, day: dt.date) -> Answer:
+        """What an authenticated ``day=`` request of the tenant gets now, without a socket (the
+        fault knobs apply, as for a request: counters are consumed, the bucket is charged)."""
+        return self._answer_usage(self._tenants[tenant_id], {"day": day.isoformat()})
 
     # --- simulator's own stats (not part of the Zencoder API) ------------------------------------
 
@@ -403,15 +422,19 @@ class Simulator:
 
     # --- lifecycle ------------------------------------------------------------------------------
 
-    async def start(self, host: str = "127.0.0.1", port: int = 0) -> None:
-        """Listen on host:port (0: an ephemeral port) and fill in the URLs."""
+    async def start(
+        self, host: str = "127.0.0.1", port: int = 0, *, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        """Listen on host:port (0: an ephemeral port) and fill in the URLs; with
+        ``ssl_context`` (a server context) over HTTPS."""
         self._runner = web.AppRunner(self.app, access_log=None, shutdown_timeout=0.5)
         await self._runner.setup()
-        site = web.TCPSite(self._runner, host, port)
+        site = web.TCPSite(self._runner, host, port, ssl_context=ssl_context)
         await site.start()
         bound_port = self._runner.addresses[0][1]
         shown = f"[{host}]" if ":" in host else host
-        self.base_url = f"http://{shown}:{bound_port}"
+        scheme = "http" if ssl_context is None else "https"
+        self.base_url = f"{scheme}://{shown}:{bound_port}"
         self.token_url = self.base_url + TOKEN_PATH
         self.usage_url = self.base_url + USAGE_PATH
 
@@ -424,11 +447,15 @@ class Simulator:
 
 @asynccontextmanager
 async def running_simulator(
-    settings: SimulatorSettings, host: str = "127.0.0.1", port: int = 0
+    settings: SimulatorSettings,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
 ) -> AsyncIterator[Simulator]:
-    """Serve a simulator for the duration of the block."""
+    """Serve a simulator for the duration of the block (over HTTPS given ``ssl_context``)."""
     sim = Simulator(settings)
-    await sim.start(host, port)
+    await sim.start(host, port, ssl_context=ssl_context)
     try:
         yield sim
     finally:

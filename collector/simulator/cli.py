@@ -69,7 +69,8 @@ def add_simulate_arguments(parser: argparse.ArgumentParser) -> None:
         "--tenants-file",
         metavar="FILE.yaml",
         help="serve the tenants listed in this YAML file (id, client_id, client_secret, api_key, "
-        "users) instead of demo tenants",
+        "users, variant: an API variant such as datetime_last_active or gzip) instead of demo "
+        "tenants",
     )
     parser.add_argument(
         "--latency",

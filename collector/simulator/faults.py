@@ -20,6 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Final, Literal
 
 from collector.simulator.data import stable_int
+from collector.simulator.variants import VARIANTS
 
 BadResponseMode = Literal[
     "malformed_json",
@@ -70,6 +71,8 @@ class UsageFaults:
     - ``unavailable``: every request 503 "Service unavailable" with Retry-After until cleared.
     - ``forbidden``: every authenticated request 403 "Forbidden" (plan or role too low).
     - ``bad_response``: every 200 carries the named defect (see :data:`BAD_RESPONSE_MODES`).
+    - ``variant``: every good ``day=`` answer is served as the named API variant (see
+      :data:`~collector.simulator.variants.VARIANTS`; default: the tenant's ``variant``).
     - ``fail_next`` / ``throttle_next`` / ``unavailable_next``: the next N requests get a 500 /
       429 / 503, then normal service resumes (not inherited).
     """
@@ -85,6 +88,7 @@ class UsageFaults:
     unavailable: bool | None = None
     forbidden: bool | None = None
     bad_response: BadResponseMode | None = None
+    variant: str | None = None
     fail_next: int = 0
     throttle_next: int = 0
     unavailable_next: int = 0
@@ -92,6 +96,8 @@ class UsageFaults:
     def __post_init__(self) -> None:
         if self.bad_response is not None and self.bad_response not in BAD_RESPONSE_MODES:
             raise ValueError(f"unknown bad_response mode {self.bad_response!r}")
+        if self.variant is not None and self.variant not in VARIANTS:
+            raise ValueError(f"unknown API variant {self.variant!r}; known: {', '.join(VARIANTS)}")
 
 
 @dataclass

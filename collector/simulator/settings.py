@@ -8,6 +8,8 @@ from pathlib import Path
 
 import yaml
 
+from collector.simulator.variants import VARIANTS
+
 DEMO_CREDENTIALS_RULE = (
     "tenant ids tenant-01..tenant-NN; client_id '<id>-client', client_secret '<id>-secret', "
     "api_key 'zak_test_<id>'"
@@ -19,6 +21,8 @@ class SimTenant:
     """One organization the simulator serves, with both kinds of credentials.
 
     ``users`` is the size of the organization; by default it is derived from the id (8..60).
+    ``variant`` serves every ``day=`` answer as that API variant
+    (:data:`~collector.simulator.variants.VARIANTS`), e.g. ``datetime_last_active``.
     """
 
     id: str
@@ -26,10 +30,14 @@ class SimTenant:
     client_secret: str
     api_key: str | None = None
     users: int | None = None
+    variant: str | None = None
 
     def __repr__(self) -> str:
         # The simulator's own secrets are fake, but a repr is how secrets leak, so keep the habit.
-        return f"SimTenant(id={self.id!r}, client_id={self.client_id!r}, users={self.users!r})"
+        return (
+            f"SimTenant(id={self.id!r}, client_id={self.client_id!r}, users={self.users!r}, "
+            f"variant={self.variant!r})"
+        )
 
 
 @dataclass
@@ -77,7 +85,7 @@ def load_tenants_file(path: str | Path) -> list[SimTenant]:
     """Read tenants from YAML: a list (or a ``tenants:`` list) of mappings with an ``id``.
 
     ``client_id``, ``client_secret`` and ``api_key`` default to the demo rule for that id, so a
-    file may list only ids and org sizes.
+    file may list only ids, org sizes (``users``) and API variants (``variant``).
     """
     try:
         raw = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
@@ -101,6 +109,12 @@ def load_tenants_file(path: str | Path) -> list[SimTenant]:
             raise ValueError(
                 f"{path}: tenant {tenant_id!r}: 'users' must be a non-negative integer"
             )
+        variant = item.get("variant")
+        if variant is not None and variant not in VARIANTS:
+            raise ValueError(
+                f"{path}: tenant {tenant_id!r}: unknown variant {variant!r}; "
+                f"known: {', '.join(VARIANTS)}"
+            )
         tenants.append(
             SimTenant(
                 id=tenant_id,
@@ -108,6 +122,7 @@ def load_tenants_file(path: str | Path) -> list[SimTenant]:
                 client_secret=str(item.get("client_secret", f"{tenant_id}-secret")),
                 api_key=str(item.get("api_key", f"zak_test_{tenant_id}")),
                 users=users,
+                variant=variant,
             )
         )
     return tenants

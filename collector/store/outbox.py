@@ -407,24 +407,33 @@ class OutboxStore(PendingStore):
 
         return await self._write(work)
 
-    async def end_pass(self, sink: str, error: str | None, *, attempted: bool) -> int:
+    async def end_pass(
+        self, sink: str, error: str | None, *, attempted: bool, delivered: bool = False
+    ) -> int:
         """A delivery pass is over: note its outcome (when it ``attempted`` any write: success,
-        or the last ``error``) and return the sink's backlog, in one transaction."""
+        or the last ``error``, or both when it ``delivered`` some days and failed others) and
+        return the sink's backlog, in one transaction."""
         now = self._now()
 
         def work(conn: Connection) -> int:
             if attempted:
-                self._sink_outcome(conn, sink, error, now)
+                self._sink_outcome(conn, sink, error, now, delivered=delivered)
             return self._backlog(conn, sink)
 
         return await (self._write(work) if attempted else self._read(work))
 
     def _sink_outcome(
-        self, conn: Connection, sink: str, error: str | None, now: dt.datetime
+        self,
+        conn: Connection,
+        sink: str,
+        error: str | None,
+        now: dt.datetime,
+        *,
+        delivered: bool = False,
     ) -> None:
         hot = self._hot(conn)
         at = hot.codec.moment(now)
-        if error is None:
+        if error is None or delivered:
             hot.sink_success.execute(conn, (at, sink))
-        else:
+        if error is not None:
             hot.sink_error.execute(conn, (short(error), at, sink))

@@ -3,11 +3,16 @@
 The rows carry exactly the columns of the normalized data model (docs/data-model.md), in the same
 order, so a file written by the S3 sink, a webhook body and a SQL table all line up:
 
-- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` an ISO 8601 timestamp in UTC (``+00:00``);
+- dates are ``YYYY-MM-DD`` strings, ``fetched_at`` and ``last_active_at`` ISO 8601 timestamps in
+  UTC (``+00:00``);
 - in JSON the ``ides`` and ``languages`` of a user-day are arrays; in CSV they are JSON arrays in
   one cell (``["vscode", "jetbrains"]``), ``final`` is ``true``/``false``, a missing
   ``last_active`` is an empty cell, and lines end in CRLF (RFC 4180) — byte for byte what the
-  ``csv`` sink writes, so files from both sinks can be concatenated.
+  ``csv`` sink writes, so files from both sinks can be concatenated;
+- in CSV, a text cell that a spreadsheet would run as a formula (it starts with ``=``, ``+``,
+  ``-``, ``@``, a tab or a carriage return: emails, IDE and language names come from the API)
+  gets a leading ``'`` (:func:`collector.files.guard_formula`, the OWASP rule), unless the sink
+  turns the guard off; numbers are never touched.
 
 Everything here is pure and deterministic: the same tenant-day always gives the same bytes, so a
 redelivery writes an identical object (same ETag) unless the data changed.
@@ -22,6 +27,7 @@ import io
 import json
 from typing import Any, Final
 
+from collector.files import guard_row
 from collector.models import TenantDay
 
 USAGE_DAILY: Final = "usage_daily"
@@ -33,7 +39,16 @@ COLUMNS: Final[dict[str, tuple[str, ...]]] = {
     USAGE_DAILY: ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
     USAGE_DAILY_IDE: ("tenant", "day", "ide_name", "engaged_users"),
     USAGE_DAILY_LANGUAGE: ("tenant", "day", "language_name", "engaged_users"),
-    USAGE_USER_DAILY: ("tenant", "day", "user", "messages", "last_active", "ides", "languages"),
+    USAGE_USER_DAILY: (
+        "tenant",
+        "day",
+        "user",
+        "messages",
+        "last_active",
+        "ides",
+        "languages",
+        "last_active_at",  # added later, so last: older files gain a column at the end
+    ),
 }
 """Every table, in a fixed order, with its columns in the order files and bodies use."""
 
@@ -91,6 +106,7 @@ def table_rows(day: TenantDay) -> dict[str, list[Row]]:
                 "last_active": user.last_active.isoformat() if user.last_active else None,
                 "ides": list(user.ides),
                 "languages": list(user.languages),
+                "last_active_at": _timestamp(at) if (at := user.last_active_at) else None,
             }
             for user in day.users
         ],
@@ -137,14 +153,21 @@ def _csv_cell(value: Any) -> str:
     return str(value)
 
 
-def to_csv(table: str, rows: list[Row]) -> bytes:
-    """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends)."""
+def to_csv(table: str, rows: list[Row], *, formula_guard: bool = True) -> bytes:
+    """Rows as UTF-8 CSV with a header line (RFC 4180: minimal quoting, CRLF line ends).
+
+    With ``formula_guard`` (the default) text cells are guarded
+    (:func:`collector.files.guard_formula`).
+    """
     columns = COLUMNS[table]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow(columns)
     for row in rows:
-        writer.writerow([_csv_cell(row[column]) for column in columns])
+        cells = [row[column] for column in columns]
+        if formula_guard:
+            cells = guard_row(cells)
+        writer.writerow([_csv_cell(cell) for cell in cells])
     return buffer.getvalue().encode("utf-8")
 
 

@@ -12,12 +12,19 @@ Layout under ``path`` (``ROOT``)::
     ROOT/TENANT/usage_daily_language/2025-01-31.csv
     ROOT/TENANT/usage_user_daily/2025-01-31.csv
 
-Every file has a header row and the columns of the table of the same name (docs/data-model.md).
-A file is written to a temporary file in the same directory, flushed and fsynced, renamed over the
-old one with ``os.replace`` (atomic on POSIX and Windows), and the directory is fsynced, so a
-reader sees the old or the new partition, never a torn one, and a power cut after ``write``
-returned loses nothing. ``zencoder-collector export csv`` joins a date range into one file per
-table (:mod:`collector.export`).
+Every file has a header row and the columns of the table of the same name (docs/data-model.md);
+text cells that a spreadsheet would run as formulas are guarded with a leading ``'`` unless
+``csv_formula_guard: false``.
+
+A day is all four tables or none. Every file of a batch is first written to a temporary file in
+its directory, flushed and fsynced; only when all of them are written does :func:`publish_days`
+rename them into place with ``os.replace`` (atomic on POSIX and Windows), the day's
+``usage_daily`` file (its *marker*) last, and the marker of a day being replaced is removed before
+any of its files changes. So a full disk or a failing directory leaves no day half-written, a
+reader that finds ``usage_daily/DAY.csv`` finds the other three files of the same version beside
+it, and a power cut after ``write`` returned loses nothing. Files are created 0600 and
+directories 0700 (0640 / 0750 with ``files.shared_group``). ``zencoder-collector export csv``
+joins a date range into one file per table (:mod:`collector.export`).
 """
 
 from __future__ import annotations
@@ -29,15 +36,16 @@ import io
 import json
 import os
 import re
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
+from collector.files import create_temp_file, ensure_private_dir, guard_row
 from collector.hookspecs import hookimpl
 from collector.log import get_logger
 from collector.models import Batch, TenantDay
@@ -55,9 +63,16 @@ COLUMNS: dict[str, tuple[str, ...]] = {
         "last_active",
         "ides",
         "languages",
+        "last_active_at",  # added later, so last
     ),
 }
 """Table name -> CSV header, in file column order."""
+
+MARKER_FIRST: tuple[str, ...] = (
+    "usage_daily",
+    *(table for table in COLUMNS if table != "usage_daily"),
+)
+"""The tables of a day, its marker (``usage_daily``, published last) first."""
 
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
@@ -74,6 +89,12 @@ class CsvSinkConfig(SinkConfig):
         default=True,
         description="fsync every file and directory before write returns (turn off only on "
         "storage that cannot lose acknowledged writes, or for throwaway output).",
+    )
+    csv_formula_guard: bool = Field(
+        default=True,
+        description="Prefix ' to text cells starting with =, +, -, @, tab or carriage return, so "
+        "spreadsheets show them as text instead of running them as formulas; turn off only for "
+        "machine consumers that need the exact text.",
     )
 
 
@@ -92,8 +113,12 @@ def partition_path(root: Path, tenant: str, table: str, day: dt.date) -> Path:
     return root / safe_segment(tenant) / table / f"{day.isoformat()}.csv"
 
 
-def render_tables(td: TenantDay) -> dict[str, bytes]:
-    """The four CSV files of one tenant-day, UTF-8 with a header row each."""
+def render_tables(td: TenantDay, *, formula_guard: bool = True) -> dict[str, bytes]:
+    """The four CSV files of one tenant-day, UTF-8 with a header row each.
+
+    With ``formula_guard`` (the default) every text cell a spreadsheet would run as a formula gets
+    a leading ``'`` (:func:`collector.files.guard_formula`); numbers stay numbers.
+    """
     fetched_at = td.daily.fetched_at
     if fetched_at.tzinfo is None:
         fetched_at = fetched_at.replace(tzinfo=dt.UTC)
@@ -122,6 +147,7 @@ def render_tables(td: TenantDay) -> dict[str, bytes]:
                 u.last_active.isoformat() if u.last_active else "",
                 json.dumps(list(u.ides), ensure_ascii=False),
                 json.dumps(list(u.languages), ensure_ascii=False),
+                u.last_active_at.astimezone(dt.UTC).isoformat() if u.last_active_at else "",
             )
             for u in td.users
         ],
@@ -131,28 +157,72 @@ def render_tables(td: TenantDay) -> dict[str, bytes]:
         buffer = io.StringIO()
         writer = csv.writer(buffer, lineterminator="\r\n")
         writer.writerow(header)
-        writer.writerows(rows[table])
+        table_rows = rows[table]
+        writer.writerows(map(guard_row, table_rows) if formula_guard else table_rows)
         files[table] = buffer.getvalue().encode("utf-8")
     return files
 
 
-def write_atomically(path: Path, data: bytes, *, fsync: bool = True) -> None:
-    """Replace ``path`` with ``data`` so that readers see the old or the new content, never half.
+@dataclass(frozen=True)
+class Staged:
+    """A partition written to its temporary file, waiting to be renamed over ``target``."""
 
-    The caller fsyncs the directory (once for many files) to make the rename itself durable.
+    temp: Path
+    target: Path
+
+
+def write_temp(
+    target: Path, data: bytes, *, fsync: bool = True, shared_group: bool = False
+) -> Staged:
+    """Write ``data`` to a new temporary file beside ``target`` (``.DAY.csv.XXXX.tmp``).
+
+    Nothing is visible under ``target`` yet: :func:`publish_days` renames it into place.
     """
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp_name = create_temp_file(target.parent, f".{target.name}.", shared_group)
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             if fsync:
                 os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
         raise
+    return Staged(Path(tmp_name), target)
+
+
+def publish_days(days: Sequence[Sequence[Staged]], *, fsync: bool = True) -> None:
+    """Rename the staged files of whole days into place so that a day is all four tables or none.
+
+    Each day's first file is its ``usage_daily`` partition, the *marker*. In three steps: the
+    markers of days being replaced are removed, then every other file is renamed into place,
+    then the markers are. So a marker on disk always has the other three files of its own
+    version beside it, even after a crash or power cut at any point (with ``fsync``, each step is
+    made durable, by fsyncing the directories it changed, before the next begins). A failure
+    stops the publication and leaves the remaining temporary files to the caller.
+    """
+    markers = [day[0] for day in days]
+    replaced = [m.target for m in markers if m.target.exists()]
+    for target in replaced:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(target)
+    if fsync:
+        _fsync_directories(t.parent for t in replaced)
+    details = [staged for day in days for staged in day[1:]]
+    for staged in details:
+        os.replace(staged.temp, staged.target)
+    if fsync:
+        _fsync_directories(s.target.parent for s in details)
+    for staged in markers:
+        os.replace(staged.temp, staged.target)
+    if fsync:
+        _fsync_directories(m.target.parent for m in markers)
+
+
+def _fsync_directories(directories: Iterable[Path]) -> None:
+    for directory in sorted(set(directories)):
+        fsync_directory(directory)
 
 
 def sweep_leftovers(directory: Path, older_than: float) -> int:
@@ -218,7 +288,7 @@ class CsvSink(Sink):
     def _open_sync(self) -> None:
         self._opened_at = time.time()
         try:
-            self.root.mkdir(parents=True, exist_ok=True)
+            ensure_private_dir(self.root, self.host.shared_group)
         except OSError as error:
             raise self._translate(error) from None
 
@@ -231,22 +301,38 @@ class CsvSink(Sink):
         # Validate every tenant id before touching the disk: a bad one fails the batch as a whole.
         for tenant, _day in latest:
             safe_segment(tenant)
-        touched: set[Path] = set()
+        ready: set[Path] = set()  # table directories that exist (and were swept)
+        new_entries: set[Path] = set()  # directories in which this write created a directory
+        staged: list[list[Staged]] = []
+        fsync, shared = self.config.fsync, self.host.shared_group
         try:
-            for td in latest.values():
-                for table, data in render_tables(td).items():
-                    target = partition_path(self.root, td.tenant, table, td.day)
-                    if target.parent not in touched:
-                        self._make_dirs(target.parent, touched)
-                    write_atomically(target, data, fsync=self.config.fsync)
-            if self.config.fsync:
-                for directory in sorted(touched):
-                    fsync_directory(directory)
+            try:
+                # Every file of the batch goes to a temporary file first: a full disk or a
+                # failing directory stops the write here, before any day is visible.
+                for td in latest.values():
+                    tables = render_tables(td, formula_guard=self.config.csv_formula_guard)
+                    day: list[Staged] = []
+                    staged.append(day)
+                    for table in MARKER_FIRST:
+                        target = partition_path(self.root, td.tenant, table, td.day)
+                        if target.parent not in ready:
+                            self._make_dirs(target.parent, ready, new_entries)
+                        day.append(
+                            write_temp(target, tables[table], fsync=fsync, shared_group=shared)
+                        )
+                if fsync:  # new directories first, or a power cut could lose what is in them
+                    _fsync_directories(new_entries)
+                publish_days(staged, fsync=fsync)
+            except BaseException:
+                for staged_file in (s for day in staged for s in day):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(staged_file.temp)  # what was not published
+                raise
         except OSError as error:
             raise self._translate(error) from None
 
-    def _make_dirs(self, directory: Path, touched: set[Path]) -> None:
-        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync too.
+    def _make_dirs(self, directory: Path, ready: set[Path], new_entries: set[Path]) -> None:
+        """Create ``TENANT/TABLE`` as needed; new entries make their parents need an fsync.
 
         The first time this process writes into a directory, it also deletes temporary files a
         killed process left there: the day being written at the kill is delivered again, so the
@@ -263,11 +349,9 @@ class CsvSink(Sink):
                     directory=str(directory),
                     files=removed,
                 )
-        touched.add(directory)
-        missing = [d for d in (directory.parent, directory) if not d.is_dir()]
-        directory.mkdir(parents=True, exist_ok=True)
-        for created in missing:
-            touched.add(created.parent)
+        ready.add(directory)
+        for created in ensure_private_dir(directory, self.host.shared_group):
+            new_entries.add(created.parent)
 
     def _translate(self, error: OSError) -> SinkError:
         # Every file-system failure is the target's state (full, read-only, missing, permissions),

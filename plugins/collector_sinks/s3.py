@@ -134,6 +134,12 @@ class S3SinkConfig(SinkConfig):
     format: Literal["ndjson", "csv"] = Field(
         default="ndjson", description="Object format: newline-delimited JSON or CSV with header."
     )
+    csv_formula_guard: bool = Field(
+        default=True,
+        description="format: csv only: prefix ' to text cells starting with =, +, -, @, tab or "
+        "carriage return, so spreadsheets show them as text instead of running them as "
+        "formulas; turn off only for machine consumers that need the exact text.",
+    )
     gzip: bool = Field(default=False, description="Gzip each object (key gets a .gz suffix).")
     sse: Literal["none", "AES256", "aws:kms"] = Field(
         default="none",
@@ -251,7 +257,7 @@ class S3Sink(Sink):
         objects = []
         for table in tables:
             if self.config.format == "csv":
-                body = ser.to_csv(table, rows[table])
+                body = ser.to_csv(table, rows[table], formula_guard=self.config.csv_formula_guard)
             else:
                 body = ser.to_ndjson(rows[table])
             if self.config.gzip:

@@ -20,8 +20,9 @@ last commits (a ``replay`` restores them; ``synchronous: full`` avoids it at the
 per transaction). Write transactions start with ``BEGIN IMMEDIATE``
 so two writers queue instead of failing half-way. Errors leave as
 :class:`~collector.errors.SinkTransientError` (locked, connection lost, disk full) or
-:class:`~collector.errors.SinkPermanentError` (integrity and data errors); their messages carry
-the driver's first line only, never row values or the URL's password.
+:class:`~collector.errors.SinkPermanentError` (integrity and data errors, an integer SQLite cannot
+store); their messages carry the driver's first line only, never row values or the URL's
+password. A SQLite file the sink creates is 0600 (0640 with ``files.shared_group``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
 
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
+from collector.files import create_private_file, ensure_private_dir
 from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay
 from collector.sink import Sink, SinkConfig, run_blocking
@@ -58,8 +60,11 @@ METADATA = sa.MetaData()
 # Plain Core tables: declaring them as SQLModel classes imported SQLAlchemy's ORM (~0.1 s of
 # every start) for nothing, as rows are written and read at the Core level. The DDL is the same
 # as those classes produced: VARCHAR without a length (255 on MySQL, which needs one), every
-# column NOT NULL but ``last_active``, and ``WITHOUT ROWID`` in SQLite.
+# column NOT NULL but ``last_active`` and ``last_active_at``, and ``WITHOUT ROWID`` in SQLite.
 _Text = sa.String().with_variant(sa.String(255), "mysql", "mariadb")
+# Counts go up to int64 (collector.models.INT64_MAX): BIGINT where INTEGER is 32 bits; SQLite's
+# INTEGER already holds 64 bits, and keeps the DDL that earlier versions created.
+_Count = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def _table(name: str, *columns: sa.Column[Any]) -> sa.Table:
@@ -78,8 +83,8 @@ DAILY = _table(
     "usage_daily",
     _key("tenant"),
     _key("day", sa.Date()),
-    _value("active_users", sa.Integer()),
-    _value("messages", sa.Integer()),
+    _value("active_users", _Count),
+    _value("messages", _Count),
     _value("fetched_at", sa.DateTime(timezone=True)),
     _value("final", sa.Boolean()),
 )
@@ -88,25 +93,27 @@ IDE = _table(
     _key("tenant"),
     _key("day", sa.Date()),
     _key("ide_name"),
-    _value("engaged_users", sa.Integer()),
+    _value("engaged_users", _Count),
 )
 LANGUAGE = _table(
     "usage_daily_language",
     _key("tenant"),
     _key("day", sa.Date()),
     _key("language_name"),
-    _value("engaged_users", sa.Integer()),
+    _value("engaged_users", _Count),
 )
 USER = _table(
     "usage_user_daily",
     _key("tenant"),
     _key("day", sa.Date()),
     _key("user"),
-    _value("messages", sa.Integer()),
+    _value("messages", _Count),
     _value("last_active", sa.Date(), nullable=True),
     # JSON arrays of names, e.g. ["VS Code", "JetBrains"]
     _value("ides", _Text, default="[]"),
     _value("languages", _Text, default="[]"),
+    # Added after the first release: last, as ALTER TABLE ADD COLUMN puts it (see _migrate).
+    _value("last_active_at", sa.DateTime(timezone=True), nullable=True),
 )
 TABLES: tuple[sa.Table, ...] = (DAILY, IDE, LANGUAGE, USER)
 _CHILDREN = (IDE, LANGUAGE, USER)
@@ -234,13 +241,23 @@ class SqliteSink(Sink):
             url = self.config.sqlalchemy_url()
             is_sqlite = url.get_backend_name() == "sqlite"
             if is_sqlite and url.database not in (None, "", ":memory:"):
-                Path(url.database or "").expanduser().parent.mkdir(parents=True, exist_ok=True)
+                # Created here first, the file (and its -wal and -shm files, which SQLite gives
+                # the database's mode) is owner-only whatever the umask: it holds emails.
+                database = Path(url.database or "").expanduser()
+                ensure_private_dir(database.parent, self.host.shared_group)
+                create_private_file(database, self.host.shared_group)
             engine = _create_engine(url, self.config.busy_timeout, self.config.synchronous)
             if self.config.create_tables:
                 METADATA.create_all(engine)
-            else:
-                with engine.connect() as conn:
-                    conn.execute(sa.text("SELECT 1"))
+            missing = _missing_columns(engine)
+            if missing and self.config.create_tables:
+                _migrate(engine, missing)
+            elif missing:
+                raise SinkPermanentError(
+                    f"sink {self.name}: table {USER.name} lacks the column(s) "
+                    f"{', '.join(c.name for c in missing)}, and create_tables is off: add them "
+                    "(docs/data-model.md) or turn create_tables on"
+                )
         except (exc.SQLAlchemyError, OSError) as error:
             raise self._translate(error) from None
         self._engine = engine
@@ -265,7 +282,8 @@ class SqliteSink(Sink):
         try:
             with engine.begin() as conn:
                 statements.write(conn, list(latest), rows)
-        except (exc.SQLAlchemyError, OSError) as error:
+        except (exc.SQLAlchemyError, OSError, OverflowError) as error:
+            # OverflowError: sqlite3 cannot bind an integer beyond 64 bits, a value of the data.
             raise self._translate(error) from None
 
     def _translate(self, error: BaseException) -> SinkError:
@@ -276,9 +294,40 @@ class SqliteSink(Sink):
         if self._password:
             detail = detail.replace(self._password, "***")
         message = f"sink {self.name}: {detail}"
-        if isinstance(error, exc.IntegrityError | exc.DataError):
+        if isinstance(error, exc.IntegrityError | exc.DataError | OverflowError):
+            # The database refuses a value of this data (a constraint, a type's range): the same
+            # rows fail every time, so only a dead letter (and a fix, then replay) helps.
             return SinkPermanentError(message)
         return SinkTransientError(message)
+
+
+def _missing_columns(engine: Engine) -> list[sa.Column[Any]]:
+    """Columns of ``usage_user_daily`` that a database made by an earlier version lacks."""
+    inspector = sa.inspect(engine)
+    if not inspector.has_table(USER.name):
+        return []  # create_tables is off and nothing exists: the first write says so
+    present = {column["name"] for column in inspector.get_columns(USER.name)}
+    return [column for column in USER.columns if column.name not in present]
+
+
+def _migrate(engine: Engine, missing: list[sa.Column[Any]]) -> None:
+    """Additive migration: add each missing (nullable) column; existing rows keep their values
+    and read the new column as NULL."""
+    quote = engine.dialect.identifier_preparer
+    try:
+        with engine.begin() as conn:
+            for column in missing:
+                column_type = column.type.compile(dialect=engine.dialect)
+                conn.execute(
+                    sa.text(
+                        f"ALTER TABLE {quote.format_table(USER)} "
+                        f"ADD COLUMN {quote.format_column(column)} {column_type}"
+                    )
+                )
+    except exc.DBAPIError:
+        # Another process opening the same database may have added them first.
+        if _missing_columns(engine):
+            raise
 
 
 class SqlSink(SqliteSink):
@@ -508,7 +557,7 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
         name = _NO_NAME
         for user in sorted(td.users, key=_user_key):
             if user.user == name:
-                del users[-7:]
+                del users[-8:]
             name = user.user
             users += (
                 tenant,
@@ -518,6 +567,7 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
                 dates[user.last_active],
                 as_json[user.ides],
                 as_json[user.languages],
+                codec.moment(user.last_active_at),
             )
     return daily, ides, languages, users
 

@@ -71,6 +71,7 @@ def rows(td: TenantDay) -> list[dict[str, Any]]:
             "last_active": u.last_active.isoformat() if u.last_active else None,
             "ides": list(u.ides),
             "languages": list(u.languages),
+            "last_active_at": u.last_active_at.isoformat() if u.last_active_at else None,
         }
         for u in td.users
     ]
