@@ -31,7 +31,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from collector.log import redact
+
+def _redact(message: str) -> str:
+    # Imported here: the CLI parser imports this module and must not pull in structlog.
+    from collector.log import redact
+
+    return redact(message)
 
 
 class CollectorError(Exception):
@@ -71,7 +76,7 @@ class ApiError(CollectorError):
     ) -> None:
         self.tenant = tenant
         self.status = status
-        super().__init__(redact(message))
+        super().__init__(_redact(message))
 
     @property
     def reason(self) -> str:
@@ -136,7 +141,7 @@ class SinkError(CollectorError):
 
     def __init__(self, message: object = "", *args: object) -> None:
         # Plugins may pass anything; only text can carry a secret.
-        super().__init__(redact(message) if isinstance(message, str) else message, *args)
+        super().__init__(_redact(message) if isinstance(message, str) else message, *args)
 
 
 class SinkTransientError(SinkError):
