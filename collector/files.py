@@ -125,3 +125,15 @@ def guard_formula(text: str) -> str:
 def guard_row(row: Sequence[Any]) -> list[Any]:
     """The cells of one CSV row, every text cell guarded (numbers and other values as they are)."""
     return [guard_formula(cell) if isinstance(cell, str) else cell for cell in row]
+
+
+def fsync_directory(directory: Path) -> None:
+    """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # Windows cannot open a directory; its renames are durable on return
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

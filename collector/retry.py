@@ -15,6 +15,10 @@ Waits:
   absurd value such as a day cannot stall a tenant; a clamp is reported once per tenant;
 - a ``Retry-After`` that could not be parsed arrives as ``retry_after=None`` and gets the backoff.
 
+The loop itself is tenacity's (:class:`Retrier`); this module supplies the policy through its
+hooks and keeps only what tenacity has no words for: the Retry-After wait and its clamp, a stop
+that refuses a wait ending past the budget, and the testing switch below.
+
 Testing switch, in the spirit of stamina's testing mode: inside :func:`no_wait` (or with the
 environment variable ``COLLECTOR_TESTING_NO_WAIT=1``) every wait is skipped, but attempts are
 still counted, and the skipped waits still count against the time budget, so a test sees exactly
@@ -38,6 +42,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
+
+import tenacity
 
 from collector.errors import RateLimited
 from collector.log import get_logger
@@ -229,7 +235,13 @@ OnWait = Callable[[str, Wait], None]
 
 
 class Retrier:
-    """Runs a call under a :class:`RetryPolicy`, for one tenant at a time."""
+    """Runs a call under a :class:`RetryPolicy`, for one tenant at a time, through tenacity.
+
+    tenacity runs the loop; what stays ours is the policy it is given: retry decided by the
+    exception's class (``retryable``), the wait (a server's Retry-After, clamped, else full
+    jitter), a stop that also refuses a wait which would end past the time budget (waits the
+    testing switch skipped still count), and the log-once-per-episode bookkeeping.
+    """
 
     def __init__(
         self,
@@ -249,44 +261,87 @@ class Retrier:
 
     async def run(self, call: Callable[[], Awaitable[T]], *, tenant: str) -> T:
         """Await ``call()`` until it succeeds, fails permanently, or the budget runs out."""
-        policy = self.policy
-        started = self._clock()
-        skipped = 0.0  # waits the testing switch skipped still count against max_time
-        attempt = 0
-        while True:
-            attempt += 1
-            try:
-                result = await call()
-            except Exception as exc:
-                if not getattr(exc, "retryable", False):
-                    raise
-                reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-                self.failures.failed(tenant, str(reason))
-                if attempt >= policy.max_attempts:
-                    exc.add_note(f"gave up after {attempt} attempt(s)")
-                    raise
-                wait = policy.plan_wait(exc, attempt, self._rng)
-                if wait.clamped_from is not None:
-                    self.failures.clamped(tenant, wait.clamped_from, wait.seconds)
-                elapsed = self._clock() - started + skipped
-                if elapsed + wait.seconds > policy.max_time:
-                    exc.add_note(
-                        f"gave up after {attempt} attempt(s): waiting {wait.seconds:.1f}s more "
-                        f"would exceed the {policy.max_time:.0f}s retry budget"
-                    )
-                    raise
-                if self._on_wait is not None:
-                    self._on_wait(tenant, wait)
-                log.debug(
-                    "retrying",
-                    tenant=tenant,
-                    attempt=attempt,
-                    wait_seconds=round(wait.seconds, 3),
-                    why=wait.reason,
-                )
-                if waits_disabled():
-                    skipped += wait.seconds
-                await sleep(wait.seconds)
-            else:
-                self.failures.recovered(tenant)
-                return result
+        attempt = _Attempt(self, tenant, self._clock())
+        retrying = tenacity.AsyncRetrying(
+            retry=tenacity.retry_if_exception(attempt.failed),
+            wait=attempt.wait,
+            stop=attempt.stop,
+            before_sleep=attempt.before_sleep,
+            sleep=attempt.sleep,
+            reraise=True,
+        )
+
+        async def one_attempt() -> T:
+            # A coroutine function, so tenacity awaits it: ``call`` is often a lambda.
+            return await call()
+
+        result: T = await retrying(one_attempt)
+        self.failures.recovered(tenant)
+        return result
+
+
+class _Attempt:
+    """The state of one :meth:`Retrier.run`, as tenacity's retry, wait, stop and sleep hooks."""
+
+    def __init__(self, retrier: Retrier, tenant: str, started: float) -> None:
+        self.retrier = retrier
+        self.tenant = tenant
+        self.started = started
+        self.skipped = 0.0  # waits the testing switch skipped still count against max_time
+        self.planned: Wait | None = None
+
+    def failed(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is retried (by its class); a retried one counts as a failure."""
+        if not getattr(exc, "retryable", False):
+            return False
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        self.retrier.failures.failed(self.tenant, str(reason))
+        return True
+
+    def wait(self, state: tenacity.RetryCallState) -> float:
+        exc = _exception(state)
+        self.planned = self.retrier.policy.plan_wait(exc, state.attempt_number, self.retrier._rng)
+        return self.planned.seconds
+
+    def stop(self, state: tenacity.RetryCallState) -> bool:
+        policy, exc, attempts = self.retrier.policy, _exception(state), state.attempt_number
+        if attempts >= policy.max_attempts:
+            exc.add_note(f"gave up after {attempts} attempt(s)")
+            return True
+        wait = state.upcoming_sleep
+        if self.retrier._clock() - self.started + self.skipped + wait > policy.max_time:
+            exc.add_note(
+                f"gave up after {attempts} attempt(s): waiting {wait:.1f}s more "
+                f"would exceed the {policy.max_time:.0f}s retry budget"
+            )
+            return True
+        return False
+
+    def before_sleep(self, state: tenacity.RetryCallState) -> None:
+        wait = self.planned
+        if wait is None:  # pragma: no cover - tenacity always plans before it sleeps
+            return
+        if wait.clamped_from is not None:
+            self.retrier.failures.clamped(self.tenant, wait.clamped_from, wait.seconds)
+        if self.retrier._on_wait is not None:
+            self.retrier._on_wait(self.tenant, wait)
+        log.debug(
+            "retrying",
+            tenant=self.tenant,
+            attempt=state.attempt_number,
+            wait_seconds=round(wait.seconds, 3),
+            why=wait.reason,
+        )
+
+    async def sleep(self, seconds: float) -> None:
+        if waits_disabled():
+            self.skipped += seconds
+        await sleep(seconds)
+
+
+def _exception(state: tenacity.RetryCallState) -> BaseException:
+    outcome = state.outcome
+    exc = outcome.exception() if outcome is not None else None
+    if exc is None:  # pragma: no cover - only failed attempts reach the wait and the stop
+        raise RuntimeError("tenacity asked for a wait after a successful attempt")
+    return exc

@@ -25,8 +25,8 @@ import yaml
 
 from collector.app import load, load_plugins
 from collector.config import AppConfig
-from collector.report.model import ReportError, UsageReport, Window
-from collector.report.render import NO_USER_ROWS, render, render_csv, report_dict
+from collector.report.model import NO_USER_ROWS, ReportError, UsageReport, Window
+from collector.report.render import render, render_csv, report_dict
 from collector.report.sources import CsvSource, SqlSource, choose_sink, make_report
 from collector.testing import make_tenant_day
 from collector_sinks.sqlite import SqliteSink, SqliteSinkConfig

@@ -516,6 +516,7 @@ async def test_a_constraint_violation_is_permanent(tmp_path: Path) -> None:
             "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL, "
             "user VARCHAR NOT NULL, messages INTEGER NOT NULL CHECK (messages < 1000), "
             "last_active DATE, ides VARCHAR NOT NULL, languages VARCHAR NOT NULL, "
+            "last_active_at DATETIME, "
             "PRIMARY KEY (tenant, day, user))"
         )
     sink = SqliteSink("w", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))

@@ -19,8 +19,14 @@ from collector.report.charts import (
     line_chart,
     top_with_other,
 )
-from collector.report.model import TenantUsage, UsageReport
-from collector.report.render import NO_USER_ROWS, seat_rule, seat_totals, title
+from collector.report.model import (
+    NO_USER_ROWS,
+    TenantUsage,
+    UsageReport,
+    seat_rule,
+    seat_totals,
+    title,
+)
 
 _CSS = """
 :root { color-scheme: light; --ink: #1d2733; --muted: #5a6675; --line: #dde3ea; }

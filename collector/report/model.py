@@ -135,3 +135,32 @@ class UsageReport:
     has_user_rows: bool
     """False when the source holds no per-user rows at all: seat hygiene cannot be computed."""
     generated_at: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+
+NO_USER_ROWS = (
+    "seat hygiene needs per-user rows, and this source holds none "
+    "(a sink with pii: drop keeps only daily totals)"
+)
+
+
+def title(report: UsageReport) -> str:
+    w = report.window
+    return f"Zencoder usage {w.since.isoformat()} .. {w.until.isoformat()} ({w.days} days)"
+
+
+def seat_rule(report: UsageReport) -> str:
+    return (
+        f"stale: last active more than {report.stale_days} days before "
+        f"{report.window.until.isoformat()}; quiet: seen in the window but not since "
+        f"{report.window.last_week_start.isoformat()}"
+    )
+
+
+def seat_totals(report: UsageReport) -> list[int | None]:
+    """[stale, quiet] users over every tenant; None when there are no per-user rows."""
+    if not report.has_user_rows:
+        return [None, None]
+    return [
+        sum(1 for s in report.seats if s.status == "stale"),
+        sum(1 for s in report.seats if s.status == "quiet"),
+    ]

@@ -13,7 +13,16 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 from collector.files import guard_row
-from collector.report.model import DayFigures, SeatRow, TenantUsage, UsageReport
+from collector.report.model import (
+    NO_USER_ROWS,
+    DayFigures,
+    SeatRow,
+    TenantUsage,
+    UsageReport,
+    seat_rule,
+    seat_totals,
+    title,
+)
 from collector.report.tables import render_table
 
 Section = Literal["usage", "seats"]
@@ -33,11 +42,6 @@ USAGE_COLUMNS = (
 )
 SEAT_COLUMNS = ("tenant", "user", "status", "last_active", "idle_days", "window_messages")
 
-NO_USER_ROWS = (
-    "seat hygiene needs per-user rows, and this source holds none "
-    "(a sink with pii: drop keeps only daily totals)"
-)
-
 
 def _usage_values(tenant: TenantUsage) -> list[Any]:
     return [getattr(tenant, column) for column in USAGE_COLUMNS]
@@ -45,19 +49,6 @@ def _usage_values(tenant: TenantUsage) -> list[Any]:
 
 def _seat_values(seat: SeatRow) -> list[Any]:
     return [getattr(seat, column) for column in SEAT_COLUMNS]
-
-
-def title(report: UsageReport) -> str:
-    w = report.window
-    return f"Zencoder usage {w.since.isoformat()} .. {w.until.isoformat()} ({w.days} days)"
-
-
-def seat_rule(report: UsageReport) -> str:
-    return (
-        f"stale: last active more than {report.stale_days} days before "
-        f"{report.window.until.isoformat()}; quiet: seen in the window but not since "
-        f"{report.window.last_week_start.isoformat()}"
-    )
 
 
 def render_text(report: UsageReport, sections: Sequence[Section] = ("usage", "seats")) -> str:
@@ -78,16 +69,6 @@ def render_text(report: UsageReport, sections: Sequence[Section] = ("usage", "se
             table = render_table(SEAT_COLUMNS, [_seat_values(s) for s in report.seats])
             parts.append(f"Seat hygiene ({seat_rule(report)}):\n\n{table}")
     return "\n\n".join(parts)
-
-
-def seat_totals(report: UsageReport) -> list[int | None]:
-    """[stale, quiet] users over every tenant; None when there are no per-user rows."""
-    if not report.has_user_rows:
-        return [None, None]
-    return [
-        sum(1 for s in report.seats if s.status == "stale"),
-        sum(1 for s in report.seats if s.status == "quiet"),
-    ]
 
 
 def render_csv(report: UsageReport, section: Section = "usage") -> str:

@@ -474,7 +474,7 @@ def serve(
     On uvloop when installed, like the collector: the simulator shares the machine with the
     clients it serves in tests and benchmarks, so its CPU is taken from theirs.
     """
-    from collector.cli import run_async  # the CLI's loop choice (and its opt-out variable)
+    from collector.loop import run_async  # the CLI's loop choice (and its opt-out variable)
 
     run_async(_serve(settings, host, port, on_start))
 

@@ -27,29 +27,18 @@ import io
 import json
 from typing import Any, Final
 
-from collector.files import guard_row
-from collector.models import TenantDay
+from collector.plugin import (
+    USAGE_COLUMNS,
+    TenantDay,
+    guard_row,
+)
 
 USAGE_DAILY: Final = "usage_daily"
 USAGE_DAILY_IDE: Final = "usage_daily_ide"
 USAGE_DAILY_LANGUAGE: Final = "usage_daily_language"
 USAGE_USER_DAILY: Final = "usage_user_daily"
 
-COLUMNS: Final[dict[str, tuple[str, ...]]] = {
-    USAGE_DAILY: ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
-    USAGE_DAILY_IDE: ("tenant", "day", "ide_name", "engaged_users"),
-    USAGE_DAILY_LANGUAGE: ("tenant", "day", "language_name", "engaged_users"),
-    USAGE_USER_DAILY: (
-        "tenant",
-        "day",
-        "user",
-        "messages",
-        "last_active",
-        "ides",
-        "languages",
-        "last_active_at",  # added later, so last: older files gain a column at the end
-    ),
-}
+COLUMNS: Final[dict[str, tuple[str, ...]]] = USAGE_COLUMNS
 """Every table, in a fixed order, with its columns in the order files and bodies use."""
 
 TABLES: Final[tuple[str, ...]] = tuple(COLUMNS)

@@ -36,37 +36,35 @@ import io
 import json
 import os
 import re
+import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.files import create_temp_file, ensure_private_dir, guard_row
-from collector.hookspecs import hookimpl
-from collector.log import get_logger
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
+from collector.plugin import (
+    USAGE_COLUMNS,
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    create_temp_file,
+    ensure_private_dir,
+    fsync_directory,
+    get_logger,
+    guard_row,
+    hookimpl,
+    run_blocking,
+)
 
-COLUMNS: dict[str, tuple[str, ...]] = {
-    "usage_daily": ("tenant", "day", "active_users", "messages", "fetched_at", "final"),
-    "usage_daily_ide": ("tenant", "day", "ide_name", "engaged_users"),
-    "usage_daily_language": ("tenant", "day", "language_name", "engaged_users"),
-    "usage_user_daily": (
-        "tenant",
-        "day",
-        "user",
-        "messages",
-        "last_active",
-        "ides",
-        "languages",
-        "last_active_at",  # added later, so last
-    ),
-}
-"""Table name -> CSV header, in file column order."""
+COLUMNS = USAGE_COLUMNS
+"""Table name -> CSV header, in file column order (from :mod:`collector.tables`)."""
 
 MARKER_FIRST: tuple[str, ...] = (
     "usage_daily",
@@ -247,18 +245,6 @@ def sweep_leftovers(directory: Path, older_than: float) -> int:
     return removed
 
 
-def fsync_directory(directory: Path) -> None:
-    """Make renames in ``directory`` durable (a no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # Windows cannot open a directory; its renames are durable on return
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class CsvSink(Sink):
     """CSV files partitioned by tenant, table and day (ROOT/TENANT/TABLE/DAY.csv)."""
 
@@ -365,3 +351,28 @@ class CsvSink(Sink):
 def collector_register_sinks() -> list[type[Sink]]:
     """The CSV sink."""
     return [CsvSink]
+
+
+# --- tenant purge (``zencoder-collector tenant purge``) ----------------------------------------
+
+
+@hookimpl
+def collector_sink_purge(sink: Sink, tenant: str) -> Awaitable[int] | None:
+    """Delete the tenant's directory (every table and day) from a csv sink; None for others."""
+    if not isinstance(sink, CsvSink):
+        return None
+    return run_blocking(purge_tenant_files, sink.root, tenant)
+
+
+def purge_tenant_files(root: Path, tenant: str) -> int:
+    """Remove ``ROOT/TENANT`` and everything under it; returns the number of files removed."""
+    try:
+        directory = root / safe_segment(tenant)
+    except SinkPermanentError:
+        return 0  # an id that cannot be a directory name was never written here
+    if not directory.is_dir():
+        return 0
+    files = sum(1 for path in directory.rglob("*") if path.is_file())
+    shutil.rmtree(directory)
+    fsync_directory(root)
+    return files

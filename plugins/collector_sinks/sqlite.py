@@ -30,7 +30,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -41,13 +41,25 @@ from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
 from sqlalchemy.sql.dml import Insert
 
-from collector.errors import SinkError, SinkPermanentError, SinkTransientError
-from collector.files import create_private_file, ensure_private_dir
-from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
-from collector.store.prepared import KEYS, BulkInsert, Codec, KeyLookup, Prepared
-from collector.store.schema import insert_for
+from collector.plugin import (
+    KEYS,
+    Batch,
+    BulkInsert,
+    Codec,
+    KeyLookup,
+    Prepared,
+    Sink,
+    SinkConfig,
+    SinkError,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    create_private_file,
+    ensure_private_dir,
+    hookimpl,
+    insert_for,
+    run_blocking,
+)
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
@@ -303,10 +315,14 @@ class SqliteSink(Sink):
 
 def _missing_columns(engine: Engine) -> list[sa.Column[Any]]:
     """Columns of ``usage_user_daily`` that a database made by an earlier version lacks."""
-    inspector = sa.inspect(engine)
-    if not inspector.has_table(USER.name):
+    # The columns of an empty result rather than the inspector: reflection is the part of a
+    # dialect most often incomplete (duckdb-engine's queries PostgreSQL catalogs DuckDB lacks).
+    table = engine.dialect.identifier_preparer.format_table(USER)
+    try:
+        with engine.connect() as conn:
+            present = set(conn.execute(sa.text(f"SELECT * FROM {table} WHERE 1 = 0")).keys())  # noqa: S608 - our own table name
+    except exc.DBAPIError:
         return []  # create_tables is off and nothing exists: the first write says so
-    present = {column["name"] for column in inspector.get_columns(USER.name)}
     return [column for column in USER.columns if column.name not in present]
 
 
@@ -576,3 +592,29 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
 def collector_register_sinks() -> list[type[Sink]]:
     """The SQL sink under its two names."""
     return [SqliteSink, SqlSink]
+
+
+# --- tenant purge (``zencoder-collector tenant purge``) ----------------------------------------
+
+
+@hookimpl
+def collector_sink_purge(sink: Sink, tenant: str) -> Awaitable[int] | None:
+    """Delete the tenant's rows from the four tables of a sqlite/sql sink; None for others."""
+    if not isinstance(sink, SqliteSink):
+        return None
+    return run_blocking(_purge_tenant_rows, sink, tenant)
+
+
+def _purge_tenant_rows(sink: SqliteSink, tenant: str) -> int:
+    """One transaction over the four tables; returns the number of rows deleted."""
+    engine = sink._engine  # opened by the host before the purge
+    if engine is None:
+        raise SinkTransientError(f"sink {sink.name}: closed")
+    deleted = 0
+    try:
+        with engine.begin() as conn:
+            for table in (*_CHILDREN, DAILY):
+                deleted += conn.execute(table.delete().where(table.c.tenant == tenant)).rowcount
+    except (exc.SQLAlchemyError, OSError) as error:
+        raise sink._translate(error) from None
+    return deleted

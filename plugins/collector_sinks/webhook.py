@@ -37,12 +37,20 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
-from collector import retry
-from collector.errors import SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.log import register_secrets, scrub
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig
+from collector.plugin import (
+    Batch,
+    RetryPolicy,
+    Sink,
+    SinkConfig,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    hookimpl,
+    register_secrets,
+    scrub,
+    sleep,
+    waits_disabled,
+)
 from collector_sinks import _serialize as ser
 
 if TYPE_CHECKING:
@@ -237,7 +245,7 @@ class WebhookSink(Sink):
         parts = urlsplit(config.url)
         # Messages name the origin only: webhook URLs often carry tokens in the path or query.
         self._origin = f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"
-        self._policy = retry.RetryPolicy(
+        self._policy = RetryPolicy(
             max_attempts=config.max_retries + 1,
             max_time=config.timeout.total_seconds(),
             backoff_initial=config.backoff_initial.total_seconds(),
@@ -342,9 +350,9 @@ class WebhookSink(Sink):
                     f"{policy.max_time:.0f}s write timeout",
                     retry_after=wait,
                 )
-            if retry.waits_disabled():
+            if waits_disabled():
                 budget.skipped += wait
-            await retry.sleep(wait)
+            await sleep(wait)
 
     async def _attempt(self, msg_id: str, body: bytes) -> _Failure | None:
         """One signed POST; None on 2xx, else why it failed."""

@@ -16,10 +16,16 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from collector.errors import SinkPermanentError, SinkTransientError
-from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay
-from collector.sink import Sink, SinkConfig, run_blocking
+from collector.plugin import (
+    Batch,
+    Sink,
+    SinkConfig,
+    SinkPermanentError,
+    SinkTransientError,
+    TenantDay,
+    hookimpl,
+    run_blocking,
+)
 
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
