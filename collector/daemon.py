@@ -190,14 +190,12 @@ class Daemon:
     async def _join_replicas(self, runtime: Runtime) -> None:
         """state.replicas: the first heartbeat (this replica's share), then one every third of
         the lease."""
-        replica = self.replica = Replica(
-            runtime.store, runtime.config.state.lease_ttl.total_seconds()
-        )
-        await replica.beat([t.id for t in self._configured(runtime.config)], self._leases_changed)
+        ttl = runtime.config.state.lease_ttl.total_seconds()
+        replica = self.replica = Replica(runtime.store, ttl, self.metrics)
+        await replica.beat(self._leased_tenant_ids(), self._leases_changed)
         replica.start(self._leased_tenant_ids, self._leases_changed)
-        log.info(
-            "replica registered", replica=replica.id, tenants=len(self._tenants(runtime.config))
-        )
+        held = len(self._tenants(runtime.config))
+        log.info("replica registered", replica=replica.id, tenants=held)
 
     def _leased_tenant_ids(self) -> list[str]:
         runtime = self._runtime
@@ -533,6 +531,8 @@ class Daemon:
             return "stopping"
         if runtime is None:
             return "starting: state store not open yet"
+        if self.replica is not None and (problem := self.replica.registration_problem()):
+            return problem
         try:
             await runtime.store.ping()
         except Exception as exc:  # any failure means not ready

@@ -245,6 +245,23 @@ class Metrics:
         self.bad_requests = counter(
             "ops_bad_requests_total", "Malformed requests the ops server rejected.", none
         )
+        # state.replicas: this process's leases (collector.replicas).
+        self.replica_leases_held = gauge(
+            "replica_leases_held", "Tenants this replica holds a lease of.", none
+        )
+        self.replica_leases_gained = counter(
+            "replica_leases_gained_total", "Leases this replica claimed.", none
+        )
+        self.replica_lease_losses = counter(
+            "replica_lease_losses_total",
+            "Leases this replica lost to another (it did not renew in time).",
+            none,
+        )
+        self.replica_handovers = counter(
+            "replica_handovers_total",
+            "Leases this replica handed over: released to rebalance, or at a clean stop.",
+            none,
+        )
         self.up = gauge("up", "1 while the daemon runs.", none)
         self.build_info = Info(
             PREFIX + "build", "Version of the collector and of Python.", registry=registry

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable, Collection
 
 import structlog
 
 from collector.errors import StoreError
+from collector.metrics import Metrics
 from collector.store import Store
 from collector.store.leases import Holdings, ReplicaLeases, this_replica
 
@@ -30,10 +32,22 @@ OnChange = Callable[[Holdings], Awaitable[None]]
 class Replica:
     """One daemon's membership: ``await start(...)``, then :meth:`run` as a task, :meth:`stop`."""
 
-    def __init__(self, store: Store, ttl_seconds: float) -> None:
+    def __init__(self, store: Store, ttl_seconds: float, metrics: Metrics) -> None:
         self.leases = ReplicaLeases(store, this_replica(), ttl=dt.timedelta(seconds=ttl_seconds))
+        self.ttl = ttl_seconds
         self.interval = ttl_seconds / 3
+        self.metrics = metrics
         self._task: asyncio.Task[None] | None = None
+        self._registered_at: float | None = None  # monotonic time of the last good heartbeat
+
+    def registration_problem(self) -> str | None:
+        """Why this replica has no valid registration (for ``/readyz``), or None."""
+        if self._registered_at is None:
+            return "replica not registered yet"
+        silent = time.monotonic() - self._registered_at
+        if silent >= self.ttl:
+            return f"replica registration expired: no heartbeat for {silent:.0f}s"
+        return None
 
     @property
     def id(self) -> str:
@@ -50,6 +64,11 @@ class Replica:
         except StoreError as exc:
             log.warning("replica heartbeat failed", replica=self.id, error=str(exc))
             return
+        self._registered_at = time.monotonic()
+        self.metrics.replica_leases_held.set(len(holdings.tokens))
+        self.metrics.replica_leases_gained.inc(len(holdings.gained))
+        self.metrics.replica_lease_losses.inc(len(holdings.lost))
+        self.metrics.replica_handovers.inc(len(holdings.released))
         if holdings.gained or holdings.lost or holdings.released:
             log.info(
                 "tenant leases changed",
@@ -78,7 +97,10 @@ class Replica:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        handed = len(self.leases.tokens)
         try:
             await self.leases.leave()
+            self.metrics.replica_handovers.inc(handed)
+            self.metrics.replica_leases_held.set(0)
         except StoreError as exc:  # the leases expire on their own
             log.warning("could not hand the leases back", replica=self.id, error=str(exc))

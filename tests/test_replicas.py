@@ -1,12 +1,13 @@
 """Three daemons as real processes on one PostgreSQL state (``state.replicas: true``) against the
 simulator and a webhook receiver: they split the tenants, deliver every tenant-day, and take over
-the tenants of a replica killed with SIGKILL; SQLite refuses the setting."""
+the tenants of a replica killed with SIGKILL or frozen with SIGSTOP; SQLite refuses the setting."""
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
 import json
+import signal
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
@@ -73,7 +74,8 @@ async def test_three_replicas_split_tenants_deliver_each_day_and_survive_a_kill(
 ) -> None:
     """Three replicas hold every tenant exactly once (fair share + 1 at most), every tenant-day
     reaches the webhook with one body per webhook-id, status lists the replicas, and after a
-    SIGKILL the two others hold all tenants once the lease expired."""
+    SIGKILL the two others hold all tenants once the lease expired; a replica frozen (SIGSTOP) past
+    its lease loses its tenants, and after SIGCONT counts the losses and takes its share again."""
     tenants = demo_tenants(TENANTS)
     ids = [t.id for t in tenants]
     today = utc_today()
@@ -116,9 +118,41 @@ async def test_three_replicas_split_tenants_deliver_each_day_and_survive_a_kill(
             return _spread_ok(await _holdings(survivors[0]), 2, ids)
 
         await eventually(taken_over, within=30, what="the takeover", daemon=survivors[0])
+
+        async def leases_held() -> float:
+            return sum([(await d.metrics())[HELD] for d in survivors])
+
+        await eventually(
+            lambda: _equals(leases_held(), TENANTS), within=15, what="the held-leases gauges"
+        )
+        assert [(await d.get("/readyz"))[0] for d in survivors] == [200, 200]
+
+        frozen, last = survivors
+        frozen.signal(signal.SIGSTOP)  # paused past its lease expiry
+
+        async def all_on_last() -> bool:
+            return _spread_ok(await _holdings(last), 1, ids)
+
+        await eventually(all_on_last, within=30, what="the takeover from the frozen one")
+        frozen.signal(signal.SIGCONT)
+        await eventually(taken_over, within=30, what="the frozen one back", daemon=frozen)
+        losses = (await frozen.metrics())[LOSSES]
+        assert losses > 0  # it learned at its heartbeat that its leases were gone
+        assert (await frozen.get("/readyz"))[0] == 200
+        bodies = defaultdict(set)
+        for request in receiver.accepted:
+            bodies[request.webhook_id].add(request.body)
+        assert all(len(b) == 1 for b in bodies.values())  # nothing delivered differently twice
         for daemon in survivors:
             assert await daemon.stop() == 0
-        assert any(d.events("tenant leases changed") for d in survivors)
+
+
+HELD = "zencoder_collector_replica_leases_held"
+LOSSES = "zencoder_collector_replica_lease_losses_total"
+
+
+async def _equals(value: Any, expected: float) -> bool:
+    return bool(await value == expected)
 
 
 def _day_of(request: Any) -> dict[str, str]:
