@@ -34,6 +34,7 @@ from collector.auth import secret_values
 from collector.errors import ApiError, AuthError, BadResponse, CollectorError, StoreError
 from collector.models import TenantDay, normalize
 from collector.plugin_manager import Notify, no_notify
+from collector.store.fencing import StaleLease
 
 if TYPE_CHECKING:
     from collector.client import ApiClient
@@ -141,15 +142,30 @@ class _StoreWriter:
     async def _commit(self, batch: list[tuple[TenantDay, Payload, asyncio.Future[bool]]]) -> None:
         try:
             changed = await self._store.record_fetched([(item, data) for item, data, _ in batch])
+        except StaleLease as exc:
+            by_tenant: dict[str, list[tuple[TenantDay, Payload, asyncio.Future[bool]]]] = {}
+            for entry in batch:
+                by_tenant.setdefault(entry[0].tenant, []).append(entry)
+            if len(by_tenant) == 1:
+                self._fail(batch, exc)
+                return
+            # A replica's lost tenant (store.leases) must not fail the days of those it holds.
+            for group in by_tenant.values():
+                await self._commit(group)
+            return
         except Exception as exc:
-            for _, _, future in batch:
-                if not future.done():
-                    future.set_exception(exc)
+            self._fail(batch, exc)
             return
         self._on_committed([item for item, _, _ in batch], changed)
         for (_, _, future), flag in zip(batch, changed, strict=True):
             if not future.done():
                 future.set_result(flag)
+
+    @staticmethod
+    def _fail(batch: list[tuple[TenantDay, Payload, asyncio.Future[bool]]], exc: Exception) -> None:
+        for _, _, future in batch:
+            if not future.done():
+                future.set_exception(exc)
 
     async def aclose(self) -> None:
         if self._task is not None:

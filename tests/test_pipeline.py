@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -210,3 +211,33 @@ async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path
     assert "auth_failed" in results[2].tenants["tenant-02"].skipped
     states = {t["tenant"]: t["state"] for t in snapshot["tenants"]}
     assert states == {"tenant-01": "ok", "tenant-02": "auth_failed"}
+
+
+@pytest.mark.postgres
+async def test_a_lost_tenant_does_not_fail_the_days_of_the_tenants_held(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """A replica's cycle over a tenant it holds and one it lost stores every day of the first,
+    though both tenants' days share the writer's batches; the lost tenant's days are refused."""
+    from collector.store.leases import ReplicaLeases, this_replica
+    from tests.postgres_helpers import fresh_schema
+
+    tenants = demo_tenants(2)
+    with fresh_schema(postgres_url, "p") as (_, url):
+        async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+            config_path = write_config(
+                tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=5, sinks={},
+                extra={"state": {"url": url}},
+            )  # fmt: skip
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                replica = ReplicaLeases(runtime.store, this_replica(), ttl=dt.timedelta(seconds=30))
+                await replica.beat(["tenant-01"])  # tenant-02 is nobody's: its writes are fenced
+                result = await runtime.collector.run_cycle()
+                held = await runtime.store.days_state("tenant-01")
+                lost = await runtime.store.days_state("tenant-02")
+    assert result.tenants["tenant-01"].ok
+    assert len(held) == 5
+    assert not result.tenants["tenant-02"].ok
+    assert "stale fencing token" in str(result.tenants["tenant-02"].error)
+    assert lost == {}
