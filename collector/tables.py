@@ -30,8 +30,10 @@ from sqlmodel import Field, SQLModel
 
 _WITHOUT_ROWID: dict[str, Any] = {"sqlite_with_rowid": False}
 _UtcTimestamp = sa.DateTime(timezone=True)
-# Counts are 64-bit everywhere (the parser bounds them to int64): INTEGER is 32-bit in PostgreSQL.
-_Count = sa.BigInteger()
+# Counts are 64-bit everywhere (the parser bounds them to int64): INTEGER is 32-bit in PostgreSQL
+# (the SQL sink widens the INTEGER columns of earlier releases). SQLite's INTEGER already holds
+# 64 bits, and keeps the DDL that earlier versions created there.
+_Count = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def _key(description: str, api_field: str, **kwargs: Any) -> Any:
