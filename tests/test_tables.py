@@ -1,4 +1,4 @@
-"""The table models of collector.tables: the docs, the sinks' shapes and a user's SQLModel queries."""
+"""The table models of collector.tables: the docs, the sinks' row shapes, a user's SQLModel query."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from msgspec.structs import replace
 from sqlmodel import Session, SQLModel, col, create_engine, select
 
 from collector.tables import (
@@ -123,7 +124,7 @@ async def test_a_user_queries_the_sinks_sqlite_database_with_sqlmodel(tmp_path: 
     path = tmp_path / "usage.db"
     at = dt.datetime(2025, 1, 14, 16, 3, 11, tzinfo=dt.UTC)
     acme = make_tenant_day("acme", dt.date(2025, 1, 14), users=["ada@acme.example"])
-    acme = acme.with_users([type(acme.users[0])(**{**_fields(acme.users[0]), "last_active_at": at})])
+    acme = acme.with_users([replace(acme.users[0], last_active_at=at)])
     globex = make_tenant_day("globex", dt.date(2025, 1, 14), users=2)
     sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
     await sink.write([acme, globex])
@@ -133,9 +134,8 @@ async def test_a_user_queries_the_sinks_sqlite_database_with_sqlmodel(tmp_path: 
     try:
         with Session(engine) as session:
             daily = session.exec(select(UsageDaily).where(UsageDaily.tenant == "acme")).one()
-            users = session.exec(
-                select(UsageUserDaily).order_by(col(UsageUserDaily.tenant), col(UsageUserDaily.user))
-            ).all()
+            by_key = (col(UsageUserDaily.tenant), col(UsageUserDaily.user))
+            users = session.exec(select(UsageUserDaily).order_by(*by_key)).all()
     finally:
         engine.dispose()
     assert (daily.day, daily.active_users, daily.messages, daily.final) == (
@@ -151,6 +151,3 @@ async def test_a_user_queries_the_sinks_sqlite_database_with_sqlmodel(tmp_path: 
     assert json.loads(ada.ides) == list(acme.users[0].ides)
     assert ada.last_active_at == at.replace(tzinfo=None)
 
-
-def _fields(record: Any) -> dict[str, Any]:
-    return {name: getattr(record, name) for name in record.__struct_fields__}
