@@ -1,4 +1,4 @@
-"""The table models of collector.tables: the docs, the sinks' row shapes, a user's SQLModel query."""
+"""The table models of collector.tables: the docs, the sinks' rows, a user's SQLModel query."""
 
 from __future__ import annotations
 
@@ -150,4 +150,3 @@ async def test_a_user_queries_the_sinks_sqlite_database_with_sqlmodel(tmp_path: 
     assert (ada.user, ada.messages) == ("ada@acme.example", acme.users[0].messages)
     assert json.loads(ada.ides) == list(acme.users[0].ides)
     assert ada.last_active_at == at.replace(tzinfo=None)
-
