@@ -545,6 +545,7 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
     users: Values = []
     as_json = _Json()
     dates: dict[Any, Any] = _Iso() if codec.sqlite else _Same()
+    moment = codec.moment
     # Rows in primary-key order: each insert lands next to the previous one in the table's
     # b-tree, which costs SQLite a quarter less than the order the days arrive in.
     for td in sorted(tenant_days, key=_day_key):
@@ -587,7 +588,8 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
                 dates[user.last_active],
                 as_json[user.ides],
                 as_json[user.languages],
-                codec.moment(user.last_active_at),
+                # Mostly None (the API sends a bare date): no call for it, once per user row.
+                None if (at := user.last_active_at) is None else moment(at),
             )
     return daily, ides, languages, users
 
