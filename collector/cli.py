@@ -9,46 +9,25 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import gc
-import json
+import importlib
+import inspect
 import os
 import sys
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
 
 from collector import __version__
 from collector.errors import CollectorError, ConfigError
 from collector.loop import run_async
-
-EXIT_OK = 0
-EXIT_INCOMPLETE = 1
-EXIT_USAGE = 2
-
-# Start-up builds some 150k long-lived objects (modules, classes, pydantic validators, the config)
-# and hardly any garbage. Letting the cyclic garbage collector walk them over and over while they
-# are made, and again several times at interpreter exit, cost about a fifth of the CPU of a short
-# `run --once`. So main() pauses the collector until the command has loaded its config, then
-# freezes what exists (gc.freeze: later collections, the ones at exit included, skip it) and
-# resumes collecting. Reference counting still frees frozen objects; only cycles among them stay.
-_gc_paused_for_startup = False
-
-
-def pause_gc_for_startup() -> None:
-    """Stop cyclic garbage collection until :func:`end_startup` (only if it is running now)."""
-    global _gc_paused_for_startup
-    if gc.isenabled():
-        gc.disable()
-        _gc_paused_for_startup = True
-
-
-def end_startup() -> None:
-    """Freeze the objects start-up built and resume garbage collection; a no-op unless
-    :func:`pause_gc_for_startup` stopped the collector (never undoes someone else's gc.disable)."""
-    global _gc_paused_for_startup
-    if _gc_paused_for_startup:
-        _gc_paused_for_startup = False
-        gc.freeze()
-        gc.enable()
+from collector.process import (
+    EXIT_INCOMPLETE,
+    EXIT_OK,
+    EXIT_USAGE,
+    dump_json,
+    end_startup,
+    pause_gc_for_startup,
+)
 
 
 def parse_day(value: str) -> dt.date:
@@ -65,6 +44,56 @@ def _bad_day(value: str) -> dt.date:
     )
 
 
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def parse_log_level(value: str) -> str:
+    """argparse type for ``--log-level``: one of :data:`LOG_LEVELS`, any case."""
+    level = value.strip().lower()
+    if level not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(
+            f"unknown log level {value!r}: use one of {', '.join(LOG_LEVELS)}"
+        )
+    return level
+
+
+def _global_options(parser: argparse.ArgumentParser, *, after_command: bool) -> None:
+    """``--log-level`` and ``--log-format``, before the command or (``after_command``) after it.
+
+    After the command they default to SUPPRESS, so a subcommand that is not given them keeps
+    what was given before it (or the defaults).
+    """
+    parser.add_argument(
+        "--log-level",
+        type=parse_log_level,
+        default=argparse.SUPPRESS
+        if after_command
+        else os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL"),
+        help="debug, info (default), warning, error, critical; the demo defaults to warning "
+        "(default: $ZENCODER_COLLECTOR_LOG_LEVEL)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=["auto", "json", "console"],
+        default=argparse.SUPPRESS if after_command else "auto",
+        help="auto: console on a terminal, JSON otherwise",
+    )
+
+
+def _progress_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no progress and no summary (the exit code tells); errors still go to stderr",
+    )
+    # The option of earlier versions; --quiet also drops the summary.
+    parser.add_argument("--no-progress", action="store_true", help="no progress display")
+    parser.add_argument(
+        "--json", action="store_true", help="print the outcome as JSON (docs/operations.md)"
+    )
+
+
 def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument(
         "-c",
@@ -76,7 +105,10 @@ def _config_arg(parser: argparse.ArgumentParser, required: bool = True) -> None:
 
 
 class _SubcommandParser(argparse.ArgumentParser):
-    """A subcommand's parser that can add its arguments on first use.
+    """A subcommand's parser: takes the global options too, and can add its arguments on first use.
+
+    Every command accepts ``--log-level`` and ``--log-format`` after its name as well
+    (``status -c x --log-level debug``), as users type them.
 
     ``simulate`` and ``export`` take their options from modules that import aiohttp.web, the
     simulator and the CSV sink; adding them only when that subcommand is parsed (or its help shown)
@@ -91,6 +123,7 @@ class _SubcommandParser(argparse.ArgumentParser):
     ) -> None:
         super().__init__(*args, **kwargs)
         self._populate = populate
+        _global_options(self, after_command=True)
 
     def _ensure_populated(self) -> None:
         populate, self._populate = self._populate, None
@@ -127,28 +160,10 @@ def _add_export_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="zencoder-collector",
-        description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.add_argument(
-        "--log-level",
-        default=os.environ.get("ZENCODER_COLLECTOR_LOG_LEVEL"),
-        help="debug, info (default), warning, error; the demo defaults to warning",
-    )
-    parser.add_argument(
-        "--log-format",
-        choices=["auto", "json", "console"],
-        default="auto",
-        help="auto: console on a terminal, JSON otherwise",
-    )
-    sub = parser.add_subparsers(
-        dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser
-    )
+# --- the commands: one table, one argument function each ----------------------------------------
 
-    run = sub.add_parser("run", help="run the daemon (or one cycle with --once)")
+
+def _run_arguments(run: argparse.ArgumentParser) -> None:
     _config_arg(run)
     run.add_argument(
         "--once",
@@ -156,34 +171,41 @@ def build_parser() -> argparse.ArgumentParser:
         help="one cycle, then exit; exit code 0 only if every tenant succeeded",
     )
     run.add_argument("--tenant", action="append", help="limit to these tenant ids (repeatable)")
+    _progress_args(run)
 
-    validate = sub.add_parser(
-        "validate",
-        help="check the config (and with --check-credentials, each tenant's credentials)",
-    )
+
+def _validate_arguments(validate: argparse.ArgumentParser) -> None:
     _config_arg(validate)
     validate.add_argument(
         "--check-credentials",
         action="store_true",
         help="ask the API for a token (or one day) per tenant",
     )
+    validate.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
-    backfill = sub.add_parser("backfill", help="fetch an explicit date range for one tenant or all")
+
+def _backfill_arguments(backfill: argparse.ArgumentParser) -> None:
     _config_arg(backfill)
     backfill.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all")
     backfill.add_argument("--since", type=parse_day, required=True, help="first day, YYYY-MM-DD")
     backfill.add_argument(
         "--until", type=parse_day, help="last day, YYYY-MM-DD (default: today UTC)"
     )
-    backfill.add_argument("--no-progress", action="store_true", help="no progress bar")
+    backfill.add_argument(
+        "--refetch",
+        action="store_true",
+        help="fetch every day again, also those already stored as final (default: skip them, so "
+        "an interrupted backfill resumes where it stopped)",
+    )
+    _progress_args(backfill)
 
-    status = sub.add_parser("status", help="per-tenant and per-sink state from the state store")
+
+def _status_arguments(status: argparse.ArgumentParser) -> None:
     _config_arg(status)
     status.add_argument("--json", action="store_true", help="print JSON (same as GET /status)")
 
-    report = sub.add_parser(
-        "report", help="cross-tenant usage and seat hygiene from a SQL or CSV sink (text/HTML)"
-    )
+
+def _report_arguments(report: argparse.ArgumentParser) -> None:
     _config_arg(report, required=False)
     report.add_argument("--sink", help="sink to read, by name (default: the first SQL or CSV one)")
     report.add_argument("--db", help="read this SQLAlchemy URL or SQLite file instead of a sink")
@@ -210,9 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("-o", "--output", help="write to this file instead of stdout")
 
-    replay = sub.add_parser(
-        "replay", help="redeliver stored history to a sink without calling the API"
-    )
+
+def _replay_arguments(replay: argparse.ArgumentParser) -> None:
     _config_arg(replay)
     replay.add_argument("--sink", required=True, help="sink instance name")
     replay.add_argument(
@@ -221,27 +242,159 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("--since", type=parse_day, help="first day to redeliver")
     replay.add_argument("--dead-letters", action="store_true", help="only dead-lettered days")
 
-    plugins = sub.add_parser("plugins", help="list discovered sink types, origin and config schema")
+
+def _plugins_arguments(plugins: argparse.ArgumentParser) -> None:
     plugins.add_argument("--json", action="store_true")
     plugins.add_argument(
         "--schemas", action="store_true", help="include each sink's config JSON Schema"
     )
 
-    schema = sub.add_parser("schema", help="print the config JSON Schema")
+
+def _schema_arguments(schema: argparse.ArgumentParser) -> None:
     schema.add_argument("-o", "--output", help="write to this file instead of stdout")
-
-    sub.add_parser(
-        "simulate",
-        help="serve the built-in Zencoder API simulator",
-        populate=_add_simulate_arguments,
+    schema.add_argument(
+        "--markdown",
+        action="store_true",
+        help="the configuration reference as Markdown (docs/config-reference.md)",
     )
 
-    demo = sub.add_parser(
-        "demo", help="simulator + collection into SQLite and CSV + report, in one go"
-    )
+
+def _demo_arguments(demo: argparse.ArgumentParser) -> None:
     demo.add_argument("--output", default="demo-output", help="directory for the demo's files")
 
-    sub.add_parser("export", help="export stored data", populate=_add_export_arguments)
+
+def _tenant_arguments(tenant: argparse.ArgumentParser) -> None:
+    tenant_sub = tenant.add_subparsers(dest="tenant_action", required=True, metavar="ACTION")
+    export_one = tenant_sub.add_parser(
+        "export", help="every stored table of one tenant, as CSV and JSON"
+    )
+    _config_arg(export_one)
+    export_one.add_argument("tenant_id", metavar="TENANT", help="tenant id")
+    export_one.add_argument("-o", "--output", required=True, help="directory for the files")
+    purge = tenant_sub.add_parser(
+        "purge",
+        help="delete one tenant from the state store and every sink that can delete",
+    )
+    _config_arg(purge)
+    purge.add_argument("tenant_id", metavar="TENANT", help="tenant id")
+    purge.add_argument("-y", "--yes", action="store_true", help="do not ask for confirmation")
+    purge.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+
+@dataclass(frozen=True)
+class Command:
+    """One verb of the CLI, complete: a new command is one entry in :data:`COMMANDS`."""
+
+    name: str
+    help: str
+    arguments: Callable[[argparse.ArgumentParser], None]
+    handler: str
+    """``module:function``, imported only when the command runs (the parser stays light). The
+    function takes the parsed arguments and returns the exit code, or a coroutine of it."""
+    loads_config: bool = False
+    """The handler ends the start-up GC pause itself once its config is loaded (see
+    :func:`end_startup`); the others end it before the handler runs."""
+    lazy_arguments: bool = False
+    """Add the arguments only when this command is parsed: they come from heavy modules."""
+
+
+COMMANDS: tuple[Command, ...] = (
+    Command(
+        "run",
+        "run the daemon (or one cycle with --once)",
+        _run_arguments,
+        "collector.commands:run",
+        loads_config=True,
+    ),
+    Command(
+        "validate",
+        "check the config (and with --check-credentials, each tenant's credentials)",
+        _validate_arguments,
+        "collector.commands:validate",
+        loads_config=True,
+    ),
+    Command(
+        "backfill",
+        "fetch an explicit date range for one tenant or all",
+        _backfill_arguments,
+        "collector.commands:backfill",
+        loads_config=True,
+    ),
+    Command(
+        "status",
+        "per-tenant and per-sink state from the state store",
+        _status_arguments,
+        "collector.commands:status",
+        loads_config=True,
+    ),
+    Command(
+        "report",
+        "cross-tenant usage and seat hygiene from a SQL or CSV sink (text/HTML)",
+        _report_arguments,
+        "collector.commands:report",
+    ),
+    Command(
+        "replay",
+        "redeliver stored history to a sink without calling the API",
+        _replay_arguments,
+        "collector.commands:replay",
+        loads_config=True,
+    ),
+    Command(
+        "plugins",
+        "list discovered sink types, origin and config schema",
+        _plugins_arguments,
+        "collector.commands:plugins",
+    ),
+    Command(
+        "schema", "print the config JSON Schema", _schema_arguments, "collector.commands:schema"
+    ),
+    Command(
+        "simulate",
+        "serve the built-in Zencoder API simulator",
+        _add_simulate_arguments,
+        "collector.simulator.cli:run_simulate",
+        lazy_arguments=True,
+    ),
+    Command(
+        "demo",
+        "simulator + collection into SQLite and CSV + report, in one go",
+        _demo_arguments,
+        "collector.commands:demo",
+    ),
+    Command(
+        "export",
+        "export stored data",
+        _add_export_arguments,
+        "collector.export:run_export",
+        lazy_arguments=True,
+    ),
+    Command(
+        "tenant",
+        "export or purge one tenant's data (offboarding)",
+        _tenant_arguments,
+        "collector.commands:tenant",
+        loads_config=True,
+    ),
+)
+COMMANDS_BY_NAME = {command.name: command for command in COMMANDS}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="zencoder-collector",
+        description="Collect Zencoder usage analytics for many organizations, deliver it to sinks.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    _global_options(parser, after_command=False)
+    sub = parser.add_subparsers(
+        dest="command", required=True, metavar="COMMAND", parser_class=_SubcommandParser
+    )
+    for command in COMMANDS:
+        if command.lazy_arguments:
+            sub.add_parser(command.name, help=command.help, populate=command.arguments)
+        else:
+            command.arguments(sub.add_parser(command.name, help=command.help))
     return parser
 
 
@@ -278,10 +431,14 @@ def _main(argv: Sequence[str] | None) -> int:
 
     fmt = {"auto": None, "json": True, "console": False}[args.log_format]
     level = args.log_level or ("warning" if args.command in {"demo", "report"} else "info")
+    # Kept for commands that set logging up again (the progress display redirects stderr).
+    args.log_setup = (level, fmt)
     configure_logging(level, json=fmt)
     try:
         return _dispatch(args)
     except ConfigError as exc:
+        if args.command == "validate" and args.json:
+            print(dump_json({"ok": False, "problems": list(exc.problems)}))
         for problem in exc.problems:
             print(problem, file=sys.stderr)
         print(f"{len(exc.problems)} problem(s) found", file=sys.stderr)
@@ -297,43 +454,15 @@ def _main(argv: Sequence[str] | None) -> int:
         return EXIT_OK
 
 
-_LOADS_CONFIG = frozenset({"validate", "run", "backfill", "status", "replay"})
-
-
 def _dispatch(args: argparse.Namespace) -> int:
-    command: str = args.command
-    if command == "simulate":
-        from collector.simulator.cli import run_simulate
-
-        end_startup()
-        return run_simulate(args)
-    if command == "export":
-        from collector.export import run_export
-
-        end_startup()
-        return run_export(args)
-    # Imported here, not at the top: it pulls in the whole runtime (SQLAlchemy, pydantic, ...).
-    from collector import commands
-
-    if command not in _LOADS_CONFIG:
+    command = COMMANDS_BY_NAME[args.command]
+    module_name, _, function_name = command.handler.partition(":")
+    # Imported here, not at the top: most handlers pull in the whole runtime (SQLAlchemy,
+    # pydantic, ...), which `--help` and usage errors do without.
+    handler: Callable[[argparse.Namespace], int | Coroutine[Any, Any, int]] = getattr(
+        importlib.import_module(module_name), function_name
+    )
+    if not command.loads_config:
         end_startup()  # the others end start-up once their config is loaded (commands._load)
-    if command == "schema":
-        return commands.schema(args)
-    if command == "plugins":
-        return commands.plugins(args)
-    if command == "demo":
-        return run_async(commands.demo(args))
-    if command == "report":
-        return commands.report(args)
-    handler = {
-        "validate": commands.validate,
-        "run": commands.run,
-        "backfill": commands.backfill,
-        "status": commands.status,
-        "replay": commands.replay,
-    }[command]
-    return run_async(handler(args))
-
-
-def dump_json(value: object) -> str:
-    return json.dumps(value, indent=2, default=str, sort_keys=True)
+    outcome = handler(args)
+    return run_async(outcome) if inspect.iscoroutine(outcome) else cast(int, outcome)

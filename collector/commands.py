@@ -9,19 +9,21 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import structlog
 
 from collector.app import Plugins, load, load_plugins, open_runtime
-from collector.cli import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_startup
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
+from collector.process import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_startup
 from collector.report import cycle_summary
 
 if TYPE_CHECKING:
+    from collector.config import TenantConfig
     from collector.report.sources import ReportSource
+    from collector.simulator import SimTenant
 
 log = structlog.get_logger("collector.cli")
 
@@ -44,7 +46,12 @@ def _select(config: AppConfig, ids: list[str] | None) -> list[object] | None:
 
 
 def schema(args: argparse.Namespace) -> int:
-    text = json.dumps(json_schema(load_plugins().registry.config_types()), indent=2)
+    if args.markdown:
+        from collector.config_reference import render_reference
+
+        text = render_reference().rstrip("\n")
+    else:
+        text = json.dumps(json_schema(load_plugins().registry.config_types()), indent=2)
     if args.output:
         Path(args.output).write_text(text + "\n", encoding="utf-8")
     else:
@@ -57,14 +64,35 @@ def plugins(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _validate_document(config: AppConfig, credentials: dict[str, str] | None) -> dict[str, object]:
+    """``validate --json``: the shape is documented in docs/operations.md ("Scripting")."""
+    return {
+        "ok": credentials is None or all(v == "ok" for v in credentials.values()),
+        "summary": summarize(config),
+        "tenants": [
+            {
+                "id": t.id,
+                "name": t.name or t.id,
+                "enabled": t.enabled,
+                "auth": t.auth_mode,
+                "sinks": sorted(config.tenant_sinks(t)),
+            }
+            for t in config.tenants
+        ],
+        "sinks": {name: sink.type for name, sink in config.sinks.items()},
+        "credentials": credentials,
+    }
+
+
 async def validate(args: argparse.Namespace) -> int:
     config, _ = _load(args)
-    print(summarize(config))
     if not args.check_credentials:
+        print(dump_json(_validate_document(config, None)) if args.json else summarize(config))
         return EXIT_OK
+    if not args.json:
+        print(summarize(config))
     from collector.client import ApiClient
 
-    failures = 0
     async with ApiClient(config.api) as client:
 
         async def check(tenant_id: str) -> str:
@@ -77,10 +105,75 @@ async def validate(args: argparse.Namespace) -> int:
 
         ids = [t.id for t in config.tenants if t.enabled]
         results = await asyncio.gather(*(check(i) for i in ids))
-    for tenant_id, outcome in zip(ids, results, strict=True):
-        print(f"  {tenant_id}: {outcome}")
-        failures += outcome != "ok"
+    credentials = dict(zip(ids, results, strict=True))
+    if args.json:
+        print(dump_json(_validate_document(config, credentials)))
+    else:
+        for tenant_id, outcome in credentials.items():
+            print(f"  {tenant_id}: {outcome}")
+    failures = sum(outcome != "ok" for outcome in credentials.values())
     return EXIT_OK if failures == 0 else EXIT_INCOMPLETE
+
+
+def cycle_document(result: CycleResult, delivered: bool, **extra: object) -> dict[str, object]:
+    """``run --once --json`` and ``backfill --json``: the shape is documented in
+    docs/operations.md ("Scripting")."""
+    tenants = {
+        tenant: {
+            "ok": r.ok,
+            "planned": r.planned,
+            "fetched": r.fetched,
+            "changed": r.changed,
+            "failed": r.failed,
+            "error": r.error,
+            "skipped": r.skipped,
+            "seconds": round(r.seconds, 3),
+        }
+        for tenant, r in result.tenants.items()
+    }
+    return {
+        "ok": result.ok and delivered,
+        "collected": result.ok,
+        "delivered": delivered,
+        "seconds": round(result.seconds, 3),
+        **extra,
+        "totals": {
+            "planned": sum(r.planned for r in result.tenants.values()),
+            "fetched": result.fetched,
+            "changed": sum(r.changed for r in result.tenants.values()),
+            "failed": sum(r.failed for r in result.tenants.values()),
+        },
+        "tenants": tenants,
+    }
+
+
+async def _cycle_with_progress(
+    args: argparse.Namespace,
+    config: AppConfig,
+    loaded: Plugins,
+    tenants: list[object] | None,
+    days: object = None,
+) -> tuple[CycleResult, bool]:
+    """:func:`_cycle` with the progress display as a plugin of the pipeline's hooks."""
+    from collector.log import configure_logging
+    from collector.progress import CycleProgress, choose_mode, make_display
+
+    selected = tenants if tenants is not None else config.tenants
+    count = sum(1 for t in selected if getattr(t, "enabled", True))
+    mode = choose_mode(quiet=args.quiet or args.no_progress, stream=sys.stderr)
+    progress = CycleProgress(count, make_display(mode))
+    level, fmt = args.log_setup
+    loaded.pm.register(progress, name="progress")
+    try:
+        with progress:
+            if mode == "rich":
+                # Log lines through rich's stderr, so they print above the bars, not across them.
+                configure_logging(level, json=fmt)
+            return await _cycle(config, loaded, tenants, days)
+    finally:
+        loaded.pm.unregister(progress)
+        if mode == "rich":
+            configure_logging(level, json=fmt)  # the real stderr again
 
 
 async def _cycle(
@@ -101,20 +194,32 @@ async def _cycle(
 
 
 async def run(args: argparse.Namespace) -> int:
+    if not args.once and (args.json or args.quiet or args.no_progress):
+        print("error: --json, --quiet and --no-progress go with run --once", file=sys.stderr)
+        return EXIT_USAGE
     config, loaded = _load(args)
     tenants = _select(config, args.tenant)
     if not args.once:
         from collector.daemon import run_daemon
 
-        return await run_daemon(args.config, loaded, tenants=args.tenant)
-    result, delivered = await _cycle(config, loaded, tenants)
-    print(cycle_summary(result))
+        return await run_daemon(args.config, loaded, tenants=args.tenant, config=config)
+    result, delivered = await _cycle_with_progress(args, config, loaded, tenants)
+    _print_outcome(args, result, delivered)
+    return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
+
+
+def _print_outcome(
+    args: argparse.Namespace, result: CycleResult, delivered: bool, **extra: object
+) -> None:
+    if args.json:
+        print(dump_json(cycle_document(result, delivered, **extra)))
+    elif not args.quiet:
+        print(cycle_summary(result))
     if not delivered:
         print(
             "some sinks still have undelivered days: see `zencoder-collector status`",
             file=sys.stderr,
         )
-    return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
 
 
 async def backfill(args: argparse.Namespace) -> int:
@@ -126,9 +231,48 @@ async def backfill(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     span = [since + dt.timedelta(days=i) for i in range((until - since).days + 1)]
     tenants = _select(config, args.tenant)
-    result, delivered = await _cycle(config, loaded, tenants, days=lambda _tenant: span)
-    print(cycle_summary(result))
+    plans = await _backfill_plans(config, tenants, span, refetch=args.refetch)
+    result, delivered = await _cycle_with_progress(
+        args, config, loaded, tenants, days=lambda tenant: plans[tenant.id]
+    )
+    _print_outcome(args, result, delivered, since=since.isoformat(), until=until.isoformat())
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
+
+
+async def _backfill_plans(
+    config: AppConfig, tenants: list[object] | None, span: list[dt.date], *, refetch: bool
+) -> dict[str, list[dt.date]]:
+    """The days of ``span`` each tenant still needs: a day stored once it was final is not
+    fetched again (so an interrupted backfill, run again, resumes), unless ``refetch``."""
+    from collector.planner import needs_fetch
+    from collector.store import Store
+
+    selected = cast("list[TenantConfig]", tenants if tenants is not None else config.tenants)
+    if refetch:
+        return {t.id: span for t in selected}
+    today = utc_today()
+    store = await Store.open(config.state.connection_url())
+    try:
+        plans: dict[str, list[dt.date]] = {}
+        for t in selected:
+            states = await store.days_state(t.id, since=span[0])
+            settle = config.tenant_settle(t)
+            plans[t.id] = [d for d in span if needs_fetch(d, today, settle, states.get(d))]
+    finally:
+        await store.aclose()
+    return plans
+
+
+async def tenant(args: argparse.Namespace) -> int:
+    """``tenant export`` and ``tenant purge`` (collector.tenant_admin)."""
+    from collector import tenant_admin
+
+    config, loaded = _load(args)
+    if args.tenant_action == "export":
+        return await tenant_admin.export_command(config, args.tenant_id, Path(args.output))
+    return await tenant_admin.purge_command(
+        config, loaded, args.tenant_id, assume_yes=args.yes, as_json=args.json
+    )
 
 
 async def status(args: argparse.Namespace) -> int:
@@ -242,8 +386,45 @@ async def demo(args: argparse.Namespace) -> int:
         f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state), "
         f"{page} (HTML report)"
     )
-    print(f"next: zencoder-collector report --db {output}/usage.db --format html -o report.html")
+    command = _cli_command()
+    print(f"next: {command} report --db {output}/usage.db --format html -o report.html")
+    ready = await asyncio.to_thread(_write_simulator_config, output, settings.tenants)
+    print(
+        f"your own sink: `{command} simulate --tenants 5` serves these organizations on "
+        f"{SIMULATE_URL};\n  {ready} collects them (URL and credentials filled in): put your "
+        f"sink under `sinks:`, then `{command} run --once -c {ready}`"
+    )
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
+
+
+SIMULATE_URL = "http://127.0.0.1:8080"
+"""Where ``zencoder-collector simulate`` listens by default."""
+
+
+def _write_simulator_config(output: Path, tenants: list[SimTenant]) -> Path:
+    from collector.simulator.cli import ready_config
+
+    path = output / "simulator.yaml"
+    path.write_text(
+        ready_config(SIMULATE_URL, tenants, workdir=str(output / "own-sink")), encoding="utf-8"
+    )
+    return path
+
+
+def _cli_command() -> str:
+    """How to run this CLI again from the current shell: ``zencoder-collector`` when that is on
+    PATH, else the script's own path (e.g. ``.venv/bin/zencoder-collector`` without an activated
+    venv), else ``python -m collector``."""
+    import shutil
+
+    script = Path(sys.argv[0])
+    if script.name == "zencoder-collector":
+        found = shutil.which("zencoder-collector")
+        if found is not None and Path(found).resolve() == script.resolve():
+            return "zencoder-collector"
+        if script.is_file():
+            return str(script)
+    return f"{sys.executable} -m collector"
 
 
 def _demo_config_path() -> Path:

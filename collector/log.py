@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 import threading
@@ -200,7 +201,9 @@ def configure_logging(
         structlog.processors.JSONRenderer()
         if as_json
         else structlog.dev.ConsoleRenderer(
-            colors=tty, exception_formatter=structlog.dev.plain_traceback
+            # NO_COLOR (no-color.org): set and not empty means no ANSI colours, even on a terminal.
+            colors=tty and not os.environ.get("NO_COLOR"),
+            exception_formatter=structlog.dev.plain_traceback,
         )
     )
     common: list[Processor] = [

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from collector import planner
-from collector.errors import ApiError, AuthError, CollectorError
+from collector.errors import ApiError, AuthError, CollectorError, StoreError
 from collector.models import TenantDay, normalize
 from collector.plugin_manager import Notify, no_notify
 
@@ -225,7 +225,10 @@ class Collector:
         # return_exceptions: a crash in one tenant task must never cancel the others.
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         for tenant, outcome in zip(selected, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, StoreError):  # the store logs its outages itself, rate-limited
+                result.tenants[tenant.id].error = f"state store failing: {outcome}"
+                log.debug("tenant stopped by the state store", tenant=tenant.id, error=str(outcome))
+            elif isinstance(outcome, BaseException):
                 result.tenants[tenant.id].error = f"internal error: {type(outcome).__name__}"
                 log.error("tenant task crashed", tenant=tenant.id, exc_info=outcome)
         result.seconds = time.monotonic() - started
@@ -263,10 +266,14 @@ class Collector:
             parked_until = self.client.parked_until(tenant)
             if parked_until is not None:
                 summary.skipped = f"auth_failed: parked until {parked_until.isoformat()}"
+                self._notify_done(tenant.id, summary, summary.skipped)
                 return
             today = self.today()
             wanted = list(days(tenant)) if days is not None else await self._plan(tenant, today)
             summary.planned = len(wanted)
+            self.notify(
+                "collector_tenant_cycle_started", {"tenant": tenant.id, "planned": len(wanted)}
+            )
             queue: asyncio.Queue[dt.date] = asyncio.Queue()
             for day in wanted:
                 queue.put_nowait(day)
@@ -293,7 +300,9 @@ class Collector:
                     f"{summary.failed} of {summary.planned} day(s) failed, retried next cycle; "
                     f"last: {summary.last_failure or 'see the log'}",
                 )
-            log.info(
+            self._notify_done(tenant.id, summary, summary.error)
+            # A cycle with failures is worth a look: warning, so it shows at the default level.
+            (log.info if summary.ok else log.warning)(
                 "tenant cycle done",
                 planned=summary.planned,
                 fetched=summary.fetched,
@@ -323,16 +332,33 @@ class Collector:
                     return
                 await self.store.record_failed(tenant.id, day, exc.reason)
                 log.warning("day failed", day=day.isoformat(), reason=exc.reason)
+                self._notify_day_failed(tenant.id, day, exc.reason)
                 continue
             except CollectorError as exc:
                 self._observe(tenant.id, started, ok=False)
                 summary.failed += 1
-                await self.store.record_failed(tenant.id, day, f"{type(exc).__name__}: {exc}")
+                reason = f"{type(exc).__name__}: {exc}"
+                await self.store.record_failed(tenant.id, day, reason)
+                self._notify_day_failed(tenant.id, day, reason)
                 continue
             self._observe(tenant.id, started, ok=True)
             changed = await self._writer.submit(item, payload)
             summary.fetched += 1
             summary.changed += int(changed)
+
+    def _notify_day_failed(self, tenant: str, day: dt.date, error: str) -> None:
+        self.notify("collector_tenant_day_failed", {"tenant": tenant, "day": day, "error": error})
+
+    def _notify_done(self, tenant: str, summary: TenantResult, error: str | None) -> None:
+        self.notify(
+            "collector_tenant_cycle_done",
+            {
+                "tenant": tenant,
+                "fetched": summary.fetched,
+                "failed": summary.failed,
+                "error": error,
+            },
+        )
 
     async def _fetch(
         self, tenant: TenantConfig, day: dt.date, *, final: bool

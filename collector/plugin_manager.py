@@ -74,6 +74,9 @@ class BrokenPlugin:
     """What went wrong, e.g. ``ModuleNotFoundError: No module named 'aiobotocore'``."""
     hint: str | None = None
     """What fixes it, e.g. ``pip install 'zencoder-collector[s3]'``."""
+    missing_extra: str | None = None
+    """The optional extra of its distribution that is not installed (``s3``), when that is all
+    that is wrong: the plugin is then merely *not installed*, not broken."""
 
     def message(self) -> str:
         origin = ""
@@ -145,15 +148,21 @@ def _load_entry_point(pm: CollectorPluginManager, ep: metadata.EntryPoint) -> No
     try:
         plugin = ep.load()
     except Exception as exc:  # any import-time failure of a plugin must not stop the collector
+        extra = _missing_extra(dist, ep, exc)
         broken = BrokenPlugin(
             name=ep.name,
             distribution=dist_name,
             version=version,
             error=_describe(exc),
             hint=_install_hint(dist, ep, exc),
+            missing_extra=extra,
         )
         pm.broken.append(broken)
-        log.warning("plugin could not be loaded", plugin=ep.name, error=broken.message())
+        # An extra left out on purpose (a plain install without [s3]) is not worth a warning on
+        # every start: it becomes an error if a configured sink needs it (see _unavailable_config).
+        (log.debug if extra else log.warning)(
+            "plugin could not be loaded", plugin=ep.name, error=broken.message()
+        )
         return
     if pm.is_registered(plugin):
         return  # a second entry point for the same module (an alias) adds nothing
@@ -189,6 +198,22 @@ def _install_hint(
     if plugin_module == missing or plugin_module.startswith(missing + "."):
         # The distribution names a module it does not ship: a broken or outdated install.
         return f"pip install --force-reinstall '{dist.name}'"
+    extra = _missing_extra(dist, ep, exc)
+    if extra is not None:
+        return f"pip install '{dist.name}[{extra}]'"
+    return f"install the package that provides the module '{missing.split('.')[0]}'"
+
+
+def _missing_extra(
+    dist: metadata.Distribution | None, ep: metadata.EntryPoint, exc: BaseException
+) -> str | None:
+    """The extra of ``dist`` that provides the module whose absence ``exc`` reports, if any."""
+    missing = exc.name if isinstance(exc, ModuleNotFoundError) else None
+    if dist is None or missing is None:
+        return None
+    plugin_module = ep.value.split(":")[0].strip()
+    if plugin_module == missing or plugin_module.startswith(missing + "."):
+        return None  # the distribution lacks its own module: broken, not an extra left out
     top = _normalize(missing.split(".")[0])
     extras_needing: dict[str, int] = {}
     extra_sizes: dict[str, int] = {}
@@ -203,11 +228,10 @@ def _install_hint(
             extras_needing[extra] = 1
     if extras_needing:
         # Prefer the extra named like the plugin, then the smallest one ("s3" over "all").
-        best = min(extras_needing, key=lambda e: (e != ep.name, extra_sizes[e], e))
-        return f"pip install '{dist.name}[{best}]'"
+        return min(extras_needing, key=lambda e: (e != ep.name, extra_sizes[e], e))
     if ep.name in (dist.metadata.get_all("Provides-Extra") or []):
-        return f"pip install '{dist.name}[{ep.name}]'"
-    return f"install the package that provides the module '{missing.split('.')[0]}'"
+        return ep.name
+    return None
 
 
 # --- the registry of sink types -----------------------------------------------------------------
@@ -335,7 +359,14 @@ class SinkRegistry:
         if as_json:
             payload = {
                 "sinks": [info.as_dict() for info in self._infos.values()],
-                "broken": [b.__dict__ | {"message": b.message()} for b in self._broken],
+                "broken": [
+                    b.__dict__
+                    | {
+                        "message": b.message(),
+                        "status": "not installed" if b.missing_extra else "broken",
+                    }
+                    for b in self._broken
+                ],
             }
             return json.dumps(payload, indent=2, sort_keys=False)
         lines: list[str] = []
@@ -345,7 +376,10 @@ class SinkRegistry:
             if schemas:
                 lines.append(json.dumps(info.config_schema, indent=2))
         for broken in self._broken:
-            lines.append(f"{broken.name:<12} BROKEN  {broken.message()}")
+            if broken.missing_extra is not None and broken.hint:
+                lines.append(f"{broken.name:<12} not installed ({broken.hint})")
+            else:
+                lines.append(f"{broken.name:<12} BROKEN  {broken.message()}")
         return "\n".join(lines) if lines else "no sink plugins installed"
 
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import datetime as dt
 import io
 import json
+import os
+import pty
+import signal
+import socket
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
+
+import yaml
 
 from collector.app import load_plugins
 from collector.config import json_schema
 from collector.pipeline import utc_today
 from collector.retry import NO_WAIT_ENV
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
+from collector.simulator.cli import ready_config
 from tests.e2e import REPO, count_rows, run_cli, run_python, write_config
 
 
@@ -100,6 +111,21 @@ async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
     assert "Zencoder usage" in result.stdout
     assert count_rows(tmp_path / "out" / "usage.db")["usage_daily"] == 5 * 30
     assert len(list((tmp_path / "out" / "csv").rglob("usage_daily/*.csv"))) == 5 * 30
+    assert f"{tmp_path / 'out' / 'simulator.yaml'} collects them" in result.stdout
+    ready = yaml.safe_load((tmp_path / "out" / "simulator.yaml").read_text())
+    assert ready["api"]["base_url"] == "http://127.0.0.1:8080"
+    assert [t["id"] for t in ready["tenants"]] == [t.id for t in demo_tenants(5)]
+
+
+async def test_simulators_ready_config_collects_every_tenant(tmp_path: Path) -> None:
+    """The config `simulate` prints (and `demo` writes) collects every simulated tenant as it is."""
+    tenants = demo_tenants(3)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = tmp_path / "sim.yaml"
+        config.write_text(ready_config(sim.base_url, sim.tenants, workdir=str(tmp_path / "o")))
+        result = await run_cli("run", "--once", "-q", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "o" / "csv").iterdir()) == [t.id for t in tenants]
 
 
 # What `run --once` must not pay for at start-up unless the command needs it: the simulator's web
@@ -191,9 +217,236 @@ def test_loading_the_config_ends_the_startup_gc_pause(tmp_path: Path) -> None:
         "from collector import cli, commands\n"
         "cli.pause_gc_for_startup()\n"
         "assert not gc.isenabled()\n"
-        f"args = argparse.Namespace(config={str(config)!r}, check_credentials=False)\n"
+        f"args = argparse.Namespace(config={str(config)!r}, check_credentials=False, json=False)\n"
         "asyncio.run(commands.validate(args))\n"
         "print('gc', gc.isenabled(), gc.get_freeze_count() > 0)"
     )
     result = run_python(code)
     assert "gc True True" in result.stdout.splitlines()
+
+
+# --- progress, --json, resuming -------------------------------------------------------------------
+
+
+async def test_backfill_shows_progress_lines_prints_json_and_resumes(tmp_path: Path) -> None:
+    """Off a terminal `backfill --json` prints plain progress lines on stderr and the documented
+    JSON on stdout; run again with --quiet it prints no progress and fetches only the days that
+    were not yet final."""
+    tenants = demo_tenants(2)
+    since = utc_today() - dt.timedelta(days=3)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = write_config(tmp_path / "c.yaml", sim, tenants, workdir=tmp_path)
+        args = ("backfill", "-c", str(config), "--since", since.isoformat(), "--json")
+        first = await run_cli(*args)
+        second = await run_cli(*args, "--quiet")
+    assert first.returncode == 0, first.stderr
+    assert "progress: tenant-01: 4/4 day(s); " in first.stderr
+    assert "progress: 8/8 tenant-day(s) (100%), 2/2 tenant(s) done, " in first.stderr
+    outcome = json.loads(first.stdout)
+    assert outcome["ok"] is True
+    assert (outcome["since"], outcome["until"]) == (since.isoformat(), utc_today().isoformat())
+    assert outcome["totals"] == {"planned": 8, "fetched": 8, "changed": 8, "failed": 0}
+    assert set(outcome["tenants"]["tenant-01"]) == {
+        "ok", "planned", "fetched", "changed", "failed", "error", "skipped", "seconds"
+    }  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    assert "progress:" not in second.stderr
+    # settle_days 1: the two oldest days were final when stored, today and yesterday are not.
+    assert json.loads(second.stdout)["totals"]["planned"] == 4
+
+
+async def test_run_once_json_names_the_failing_tenant(tmp_path: Path) -> None:
+    """`run --once --json` exits 1 and its JSON says which tenant failed and why."""
+    tenants = demo_tenants(2)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        config = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, bad_secret_for={"tenant-02"}
+        )
+        result = await run_cli("run", "--once", "--json", "-q", "-c", str(config))
+    assert result.returncode == 1
+    outcome = json.loads(result.stdout)
+    assert outcome["ok"] is False
+    assert outcome["tenants"]["tenant-01"]["ok"] is True
+    assert "401" in outcome["tenants"]["tenant-02"]["error"]
+
+
+async def test_interrupted_backfill_resumes_where_it_stopped(tmp_path: Path) -> None:
+    """SIGINT stops a backfill with exit 130 keeping what it committed; the same command run
+    again fetches only the days still missing and completes the range."""
+    tenants = demo_tenants(1)
+    days = 40
+    since = utc_today() - dt.timedelta(days=days - 1)
+    settings = SimulatorSettings(tenants=tenants, latency=0.1)
+    async with running_simulator(settings) as sim:
+        config = write_config(tmp_path / "c.yaml", sim, tenants, workdir=tmp_path)
+        args = ("-m", "collector", "backfill", "-c", str(config), "--since", since.isoformat())
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, NO_WAIT_ENV: "1"},
+        )
+        state = tmp_path / "state.db"
+        # The other process's progress is only visible in the database: poll it.
+        while _stored_days(state) < 6:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        await asyncio.wait_for(process.communicate(), 60)
+        assert process.returncode == 130
+        stored = _stored_days(state)
+        assert stored < days
+        again = await run_cli(*args[2:], "--json", "--quiet")
+    assert again.returncode == 0, again.stderr
+    totals = json.loads(again.stdout)["totals"]
+    # Only days that were final when stored are skipped (the last two are never final yet).
+    assert totals["planned"] <= days - stored + 2
+    assert _stored_days(state) == days
+
+
+def _stored_days(state: Path) -> int:
+    if not state.exists():
+        return 0
+    try:
+        with sqlite3.connect(state) as conn:
+            return int(conn.execute("SELECT COUNT(*) FROM tenant_day").fetchone()[0])
+    except sqlite3.OperationalError:  # the schema is not created yet
+        return 0
+
+
+# --- validate --json, manners ---------------------------------------------------------------------
+
+
+async def test_validate_json_describes_the_config(tmp_path: Path) -> None:
+    """`validate --json` prints tenants (id, name, auth, sinks) and sinks by type."""
+    config = _small_config(tmp_path, f"sinks: {{db: {{type: sqlite, path: '{tmp_path}/u.db'}}}}\n")
+    result = await run_cli("validate", "--json", "-c", str(config))
+    assert result.returncode == 0, result.stderr
+    outcome = json.loads(result.stdout)
+    assert outcome["ok"] is True
+    assert outcome["sinks"] == {"db": "sqlite"}
+    assert outcome["tenants"] == [
+        {"id": "acme", "name": "acme", "enabled": True, "auth": "oauth", "sinks": ["db"]}
+    ]
+    assert outcome["credentials"] is None
+
+
+async def test_validate_json_lists_the_problems_of_a_bad_config(tmp_path: Path) -> None:
+    """`validate --json` on an invalid config exits 2 with ok false and each problem."""
+    config = tmp_path / "c.yaml"
+    config.write_text("tenants: [{id: acme}]\nnonsense: 1\n")
+    result = await run_cli("validate", "--json", "-c", str(config))
+    assert result.returncode == 2
+    outcome = json.loads(result.stdout)
+    assert outcome["ok"] is False
+    assert any("nonsense" in problem for problem in outcome["problems"])
+
+
+async def test_global_options_are_accepted_after_the_command(tmp_path: Path) -> None:
+    """`--log-format` and `--log-level` after the command work as they do before it."""
+    config = _small_config(tmp_path)
+    as_json = await run_cli("run", "--once", "-q", "-c", str(config), "--log-format", "json")
+    events = [json.loads(line)["event"] for line in as_json.stderr.splitlines()]
+    assert "day failed" in events
+    quieter = await run_cli("run", "--once", "-q", "-c", str(config), "--log-level", "error")
+    assert as_json.returncode == quieter.returncode == 1
+    assert "day failed" not in quieter.stderr
+
+
+async def test_a_cycle_with_failures_is_logged_at_warning(tmp_path: Path) -> None:
+    """A tenant whose cycle failed gets its "tenant cycle done" line at warning, not info."""
+    config = _small_config(tmp_path)
+    result = await run_cli("run", "--once", "-q", "-c", str(config), "--log-format", "json")
+    done = [
+        entry
+        for entry in map(json.loads, result.stderr.splitlines())
+        if entry["event"] == "tenant cycle done"
+    ]
+    assert [(entry["tenant"], entry["level"]) for entry in done] == [("acme", "warning")]
+
+
+async def test_output_options_of_run_once_are_refused_for_the_daemon(tmp_path: Path) -> None:
+    """`run --json` (no --once) is a usage error, not a daemon that ignores the option."""
+    result = await run_cli("run", "--json", "-c", str(_small_config(tmp_path)))
+    assert result.returncode == 2
+    assert "--json, --quiet and --no-progress go with run --once" in result.stderr
+
+
+async def test_unknown_log_level_is_one_line_listing_the_valid_ones(tmp_path: Path) -> None:
+    """An unknown --log-level (or $ZENCODER_COLLECTOR_LOG_LEVEL) is a usage error that lists the
+    levels, with no traceback."""
+    config = _small_config(tmp_path)
+    for result in (
+        await run_cli("status", "-c", str(config), "--log-level", "verbose"),
+        await run_cli("status", "-c", str(config), env={"ZENCODER_COLLECTOR_LOG_LEVEL": "loud"}),
+    ):
+        assert result.returncode == 2
+        assert "use one of debug, info, warning, error, critical" in result.stderr
+        assert "Traceback" not in result.stderr
+
+
+async def test_busy_ops_port_is_one_line_naming_the_setting(tmp_path: Path) -> None:
+    """The daemon cannot bind server.listen: one error line naming the setting, no traceback."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = _small_config(tmp_path, f"server: {{listen: '127.0.0.1:{port}'}}\n")
+        result = await run_cli("run", "-c", str(config))
+    assert result.returncode == 1
+    assert f"error: cannot serve the ops endpoints on 127.0.0.1:{port}: " in result.stderr
+    assert "set server.listen to a free host:port" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def _stderr_on_a_terminal(args: list[str], env: dict[str, str]) -> str:
+    """Run the CLI with stderr on a pseudo-terminal; return what it wrote there."""
+    leader, follower = pty.openpty()
+    try:
+        subprocess.run(
+            [sys.executable, "-m", "collector", *args],
+            stderr=follower,
+            stdout=subprocess.DEVNULL,
+            env={**os.environ, NO_WAIT_ENV: "1", **env},
+            check=False,
+            timeout=60,
+        )
+        os.close(follower)
+        chunks = []
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the terminal has no writer left
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(leader)
+    return b"".join(chunks).decode(errors="replace")
+
+
+def test_no_color_turns_off_colours_on_a_terminal(tmp_path: Path) -> None:
+    """On a terminal log lines are coloured, unless NO_COLOR is set."""
+    config = _small_config(tmp_path)
+    args = ["run", "--once", "--quiet", "-c", str(config)]
+    coloured = _stderr_on_a_terminal(args, {"NO_COLOR": ""})
+    plain = _stderr_on_a_terminal(args, {"NO_COLOR": "1"})
+    assert "token request failed" in coloured
+    assert "\x1b[" in coloured
+    assert "token request failed" in plain
+    assert "\x1b[" not in plain
+
+
+def test_every_command_of_the_table_has_a_parser_and_a_handler() -> None:
+    """Each entry of the command table is a subcommand with help, and its handler exists."""
+    import importlib
+
+    from collector.cli import COMMANDS, build_parser
+
+    parser = build_parser()
+    help_text = parser.format_help()
+    for command in COMMANDS:
+        assert command.name in help_text
+        module_name, _, function_name = command.handler.partition(":")
+        assert callable(getattr(importlib.import_module(module_name), function_name))

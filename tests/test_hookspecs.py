@@ -70,9 +70,13 @@ def test_every_hook_is_prefixed_typed_and_documented() -> None:
     assert set(HOOKS) == {
         "collector_register_sinks",
         "collector_configure",
+        "collector_tenant_cycle_started",
         "collector_tenant_day_collected",
+        "collector_tenant_day_failed",
+        "collector_tenant_cycle_done",
         "collector_tenant_failed",
         "collector_sink_delivery_failed",
+        "collector_sink_purge",
     }
     for name in HOOKS:
         function = getattr(hookspecs, name)

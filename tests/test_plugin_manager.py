@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import subprocess
+import sys
 import textwrap
 import uuid
 from collections.abc import Callable
@@ -151,10 +153,61 @@ def test_failed_import_is_recorded_with_the_extra_to_install(
             version="1.2.3",
             error="ModuleNotFoundError: No module named 'notarealpkg_zz_collector'",
             hint="pip install 'lake-collector-sink[lake]'",
+            missing_extra="lake",
         )
     ]
     with pytest.raises(PluginLoadError, match=r"pip install 'lake-collector-sink\[lake\]'"):
         registry.require("lake")
+    assert "lake         not installed (pip install 'lake-collector-sink[lake]')" in (
+        registry.render()
+    )
+    listed = {b["name"]: b for b in json.loads(registry.render(as_json=True))["broken"]}
+    assert listed["lake"]["status"] == "not installed"
+
+
+# A fresh interpreter in which aiobotocore cannot be imported, as in a plain install (no [s3]).
+WITHOUT_S3_EXTRA = """
+import sys
+from importlib.abc import MetaPathFinder
+
+class NoAiobotocore(MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "aiobotocore":
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+        return None
+
+sys.meta_path.insert(0, NoAiobotocore())
+from collector.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_plain_install_lists_s3_as_not_installed_without_a_warning(tmp_path: Path) -> None:
+    """Without the s3 extra, `plugins` lists s3 as not installed with the command that adds it,
+    and nothing is logged at the default level; a config that uses s3 still fails, naming it."""
+    listing = subprocess.run(
+        [sys.executable, "-c", WITHOUT_S3_EXTRA, "plugins"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "s3           not installed (pip install 'zencoder-collector[s3]')" in listing.stdout
+    assert "BROKEN" not in listing.stdout
+    assert listing.stderr == ""
+    config = tmp_path / "c.yaml"
+    config.write_text(
+        "sinks:\n  lake: {type: s3, bucket: b}\ntenants:\n  - {id: acme, api_key: zak_x}\n",
+        encoding="utf-8",
+    )
+    using = subprocess.run(
+        [sys.executable, "-c", WITHOUT_S3_EXTRA, "validate", "-c", str(config)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert using.returncode == 2
+    assert "c.yaml:2: sinks.lake: sink type 's3' is not available" in using.stderr
+    assert "pip install 'zencoder-collector[s3]'" in using.stderr
 
 
 def test_broken_type_is_fatal_only_when_configured(install: Installer, tmp_path: Path) -> None:

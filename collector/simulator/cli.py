@@ -13,11 +13,14 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import sys
-from typing import TextIO
+from typing import Any, TextIO
 
-from collector.simulator.app import Simulator, serve
+import yaml
+
+from collector.simulator.app import TOKEN_PATH, Simulator, serve
 from collector.simulator.settings import (
     DEMO_CREDENTIALS_RULE,
+    SimTenant,
     SimulatorSettings,
     demo_tenants,
     load_tenants_file,
@@ -128,8 +131,40 @@ def settings_from_args(args: argparse.Namespace) -> SimulatorSettings:
     )
 
 
+def ready_config(
+    base_url: str,
+    tenants: list[SimTenant],
+    sinks: dict[str, Any] | None = None,
+    workdir: str = "sim-output",
+) -> str:
+    """A collector config (YAML) that collects ``tenants`` from the simulator at ``base_url`` into
+    ``sinks`` (by default one CSV sink to replace with your own), state under ``workdir``."""
+    config = {
+        "api": {
+            "base_url": base_url,
+            "token_url": base_url + TOKEN_PATH,
+            # The simulator is local; the real API's default is 2 requests/second per tenant.
+            "rate_limit": {"per_second": 25, "burst": 10},
+        },
+        "state": {"url": f"sqlite:///{workdir}/state.db"},
+        "server": {"listen": None},
+        "sinks": sinks or {"mine": {"type": "csv", "path": f"{workdir}/csv"}},
+        "tenants": [
+            {"id": t.id, "client_id": t.client_id, "client_secret": t.client_secret}
+            for t in tenants
+        ],
+    }
+    head = (
+        "# A collector config for this simulator (its credentials are fake): save it as\n"
+        "# sim.yaml, put your own sink under `sinks:`, then\n"
+        "#   zencoder-collector run --once -c sim.yaml\n"
+    )
+    return head + yaml.safe_dump(config, sort_keys=False, default_flow_style=None)
+
+
 def announce(sim: Simulator, *, from_file: bool, out: TextIO) -> None:
-    """Print where the simulator listens and which credentials it accepts, once."""
+    """Print where the simulator listens, which credentials it accepts, and a config that
+    collects from it, once."""
     print(f"Zencoder API simulator listening on {sim.base_url}", file=out)
     print(f"  token URL: {sim.token_url}", file=out)
     print(f"  usage URL: {sim.usage_url}", file=out)
@@ -137,6 +172,7 @@ def announce(sim: Simulator, *, from_file: bool, out: TextIO) -> None:
         print(f"  tenants:   {len(sim.tenants)} from the tenants file", file=out)
     else:
         print(f"  tenants:   {len(sim.tenants)} demo tenants ({DEMO_CREDENTIALS_RULE})", file=out)
+    print(f"\n{ready_config(sim.base_url, sim.tenants)}", file=out)
     print("Stop with Ctrl-C (SIGINT) or SIGTERM.", file=out, flush=True)
 
 

@@ -36,8 +36,9 @@ import io
 import json
 import os
 import re
+import shutil
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Awaitable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -350,3 +351,28 @@ class CsvSink(Sink):
 def collector_register_sinks() -> list[type[Sink]]:
     """The CSV sink."""
     return [CsvSink]
+
+
+# --- tenant purge (``zencoder-collector tenant purge``) ----------------------------------------
+
+
+@hookimpl
+def collector_sink_purge(sink: Sink, tenant: str) -> Awaitable[int] | None:
+    """Delete the tenant's directory (every table and day) from a csv sink; None for others."""
+    if not isinstance(sink, CsvSink):
+        return None
+    return run_blocking(purge_tenant_files, sink.root, tenant)
+
+
+def purge_tenant_files(root: Path, tenant: str) -> int:
+    """Remove ``ROOT/TENANT`` and everything under it; returns the number of files removed."""
+    try:
+        directory = root / safe_segment(tenant)
+    except SinkPermanentError:
+        return 0  # an id that cannot be a directory name was never written here
+    if not directory.is_dir():
+        return 0
+    files = sum(1 for path in directory.rglob("*") if path.is_file())
+    shutil.rmtree(directory)
+    fsync_directory(root)
+    return files

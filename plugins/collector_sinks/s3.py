@@ -22,6 +22,7 @@ import contextlib
 import importlib
 import importlib.util
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any, ClassVar, Final, Literal
 
 from botocore.exceptions import (
@@ -434,3 +435,53 @@ class S3Sink(Sink):
 def collector_register_sinks() -> list[type[Sink]]:
     """Register the ``s3`` sink type."""
     return [S3Sink]
+
+
+# --- tenant purge (``zencoder-collector tenant purge``) ----------------------------------------
+
+
+@hookimpl
+def collector_sink_purge(sink: Sink, tenant: str) -> Awaitable[int] | None:
+    """Delete every object under the tenant's partitions of an s3 sink; None for other sinks."""
+    if not isinstance(sink, S3Sink):
+        return None
+    return _purge_tenant_objects(sink, tenant)
+
+
+async def _purge_tenant_objects(sink: S3Sink, tenant: str) -> int:
+    """List and delete ``{prefix}{table}/tenant={tenant}/`` for each table, 1,000 keys per request
+    (the DeleteObjects limit); returns the number of objects deleted."""
+    await sink.open()
+    client, bucket = sink._client, sink.config.bucket
+    deleted = 0
+    for table in ser.TABLES:
+        prefix = f"{sink.config.prefix}{table}/tenant={partition_value(tenant)}/"
+        token: str | None = None
+        while True:
+            paging = {"ContinuationToken": token} if token else {}
+            page = await sink._call(
+                "ListObjectsV2",
+                prefix,
+                partial(
+                    client.list_objects_v2, Bucket=bucket, Prefix=prefix, MaxKeys=1000, **paging
+                ),
+            )
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", [])]
+            if keys:
+                answer = await sink._call(
+                    "DeleteObjects",
+                    prefix,
+                    partial(client.delete_objects, Bucket=bucket, Delete={"Objects": keys}),
+                )
+                errors = answer.get("Errors", [])
+                if errors:
+                    first = errors[0]
+                    raise SinkTransientError(
+                        f"s3 sink {sink.name!r}: DeleteObjects s3://{bucket}/{prefix}: "
+                        f"{len(errors)} object(s) not deleted, e.g. {first.get('Code')}"
+                    )
+                deleted += len(keys)
+            if not page.get("IsTruncated"):
+                break
+            token = page.get("NextContinuationToken")
+    return deleted

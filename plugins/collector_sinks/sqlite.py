@@ -33,7 +33,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Awaitable, Iterable
 from operator import attrgetter
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -598,3 +598,29 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
 def collector_register_sinks() -> list[type[Sink]]:
     """The SQL sink under its two names."""
     return [SqliteSink, SqlSink]
+
+
+# --- tenant purge (``zencoder-collector tenant purge``) ----------------------------------------
+
+
+@hookimpl
+def collector_sink_purge(sink: Sink, tenant: str) -> Awaitable[int] | None:
+    """Delete the tenant's rows from the four tables of a sqlite/sql sink; None for others."""
+    if not isinstance(sink, SqliteSink):
+        return None
+    return run_blocking(_purge_tenant_rows, sink, tenant)
+
+
+def _purge_tenant_rows(sink: SqliteSink, tenant: str) -> int:
+    """One transaction over the four tables; returns the number of rows deleted."""
+    engine = sink._engine  # opened by the host before the purge
+    if engine is None:
+        raise SinkTransientError(f"sink {sink.name}: closed")
+    deleted = 0
+    try:
+        with engine.begin() as conn:
+            for table in (*_CHILDREN, DAILY):
+                deleted += conn.execute(table.delete().where(table.c.tenant == tenant)).rowcount
+    except (exc.SQLAlchemyError, OSError) as error:
+        raise sink._translate(error) from None
+    return deleted
