@@ -103,6 +103,36 @@ async def test_backfill_report_and_replay_to_a_new_sink(tmp_path: Path) -> None:
     assert len(partitions) == 2 * span
 
 
+async def test_backfill_past_the_api_window_collects_only_what_the_api_serves(
+    tmp_path: Path,
+) -> None:
+    """`backfill --since` 10 days back with a 5-day API window asks for and stores the 5 served
+    days only, and names the window and the 5 days that cannot be collected."""
+    tenants = demo_tenants(1)
+    today = utc_today()
+    since = today - dt.timedelta(days=9)
+    settings = SimulatorSettings(tenants=tenants, history_days=5)
+    async with running_simulator(settings) as sim:
+        config = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, extra={"api": {"history_days": 5}}
+        )
+        backfill = await run_cli("backfill", "-c", str(config), "--since", since.isoformat())
+        asked = sorted(record.param for record in sim.stats.log)
+    assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+    oldest = today - dt.timedelta(days=4)
+    assert asked == [(oldest + dt.timedelta(days=i)).isoformat() for i in range(5)]
+    too_old = f"5 day(s), {since}..{oldest - dt.timedelta(days=1)}, cannot be collected"
+    assert too_old in backfill.stderr
+    assert f"the API serves the last 5 days (api.history_days), from {oldest} on" in (
+        backfill.stderr
+    )
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT MIN(day), COUNT(*) FROM tenant_day").fetchone() == (
+            oldest.isoformat(),
+            5,
+        )
+
+
 async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
     """`demo` collects 30 days for five tenants into SQLite and CSV and prints both tables."""
     result = await run_cli("demo", "--output", str(tmp_path / "out"))
@@ -172,9 +202,9 @@ def test_cli_parser_imports_no_runtime_package() -> None:
     assert sorted(loaded & _NOT_FOR_THE_PARSER) == []
 
 
-def test_a_run_without_proxy_or_http_sinks_never_imports_aiohttp(tmp_path: Path) -> None:
-    """`run --once` with a SQLite sink and no proxy talks to the API without importing aiohttp
-    (its import costs about 0.1 s of every start), though every first-party sink is loaded."""
+def test_a_run_talks_to_the_api_through_aiohttp(tmp_path: Path) -> None:
+    """`run --once` with a SQLite sink sends its requests through aiohttp (the one HTTP stack),
+    and every first-party sink is loaded."""
     config = _small_config(
         tmp_path,
         f"sinks: {{db: {{type: sqlite, path: '{tmp_path / 'usage.db'}'}}}}\n"
@@ -194,8 +224,8 @@ def test_a_run_without_proxy_or_http_sinks_never_imports_aiohttp(tmp_path: Path)
     loaded = set(result.stdout.split())
     assert "exit 1" in result.stdout  # nothing listens on port 9: the token request failed
     assert "token request failed" in result.stderr
-    assert {"collector.http", "collector_sinks.webhook", "collector_sinks.s3"} <= loaded
-    assert "aiohttp" not in loaded
+    assert {"collector.client_transport", "aiohttp", "collector_sinks.webhook"} <= loaded
+    assert "collector_sinks.s3" in loaded
 
 
 def test_parsing_simulate_loads_its_options_on_demand() -> None:
