@@ -131,12 +131,17 @@ def test_kubernetes_objects_select_the_collector_pods_on_the_ops_port() -> None:
     assert deployment["spec"]["selector"]["matchLabels"] == pod_labels
 
 
-def test_deployment_runs_one_replica_until_replicas_can_share_state() -> None:
-    """One replica, replaced with Recreate (never two daemons on one state database), as a
-    non-root user on a read-only root filesystem, and given more time to stop than its drain."""
+def test_deployment_runs_three_replicas_rolled_one_at_a_time() -> None:
+    """Three replicas (the config shares the state by lease), a rollout that adds a pod before
+    removing one, as a non-root user on a read-only root filesystem, and given more time to
+    stop than its drain."""
     deployment = manifest("Deployment")
-    assert deployment["spec"]["replicas"] == 1
-    assert deployment["spec"]["strategy"] == {"type": "Recreate"}
+    assert deployment["spec"]["replicas"] == 3
+    assert deployment["spec"]["strategy"] == {
+        "type": "RollingUpdate",
+        "rollingUpdate": {"maxSurge": 1, "maxUnavailable": 0},
+    }
+    assert manifest("PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -154,6 +159,7 @@ def test_configmap_config_validates_with_the_secret_keys_as_files(tmp_path: Path
     config = collector_config(path, tmp_path, secrets)
     assert config.server.listen == "0.0.0.0:9464"
     assert config.state.url.startswith("postgresql+psycopg://")
+    assert config.state.replicas
     assert config.tenants
 
 
@@ -188,9 +194,10 @@ def test_compose_collector_config_validates(tmp_path: Path) -> None:
     )
     assert config.state.url.startswith("postgresql+psycopg://collector@postgres:5432/")
     assert config.server.listen == "0.0.0.0:9464"
+    assert config.state.replicas  # `--scale collector=3` splits the tenants
     prometheus = yaml.safe_load((DEPLOY / "compose" / "prometheus.yml").read_text("utf-8"))
     (scrape,) = prometheus["scrape_configs"]
-    assert scrape["static_configs"][0]["targets"] == ["collector:9464"]
+    assert scrape["dns_sd_configs"] == [{"names": ["collector"], "type": "A", "port": 9464}]
 
 
 def test_compose_prometheus_config_passes_promtool() -> None:
