@@ -274,3 +274,19 @@ async def test_a_replica_reads_only_its_tenants_outbox_and_registers_sinks_for_a
     assert first.store.lease_scope == {"acme"}
     pending = await first.store.pending("late", first.store.lease_scope)
     assert [(td.tenant, td.day) for td in pending] == [("acme", acme[0].day)]
+
+
+@pytest.mark.postgres
+async def test_a_tenant_removed_from_the_config_is_released_not_lost(
+    replicas: list[ReplicaLeases],
+) -> None:
+    """When a held tenant leaves the configured list, the replica gives its lease back (a
+    release) instead of counting it lost, and no replica holds it any more."""
+    only = replicas[0]
+    await only.beat(["acme", "globex"])
+
+    outcome = await only.beat(["acme"])
+
+    assert outcome.released == {"globex"}
+    assert outcome.lost == frozenset()
+    assert only.tenants == {"acme"}

@@ -177,11 +177,13 @@ def _heartbeat(
             [{"tenant": tenant, "token": 0} for tenant in tenants],
         )
     # Leases of tenants no longer configured go back.
-    conn.execute(
+    unconfigured = conn.execute(
         update(tenant_lease)
         .where(tenant_lease.c.replica == me.id, tenant_lease.c.tenant.not_in(tenants))
         .values(replica=None, expires_at=now)
-    )
+        .returning(tenant_lease.c.tenant)
+    ).scalars()
+    dropped = list(unconfigured)
     renewed = conn.execute(
         update(tenant_lease)
         .where(tenant_lease.c.replica == me.id)
@@ -233,6 +235,7 @@ def _heartbeat(
             gained = {row.tenant: row.token for row in taken}
             current.update(gained)
     conn.execute(delete(replica).where(replica.c.expires_at < func.now() - ttl * FORGET_AFTER))
+    released.extend(dropped)  # given back, not lost
     lost = {t for t, token in held.items() if current.get(t) != token and t not in released}
     return Holdings(
         tokens=current,
