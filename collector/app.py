@@ -20,6 +20,7 @@ from collector.config import AppConfig, load_config
 from collector.deliverer import Deliverer
 from collector.log import register_secrets
 from collector.metrics import Metrics
+from collector.pii import raw_payload_policy
 from collector.pipeline import Collector, utc_today
 from collector.plugin_manager import (
     CollectorPluginManager,
@@ -55,6 +56,8 @@ def load(path: str | Path, plugins: Plugins, environ: Mapping[str, str] | None =
     """Load and validate the config with every installed sink type's own model."""
     config = load_config(path, environ=environ, sink_types=plugins.registry.config_types())
     register_secrets(config.secret_values())
+    for warning in config.warnings:
+        log.warning("config warning", problem=str(warning))
     return config
 
 
@@ -121,7 +124,17 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the store, create the sinks and the client; close all of them on exit."""
     configure_plugins(plugins.pm, config)
-    store = await Store.open(config.state.connection_url())
+    # The commands that collect (run, backfill) hold the state's lock; ``replay`` (only_sinks)
+    # is meant to run next to them.
+    store = await Store.open(
+        config.state.connection_url(),
+        exclusive=only_sinks is None,
+        shared_group=config.files.shared_group,
+    )
+    pii_key = config.state.pii_key
+    store.payload_policy = raw_payload_policy(
+        config.state.raw_pii, pii_key.get_secret_value().encode() if pii_key else None
+    )
     runtime: Runtime | None = None
     try:
         sinks: dict[str, Sink] = {}

@@ -4,7 +4,14 @@ Lifecycle:
 
 - the config is loaded first (an invalid file exits with code 2 before anything starts); then the
   ops server starts, so ``/healthz`` answers at once and ``/readyz`` says 503 until the state
-  store is open (an unreachable database is retried with backoff, not fatal);
+  store is open (an unreachable database is retried with backoff, not fatal; a state file that is
+  corrupt, truncated to zero bytes or locked by another collector is: the daemon exits 1 with the
+  same message as ``run --once``; so does a database found corrupt while running, after the
+  usual graceful stop);
+- a state store that fails while running (a full disk) is one rate-limited error log (see
+  :class:`~collector.store.base.StoreHealth`), ``/readyz`` 503 with the reason, ``/status`` and the
+  ``state_store_*`` metrics; the next write that succeeds ends it, and the days missed are
+  planned again by the next cycles;
 - every tenant has its own schedule (``every`` or ``cron``, plus a random jitter so a thousand
   tenants do not fire in the same second); a tenant never runs two cycles at once; the next run
   of each tenant is written to the state store, so ``zencoder-collector status`` shows it;
@@ -45,6 +52,7 @@ from collector.retry import waits_disabled
 from collector.server import make_app, serving
 from collector.sink import Sink
 from collector.status import status_snapshot
+from collector.store import StoreUnusable
 
 log = structlog.get_logger("collector.daemon")
 
@@ -191,6 +199,8 @@ class Daemon:
             finally:
                 await self._shutdown()
         log.info("daemon stopped")
+        if runtime.store.health.unusable is not None:
+            raise StoreUnusable(runtime.store.health.unusable)  # exit 1, as at start
         return 0
 
     async def _open_runtime(
@@ -203,6 +213,11 @@ class Daemon:
                 return await stack.enter_async_context(
                     open_runtime(config, self.plugins, metrics=self.metrics)
                 )
+            except StoreUnusable as exc:  # waiting cannot repair or unlock it: stop, exit 1
+                log.error(  # noqa: TRY400 - the message says it all; a traceback adds noise
+                    "state store unusable; stopping", error=str(exc)
+                )
+                raise
             except StoreError as exc:
                 error = str(exc)
             failures += 1
@@ -226,6 +241,10 @@ class Daemon:
         assert runtime is not None
         await self._schedule_new(runtime.config)
         while not self._stopping.is_set():
+            if runtime.store.health.unusable is not None:
+                log.error("state store unusable; stopping", error=runtime.store.health.unusable)
+                self.request_stop()
+                break
             if self._reload_requested:
                 self._reload_requested = False
                 await self._reload()
@@ -260,7 +279,9 @@ class Daemon:
         try:
             await runtime.store.set_tenant_next_run(tenant_id, at)
         except StoreError as exc:  # only informational; the schedule itself lives in memory
-            log.warning("could not record the next run", tenant=tenant_id, error=str(exc))
+            # A failing store has logged the outage itself (rate-limited): no line per tenant.
+            report = log.debug if runtime.store.health.failing else log.warning
+            report("could not record the next run", tenant=tenant_id, error=str(exc))
 
     async def _cycle(self, tenant: TenantConfig) -> None:
         runtime = self._runtime
@@ -472,7 +493,10 @@ class Daemon:
             return "starting: state store not open yet"
         try:
             await runtime.store.ping()
-        except Exception as exc:  # any failure means not ready; the reason is the class only
+        except Exception as exc:  # any failure means not ready
+            health = runtime.store.health
+            if health.failing:  # the store's own message: the driver's line, no values or secrets
+                return f"state store failing: {health.error}"
             return f"state store unreachable: {type(exc).__name__}"
         return None
 
@@ -488,6 +512,15 @@ class Daemon:
             last_results=self.last_results,
             parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
         )
+        health = runtime.store.health
+        snapshot["state_store"] = health.snapshot()
+        if health.failing:
+            # Nothing can be written while it fails, so the store's own tenant rows cannot say
+            # why a tenant is behind: its last cycle, kept here in memory, does.
+            for tenant in snapshot["tenants"]:
+                error = (tenant.get("last_cycle") or {}).get("error")
+                if error and str(error).startswith("state store"):
+                    tenant["state"], tenant["last_error"] = "failing", error
         snapshot["daemon"] = {
             "state": "stopping" if self._stopping.is_set() else "running",
             "running_cycles": sorted(self.running),
@@ -509,6 +542,9 @@ class Daemon:
         runtime = self._runtime
         if runtime is None:
             return
+        health = runtime.store.health
+        m.state_store_up.set(0 if health.failing else 1)
+        m.state_store_errors.set(health.failures)
         # The client keeps counting for tenants a reload removed; export configured ones only.
         configured = {t.id for t in self._tenants(runtime.config)}
         m.start_series(tenants=configured, sinks=runtime.config.sinks)

@@ -281,6 +281,9 @@ class Deliverer:
                 result = await self._pass(lane)
             except asyncio.CancelledError:
                 raise
+            except StoreError as exc:  # the store logs its own outage, once (no traceback each)
+                self._record_error(lane, str(exc))
+                result = _PassResult(outage=True)
             except Exception as exc:  # a lane never dies; the store may be back soon
                 self._record_error(lane, _error_text(exc, lane.timeout))
                 log.exception("delivery pass failed", sink=lane.name)

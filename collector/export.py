@@ -28,10 +28,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
+from collector.config.models import tenant_id_problem
 from collector.errors import CollectorError
 from collector.files import create_temp_file, ensure_private_dir, fsync_directory, guard_formula
 from collector.tables import USAGE_COLUMNS as COLUMNS
-from collector_sinks.csv import safe_segment
 
 MARKER = "usage_daily"
 """The table whose partition the csv sink publishes last: its presence means a complete day."""
@@ -62,7 +62,9 @@ def _days(since: dt.date, until: dt.date) -> Iterator[dt.date]:
 def _tenants(root: Path, tenants: Collection[str] | None) -> list[str]:
     if tenants is not None:
         for tenant in tenants:
-            safe_segment(tenant)
+            problem = tenant_id_problem(tenant)  # the config's rule: never a path of its own
+            if problem is not None:
+                raise ExportError(problem)
         return sorted(set(tenants))
     return sorted(
         entry.name for entry in root.iterdir() if entry.is_dir() and not entry.name.startswith(".")

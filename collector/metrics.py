@@ -231,6 +231,15 @@ class Metrics:
         self.asyncio_tasks = gauge(
             "asyncio_tasks", "asyncio tasks alive in the daemon's loop.", none
         )
+        self.state_store_up = gauge(
+            "state_store_up", "0 while the state store fails (e.g. a full disk), else 1.", none
+        )
+        self.state_store_errors = counter(
+            "state_store_errors_total", "Failed state store operations (reads and writes).", none
+        )
+        self.bad_requests = counter(
+            "ops_bad_requests_total", "Malformed requests the ops server rejected.", none
+        )
         self.up = gauge("up", "1 while the daemon runs.", none)
         self.build_info = Info(
             PREFIX + "build", "Version of the collector and of Python.", registry=registry

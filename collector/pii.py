@@ -11,6 +11,12 @@ before that sink sees it, so a sink never receives what its policy forbids:
   pseudonym cannot be reversed by hashing candidate emails;
 - ``drop``: no per-user rows at all (daily, IDE and language totals stay).
 
+The state store has a policy of its own, ``state.raw_pii`` (:func:`raw_payload_policy`): ``keep``
+stores the API's body as received; ``pseudonymize`` replaces each email in the stored body and in
+the records handed to the sinks by its keyed pseudonym before anything is written, so no email
+reaches the disk at all. Sinks then receive those pseudonyms as user ids (a sink's own
+``pseudonymize`` hashes them once more, again stable; its ``drop`` still drops the rows).
+
 Two emails that differ only in case are one mailbox, so under ``pseudonymize`` their rows for one
 day are merged into a single row (messages summed, the later ``last_active``, IDEs and languages
 united) rather than written twice under one key.
@@ -20,7 +26,9 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Sequence
+import json
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from collector.models import Batch, TenantDay, UserDayRecord
 from collector.sink import PiiMode, SinkConfig
@@ -112,3 +120,51 @@ def apply_sink_policy(batch: Batch, config: SinkConfig) -> list[TenantDay]:
     """Apply the PII policy of one sink instance's config (``pii`` and ``pii_key``)."""
     key = config.pii_key.get_secret_value().encode("utf-8") if config.pii_key else None
     return apply_pii(batch, config.pii, key)
+
+
+StoredPayload = Mapping[str, Any] | str
+"""What the state store keeps per day: the response body as text, or its ``data`` object."""
+PayloadPolicy = Callable[[TenantDay, StoredPayload], tuple[TenantDay, StoredPayload]]
+
+
+def pseudonymize_payload(
+    pseudonymizer: Pseudonymizer, tenant_day: TenantDay, payload: StoredPayload
+) -> tuple[TenantDay, StoredPayload]:
+    """The tenant-day and its stored payload with every email replaced by its pseudonym.
+
+    The payload's ``users`` are rewritten from the pseudonymized rows, so rows merged because
+    their emails differed only in case are merged in the payload too (it still parses, with
+    unique users). Everything else in the payload is kept as received.
+    """
+    if not tenant_day.users:
+        return tenant_day, payload
+    private = pseudonymizer.apply(tenant_day)
+    body: dict[str, Any] = (
+        json.loads(payload) if isinstance(payload, str) else {"status": "success", "data": payload}
+    )
+    data = dict(body["data"])
+    data["users"] = [
+        {
+            "email": user.user,
+            "messages": user.messages,
+            "last_active": user.last_active.isoformat() if user.last_active else None,
+            "ides": list(user.ides),
+            "languages": list(user.languages),
+        }
+        for user in private.users
+    ]
+    body["data"] = data
+    return private, json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+
+
+def raw_payload_policy(mode: str, key: bytes | None) -> PayloadPolicy | None:
+    """The state store's ``state.raw_pii`` policy: None for ``keep`` (nothing to do), else the
+    function applied to each fetched day before it is stored."""
+    if mode == "keep":
+        return None
+    if mode != "pseudonymize":
+        raise ValueError(f"unknown raw_pii mode {mode!r}")
+    if not key:
+        raise ValueError("state.raw_pii: pseudonymize needs a non-empty key")
+    pseudonymizer = Pseudonymizer(key)
+    return lambda tenant_day, payload: pseudonymize_payload(pseudonymizer, tenant_day, payload)

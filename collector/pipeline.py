@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from collector import planner
-from collector.errors import ApiError, AuthError, CollectorError
+from collector.errors import ApiError, AuthError, CollectorError, StoreError
 from collector.models import TenantDay, normalize
 from collector.plugin_manager import Notify, no_notify
 
@@ -225,7 +225,10 @@ class Collector:
         # return_exceptions: a crash in one tenant task must never cancel the others.
         outcomes = await asyncio.gather(*tasks, return_exceptions=True)
         for tenant, outcome in zip(selected, outcomes, strict=True):
-            if isinstance(outcome, BaseException):
+            if isinstance(outcome, StoreError):  # the store logs its outages itself, rate-limited
+                result.tenants[tenant.id].error = f"state store failing: {outcome}"
+                log.debug("tenant stopped by the state store", tenant=tenant.id, error=str(outcome))
+            elif isinstance(outcome, BaseException):
                 result.tenants[tenant.id].error = f"internal error: {type(outcome).__name__}"
                 log.error("tenant task crashed", tenant=tenant.id, exc_info=outcome)
         result.seconds = time.monotonic() - started

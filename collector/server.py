@@ -9,6 +9,11 @@
 
 Nothing here holds a secret: the status snapshot is built from tenant ids, counts, dates and
 secret-free error reasons.
+
+Malformed requests (not HTTP, a bad header, TLS on the plain port) get aiohttp's 400 and are
+logged at debug level only, counted in ``ops_bad_requests_total``: anyone who can connect could
+otherwise fill the log with one traceback per request. An exception inside an endpoint is still
+an error with its traceback.
 """
 
 from __future__ import annotations
@@ -16,13 +21,17 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage
 
 from collector.errors import CollectorError
 from collector.metrics import Metrics
+
+_METRICS = web.AppKey("metrics", Metrics)
 
 StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
 ReadyCheck = Callable[[], Awaitable[str | None]]
@@ -66,11 +75,40 @@ def make_app(
         return web.json_response(await status(), dumps=_dumps)
 
     app = web.Application()
+    app[_METRICS] = metrics
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_handler)
     app.router.add_get("/status", status_handler)
     return app
+
+
+class _RequestLog(logging.LoggerAdapter[logging.Logger]):
+    """aiohttp's request-handling logger, minus the tracebacks of malformed requests.
+
+    aiohttp logs every request it cannot parse with ``logger.exception`` (an ERROR with a
+    traceback) and only a first-request bad method at debug; both end here and are counted.
+    """
+
+    def __init__(self, metrics: Metrics) -> None:
+        super().__init__(logging.getLogger("aiohttp.server"), {})
+        self._metrics = metrics
+
+    def _malformed(self, exc_info: Any) -> bool:
+        if isinstance(exc_info, BadHttpMessage):
+            self._metrics.bad_requests.inc()
+            return True
+        return False
+
+    def exception(self, msg: object, *args: object, exc_info: Any = True, **kw: Any) -> None:
+        if self._malformed(exc_info):
+            self.logger.debug(msg, *args, exc_info=exc_info, **kw)
+        else:
+            self.logger.error(msg, *args, exc_info=exc_info, **kw)
+
+    def debug(self, msg: object, *args: object, **kw: Any) -> None:
+        self._malformed(kw.get("exc_info"))
+        self.logger.debug(msg, *args, **kw)
 
 
 def _dumps(value: Any) -> str:
@@ -88,7 +126,9 @@ def _jsonable(value: Any) -> str:
 async def serving(app: web.Application, listen: str) -> AsyncIterator[str]:
     """Serve ``app`` on ``listen`` until the block exits; yields the actual ``host:port``."""
     host, port = parse_listen(listen)
-    runner = web.AppRunner(app, access_log=None)
+    metrics = app.get(_METRICS)
+    logger = _RequestLog(metrics) if metrics is not None else logging.getLogger("aiohttp.server")
+    runner = web.AppRunner(app, access_log=None, logger=logger)
     await runner.setup()
     site = web.TCPSite(runner, host, port)
     try:

@@ -150,13 +150,38 @@ def test_bad_auth_combination_is_reported_at_the_tenant(
     assert problems(path) == [f"{path}:3: tenants[0]: {message}"]
 
 
-def test_invalid_tenant_id(tmp_path: Path) -> None:
-    """Tenant ids are restricted to what is safe in tables, paths and metric labels."""
-    path = write(tmp_path, "tenants:\n  - {id: 'acme corp', api_key: k}\n")
+@pytest.mark.parametrize("tenant_id", ["acme corp", "acme.", "nul", "con.txt", "LPT1", "-acme"])
+def test_invalid_tenant_id(tmp_path: Path, tenant_id: str) -> None:
+    """Tenant ids follow one rule every first-party sink accepts: no trailing dot, no spaces,
+    no device names a file system reserves."""
+    path = write(tmp_path, f"tenants:\n  - {{id: '{tenant_id}', api_key: k}}\n")
     assert problems(path) == [
-        f"{path}:2: tenants[0].id: invalid tenant id 'acme corp': 1-64 letters, digits, '_', "
-        "'.', '-', starting with a letter or digit"
+        f"{path}:2: tenants[0].id: invalid tenant id {tenant_id!r}: 1-64 letters, digits, '_', "
+        "'.', '-', starting with a letter or digit, not ending with '.', not a device name "
+        "(con, nul, com1, ...)"
     ]
+
+
+def test_tenant_ids_that_differ_only_in_case_are_one_id(tmp_path: Path) -> None:
+    """ "Acme" after "acme" is refused: both would be one csv directory on macOS or Windows."""
+    path = write(tmp_path, "tenants:\n  - {id: acme, api_key: a}\n  - {id: Acme, api_key: b}\n")
+    assert problems(path) == [
+        f"{path}:3: tenants[1].id: tenant id 'Acme' differs only in case from 'acme' (line 2); "
+        "ids name directories, which some file systems do not tell apart by case"
+    ]
+
+
+def test_every_valid_tenant_id_is_a_csv_directory_and_an_s3_partition(tmp_path: Path) -> None:
+    """Ids the config accepts are accepted by the csv sink's path rule and kept whole by S3."""
+    from collector_sinks.csv import safe_segment
+    from collector_sinks.s3 import partition_value
+
+    ids = ["acme", "a", "acme.corp", "acme-2_b", "nullable", "console", "com10", "x" * 64]
+    tenants = "".join(f"  - {{id: '{i}', api_key: k{n}}}\n" for n, i in enumerate(ids))
+    config = load(write(tmp_path, "tenants:\n", tenants))
+    for tenant in config.tenants:
+        assert safe_segment(tenant.id) == tenant.id
+        assert partition_value(tenant.id) == tenant.id
 
 
 def test_route_to_unknown_sink(tmp_path: Path) -> None:
@@ -183,6 +208,82 @@ def test_unknown_sink_type_lists_installed_types(tmp_path: Path) -> None:
     path = write(tmp_path, f"sinks:\n  lake:\n    type: s3\n    bucket: b\n{TENANT}")
     assert problems(path) == [
         f"{path}:3: sinks.lake.type: unknown sink type 's3'; installed: csv, sqlite, webhook"
+    ]
+
+
+def test_unknown_sink_type_is_reported_with_every_other_problem(tmp_path: Path) -> None:
+    """A sink whose plugin is missing still has its common keys checked, beside the problems
+    of the rest of the file, so installing the plugin reveals nothing new."""
+    path = write(
+        tmp_path,
+        """\
+        sinks:
+          lake: {type: bigquery, batch_size: -3}
+        tenants:
+          - {id: acme., api_key: k}
+        """,
+    )
+    assert problems(path) == [
+        f"{path}:2: sinks.lake.type: unknown sink type 'bigquery'; installed: csv, sqlite, webhook",
+        f"{path}:2: sinks.lake.batch_size: Input should be greater than or equal to 1",
+        f"{path}:4: tenants[0].id: invalid tenant id 'acme.': 1-64 letters, digits, '_', '.', "
+        "'-', starting with a letter or digit, not ending with '.', not a device name "
+        "(con, nul, com1, ...)",
+    ]
+
+
+def test_a_disabled_tenant_needs_no_secrets(tmp_path: Path) -> None:
+    """An idle tenant may lack credentials, unset variables and missing secret files alike."""
+    path = write(
+        tmp_path,
+        f"""\
+        tenants:
+          - {{id: acme, api_key: k}}
+          - {{id: waiting, enabled: false}}
+          - {{id: revoked, enabled: false, api_key: "${{REVOKED_KEY}}"}}
+          - {{id: rotated, enabled: false, client_id: c, client_secret_file: {tmp_path}/gone}}
+        """,
+    )
+    config = load(path)
+    assert [t.id for t in config.enabled_tenants] == ["acme"]
+    assert [t.api_key for t in config.tenants[1:3]] == [None, None]
+
+
+def test_a_disabled_tenant_still_gets_mistakes_reported(tmp_path: Path) -> None:
+    """Forgiving missing secrets does not hide a credential written twice."""
+    path = write(
+        tmp_path,
+        "tenants:\n  - {id: later, enabled: false, api_key: k, api_key_file: /nowhere}\n",
+    )
+    assert problems(path) == [
+        f"{path}:2: tenants[0].api_key_file: give either api_key or api_key_file, not both"
+    ]
+
+
+def test_an_enabled_tenant_still_needs_its_secrets(tmp_path: Path) -> None:
+    """Only ``enabled: false`` forgives missing secrets."""
+    path = write(tmp_path, "tenants:\n  - {id: acme, api_key: '${ACME_KEY}'}\n")
+    assert problems(path) == [
+        f"{path}:2: tenants[0].api_key: environment variable ACME_KEY is not set"
+    ]
+
+
+def test_two_tenants_with_the_same_credentials_get_a_warning(tmp_path: Path) -> None:
+    """Shared credentials are a warning naming both tenants, not an error."""
+    path = write(
+        tmp_path,
+        """\
+        tenants:
+          - {id: acme, client_id: c, client_secret: s}
+          - {id: globex, api_key: k}
+          - {id: acme-eu, client_id: c, client_secret: s}
+          - {id: other, client_id: c, client_secret: different}
+        """,
+    )
+    config = load(path)
+    assert [str(w) for w in config.warnings] == [
+        f"{path}:4: tenants[2]: tenant 'acme-eu' has the same credentials as tenant 'acme': "
+        "both would collect the same organization"
     ]
 
 
@@ -386,10 +487,10 @@ def test_example_yaml_validates_with_real_sinks(tmp_path: Path) -> None:
     without = problems(
         REPO / "config" / "example.yaml", {"SECRETS_DIR": str(tmp_path)}, real_sink_types()
     )
+    # initech is disabled: its missing secret is not a problem
     assert [p.split(": ", 2)[1] for p in without] == [
         "tenants[0].client_id",
         "tenants[1].api_key",
-        "tenants[2].client_secret",
     ]
 
 

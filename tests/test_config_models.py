@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.config_helpers import TENANT, WebhookTestConfig, load, write
+from tests.config_helpers import TENANT, WebhookTestConfig, load, problems, write
 
 # --- defaults and values ------------------------------------------------------------------------
 
@@ -174,3 +174,19 @@ def test_credentials_fingerprint_follows_credentials(tmp_path: Path) -> None:
     assert a == b
     assert len({a, c, d}) == 3
     assert "s" not in {a, c, d}
+
+
+def test_raw_pii_pseudonymize_needs_a_key(tmp_path: Path) -> None:
+    """state.raw_pii: pseudonymize without pii_key is a problem at the state section; with a
+    pii_key_file the key is read from the file and treated as a secret."""
+    path = write(tmp_path, "state: {raw_pii: pseudonymize}\n", TENANT)
+    assert problems(path) == [
+        f"{path}:1: state: raw_pii: pseudonymize needs a non-empty pii_key (or pii_key_file)"
+    ]
+    key = tmp_path / "state-key"
+    key.write_text("state-pii-key\n")
+    path = write(tmp_path, f"state: {{raw_pii: pseudonymize, pii_key_file: {key}}}\n", TENANT)
+    config = load(path)
+    assert config.state.raw_pii == "pseudonymize"
+    assert "state-pii-key" in config.secret_values()
+    assert "state-pii-key" not in repr(config)

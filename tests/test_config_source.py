@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from collector.log import redact
-from tests.config_helpers import WebhookTestConfig, load, problems, write
+from tests.config_helpers import TENANT, WebhookTestConfig, load, problems, write
 
 # --- interpolation ------------------------------------------------------------------------------
 
@@ -224,3 +224,58 @@ def test_secret_values_cover_every_secret_field(tmp_path: Path) -> None:
     assert sorted(load(path).secret_values()) == sorted(
         ["pg-canary", "pii-canary", "hook-canary", "oauth-canary", "key-canary"]
     )
+
+
+def test_nested_alias_bomb_is_one_clear_problem(tmp_path: Path) -> None:
+    """A few hundred bytes of nested ``x-`` anchors that would expand to a billion values are
+    refused before anything is expanded, with the line-less problem saying why."""
+    levels = [("a", "[x, x, x, x, x, x, x, x, x]")]
+    for name in "bcdefghi":
+        previous = levels[-1][0]
+        levels.append((name, "[" + ", ".join([f"*{previous}"] * 9) + "]"))
+    text = "".join(f"x-{name}: &{name} {value}\n" for name, value in levels) + TENANT
+    path = write(tmp_path, text)
+    assert len(text) < 600
+    assert problems(path) == [
+        f"{path}:?: <root>: the file expands to more than 1,000,000 values once its anchors, "
+        "aliases (*name) and merge keys (<<) are resolved; reuse fewer nested anchors"
+    ]
+
+
+def test_merge_key_bomb_is_refused_too(tmp_path: Path) -> None:
+    """Merge keys that double a mapping at every level count as the expansion they would be."""
+    lines = ["x-l0: &l0 {a: 1, b: 2}\n"]
+    for level in range(1, 30):
+        lines.append(f"x-l{level}: &l{level} {{<<: [*l{level - 1}, *l{level - 1}], k{level}: 1}}\n")
+    path = write(tmp_path, "".join(lines), TENANT)
+    [problem] = problems(path)
+    assert "expands to more than 1,000,000 values" in problem
+
+
+def test_anchors_used_as_meant_are_fine(tmp_path: Path) -> None:
+    """Shared defaults merged into many tenants stay well within the bound."""
+    tenants = "".join(f"  - {{<<: *defaults, id: t{n}, api_key: k{n}}}\n" for n in range(2000))
+    path = write(tmp_path, "x-defaults: &defaults {lookback_days: 7, settle_days: 1}\n")
+    path.write_text(path.read_text() + "tenants:\n" + tenants)
+    config = load(path)
+    assert len(config.tenants) == 2000
+    assert config.tenants[-1].lookback_days == 7
+
+
+def test_deep_nesting_is_one_clear_problem(tmp_path: Path) -> None:
+    """Lists nested hundreds deep are refused with a message, not a RecursionError; the parser
+    itself stops at a thousand levels."""
+    path = write(tmp_path, "x-deep: " + "[" * 500 + "]" * 500 + "\n", TENANT)
+    assert problems(path) == [f"{path}:?: <root>: nested more than 200 levels deep"]
+    path = write(tmp_path, "x-deep: " + "[" * 5000 + "]" * 5000 + "\n", TENANT)
+    [problem] = problems(path)
+    assert "exceeded maximum nesting depth" in problem
+
+
+def test_a_config_larger_than_the_bound_is_not_read(tmp_path: Path) -> None:
+    """A file over 16 MiB is refused by its size, naming the bound."""
+    path = tmp_path / "huge.yaml"
+    with path.open("w") as handle:
+        handle.write(TENANT)
+        handle.write("# " + "x" * (16 * 1024 * 1024) + "\n")
+    assert problems(path) == [f"{path}:?: <root>: the file is larger than 16 MiB"]

@@ -10,6 +10,7 @@ import asyncio
 import datetime as dt
 import functools
 import json
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
@@ -530,18 +531,30 @@ async def test_an_unexpected_exception_is_logged_with_its_traceback_at_debug(
 async def test_a_value_the_sqlite_sink_cannot_store_dead_letters_that_day_only(
     store: Store, tmp_path: Path
 ) -> None:
-    """A day whose count overflows SQLite's integers is dead-lettered at its first attempt; the
-    other days of its batch are stored, and nothing is retried."""
+    """A day whose value the sink's table refuses (a CHECK constraint of the user's warehouse) is
+    dead-lettered at its first attempt; the other days of its batch are stored, nothing is
+    retried. (Counts past int64, the other such value, are refused by the parser already.)"""
+    path = tmp_path / "usage.db"
+    opened = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path))
+    await opened.open()  # the four tables as the sink makes them
+    await opened.aclose()
+    with sqlite3.connect(path) as conn:
+        conn.execute("ALTER TABLE usage_daily RENAME TO usage_daily_unchecked")
+        conn.execute(
+            "CREATE TABLE usage_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL, "
+            "active_users INTEGER NOT NULL, messages INTEGER NOT NULL CHECK (messages < 1000), "
+            "fetched_at DATETIME NOT NULL, final BOOLEAN NOT NULL, PRIMARY KEY (tenant, day))"
+        )
     items = history(["acme"], 4)
     poison = DAY + dt.timedelta(days=2)
-    items[2] = fetched("acme", poison, messages=2**63)  # SQLite's largest integer is 2**63 - 1
-    sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=tmp_path / "usage.db"))
+    items[2] = fetched("acme", poison, messages=5000)
+    sink = SqliteSink("warehouse", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
     delivery = deliverer(store, {"warehouse": sink}, {"warehouse": config(batch_size=10)})
     await store.record_fetched(items)
     assert await delivery.run_until_drained(failed_passes=3) is False
     [dead] = await store.dead_letters("warehouse")
     assert ((dead.tenant, dead.day), dead.attempts) == (("acme", poison), 1)
-    assert dead.error.startswith("SinkPermanentError: sink warehouse: OverflowError")
+    assert dead.error.startswith("SinkPermanentError: sink warehouse: IntegrityError")
     assert await store.backlog("warehouse") == 0
     stats = delivery.stats()["warehouse"]
     assert (stats.delivered, stats.dead_lettered, stats.failed) == (3, 1, 1)

@@ -305,13 +305,15 @@ def test_prometheusrule_carries_the_same_groups_as_alerts_yml() -> None:
 
 
 def test_alerts_cover_staleness_dead_letters_sinks_and_auth() -> None:
-    """The four alerts the operators asked for exist (plus the daemon being down)."""
+    """The four alerts the operators asked for exist (plus the daemon being down and a failing
+    state store)."""
     assert {rule["alert"] for rule in alert_rules()} == {
         "ZencoderCollectorDown",
         "ZencoderTenantStale",
         "ZencoderDeadLettersGrowing",
         "ZencoderSinkDown",
         "ZencoderTenantAuthFailed",
+        "ZencoderStateStoreFailing",
     }
 
 

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 
-from collector.errors import SinkPermanentError
 from collector.export import ExportError, add_export_arguments, export_csv, run_export
 from collector.testing import make_batch, make_tenant_day
 from collector_sinks.csv import COLUMNS, CsvSink, CsvSinkConfig
@@ -89,8 +88,9 @@ def test_export_rejects_bad_input(csv_root: Path, tmp_path: Path) -> None:
         export_csv(csv_root, tmp_path / "o", START, START - dt.timedelta(days=1))
     with pytest.raises(ExportError, match="not a directory"):
         export_csv(tmp_path / "missing", tmp_path / "o", START, START)
-    with pytest.raises(SinkPermanentError):
-        export_csv(csv_root, tmp_path / "o", START, START, ["../etc"])
+    for unsafe in ("../etc", "nul", "acme."):
+        with pytest.raises(ExportError, match="invalid tenant id"):
+            export_csv(csv_root, tmp_path / "o", START, START, [unsafe])
 
 
 def test_export_replaces_an_older_export(csv_root: Path, tmp_path: Path) -> None:

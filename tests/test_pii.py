@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import hmac
+import json
 from pathlib import Path
 
 import msgspec
@@ -13,7 +14,7 @@ from pydantic import SecretStr, ValidationError
 
 from collector.config import load_config
 from collector.errors import ConfigError
-from collector.pii import Pseudonymizer, apply_pii, apply_sink_policy
+from collector.pii import Pseudonymizer, apply_pii, apply_sink_policy, raw_payload_policy
 from collector.plugin_manager import SinkRegistry, make_plugin_manager
 from collector.sink import SinkConfig
 from collector.testing import UNICODE_EMAILS, make_batch, make_tenant_day
@@ -163,3 +164,39 @@ async def test_no_raw_email_reaches_real_sinks(tmp_path: Path, mode: str) -> Non
     assert leaked == []
     if mode == "pseudonymize":
         assert reference_pseudonym(KEY, batch[0].users[0].user).encode() in blob
+
+
+def test_the_state_policy_rewrites_records_and_payload_alike() -> None:
+    """state.raw_pii: pseudonymize replaces each email in the records and in the stored body by
+    the same pseudonym, merges case twins in both, and leaves the rest of the body as sent."""
+    day = make_tenant_day(users=["Ann@x.example", "ann@x.example", "bob@x.example"])
+    body = json.dumps(
+        {
+            "status": "success",
+            "data": {
+                "period": {"start": "2026-01-05", "end": "2026-01-05", "days": 1},
+                "users": [{"email": u.user, "messages": u.messages} for u in day.users],
+                "lines_of_code": 7,
+            },
+        }
+    )
+    policy = raw_payload_policy("pseudonymize", b"k")
+    assert policy is not None
+    private, stored = policy(day, body)
+    alias = Pseudonymizer(b"k").pseudonym
+    assert [u.user for u in private.users] == [alias("ann@x.example"), alias("bob@x.example")]
+    assert isinstance(stored, str)
+    data = json.loads(stored)["data"]
+    assert [u["email"] for u in data["users"]] == [u.user for u in private.users]
+    assert data["users"][0]["messages"] == day.users[0].messages + day.users[1].messages
+    assert data["lines_of_code"] == 7
+    assert "@x.example" not in stored
+
+
+def test_the_state_policy_needs_a_known_mode_and_a_key() -> None:
+    """keep is no policy at all; pseudonymize without a key and unknown modes are refused."""
+    assert raw_payload_policy("keep", None) is None
+    with pytest.raises(ValueError, match="non-empty key"):
+        raw_payload_policy("pseudonymize", b"")
+    with pytest.raises(ValueError, match="unknown raw_pii mode"):
+        raw_payload_policy("drop", b"k")

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
+import logging
 from typing import Any
 
 import aiohttp
@@ -84,3 +87,62 @@ async def test_serving_releases_the_port() -> None:
     async with aiohttp.ClientSession() as http:
         with pytest.raises(aiohttp.ClientConnectionError):
             await http.get(f"http://{where}/healthz")
+
+
+_MALFORMED = [
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n",
+    b"GET /healthz HTTP/9.9\r\nHost: x\r\n\r\n",
+    b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 40,  # a TLS hello on a plain port
+]
+
+
+async def _send_raw(where: str, data: bytes) -> bytes:
+    host, port = parse_listen(where)
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await reader.read(65536)
+    finally:
+        writer.close()
+        with contextlib.suppress(ConnectionError):
+            await writer.wait_closed()
+
+
+async def test_malformed_requests_are_counted_and_logged_at_debug_only(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Garbage sent to the ops port gets a 400 and one debug line per request, never an error
+    with a traceback, and is counted in ops_bad_requests_total; the server keeps answering."""
+    probe = _Probe()
+    app = make_app(probe.metrics, probe.status, probe.ready)
+    caplog.set_level(logging.DEBUG)
+    async with serving(app, "127.0.0.1:0") as where:
+        for data in _MALFORMED:
+            answer = await _send_raw(where, data)
+            assert answer == b"" or answer.startswith(b"HTTP/1.")
+        async with aiohttp.ClientSession() as http, http.get(f"http://{where}/healthz") as ok:
+            assert ok.status == 200
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert probe.metrics.bad_requests.samples == {(): float(len(_MALFORMED))}
+
+
+async def test_a_crashing_handler_is_still_an_error(caplog: pytest.LogCaptureFixture) -> None:
+    """Only malformed requests are quietened: an exception in an endpoint stays an error log."""
+    probe = _Probe()
+
+    async def broken_status() -> dict[str, Any]:
+        raise RuntimeError("boom")
+
+    app = make_app(probe.metrics, broken_status, probe.ready)
+    async with (
+        serving(app, "127.0.0.1:0") as where,
+        aiohttp.ClientSession() as http,
+        http.get(f"http://{where}/status") as response,
+    ):
+        assert response.status == 500
+    errors = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert [r.levelno for r in errors] == [logging.ERROR]
+    assert errors[0].exc_info is not None
+    assert probe.metrics.bad_requests.samples.get((), 0.0) == 0

@@ -8,10 +8,10 @@ Usage::
 Every model forbids unknown keys. A failed load raises :class:`~collector.errors.ConfigError`
 whose ``problems`` list *every* problem as ``FILE:LINE: dotted.path: message`` (paths look like
 ``tenants[2].client_secret_file``). :mod:`.source` reads the YAML with the line of every key and
-does ``${VAR}`` interpolation and ``<key>_file`` secret files; :mod:`.models` holds the sections;
-:mod:`.loader` validates and locates problems. Secrets are :class:`~pydantic.SecretStr`:
-``repr``, ``str`` and ``model_dump_json`` show ``**********``; :meth:`AppConfig.secret_values`
-hands them to the log redactor.
+does ``${VAR}`` interpolation and ``<key>_file`` secret files; :mod:`.models` holds the sections
+(:mod:`.durations` their ``30s``-style durations); :mod:`.loader` validates and locates problems.
+Secrets are :class:`~pydantic.SecretStr`: ``repr``, ``str`` and ``model_dump_json`` show
+``**********``; :meth:`AppConfig.secret_values` hands them to the log redactor.
 
 Sinks: each ``sinks.NAME`` mapping is validated by the ``Config`` model of its ``type``, taken from
 ``sink_types`` (type name -> ``SinkConfig`` subclass, as the plugin manager discovers them). When
@@ -27,6 +27,7 @@ Relative paths (``sqlite:///data/state.db``, sink paths, secret files) stay as w
 relative to the working directory of the process.
 """
 
+from collector.config.durations import parse_duration
 from collector.config.loader import json_schema, load_config, parse_config, summarize
 from collector.config.models import (
     ApiConfig,
@@ -39,7 +40,6 @@ from collector.config.models import (
     ServerConfig,
     StateConfig,
     TenantConfig,
-    parse_duration,
 )
 from collector.config.source import SECRET_KEYS, interpolate, is_secret_key, read_secret_file
 

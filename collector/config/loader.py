@@ -18,15 +18,17 @@ from typing import Annotated, Any, Literal, Union, cast, get_args, get_origin
 from pydantic import BaseModel, Field, SecretStr, TypeAdapter, ValidationError, create_model
 from pydantic_core import ErrorDetails
 
-from collector.config.models import (
-    DURATION_JSON_SCHEMA,
-    NAME_PATTERN,
-    AppConfig,
-    GenericSinkConfig,
-    format_duration,
-    parse_duration,
+from collector.config.durations import DURATION_JSON_SCHEMA, format_duration, parse_duration
+from collector.config.models import NAME_PATTERN, AppConfig, GenericSinkConfig
+from collector.config.source import (
+    FILE_SUFFIX,
+    MAX_CONFIG_BYTES,
+    ConfigPath,
+    Source,
+    format_path,
+    is_secret_key,
+    parse_source,
 )
-from collector.config.source import FILE_SUFFIX, ConfigPath, Source, is_secret_key, parse_source
 from collector.errors import ConfigError, ConfigProblem
 from collector.sink import SinkConfig
 
@@ -65,7 +67,13 @@ def load_config(
     """
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with Path(path).open("rb") as handle:
+            # One byte past the bound is enough to know; a huge file is never read whole.
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            limit = f"{MAX_CONFIG_BYTES // (1024 * 1024)} MiB"
+            raise ConfigError([ConfigProblem(file, None, "", f"the file is larger than {limit}")])
+        text = raw.decode("utf-8")
     except OSError as exc:
         reason = exc.strerror or str(exc)
         raise ConfigError(
@@ -87,6 +95,7 @@ def parse_config(
     source = parse_source(text, source_name, os.environ if environ is None else environ)
     if not isinstance(source.data, dict):
         raise ConfigError(_sorted(source.problems))
+    _forgive_idle_secrets(source)
     # top-level x-* keys hold YAML anchors for reuse (as in docker compose); they are not settings
     data = {k: v for k, v in source.data.items() if not k.startswith("x-")}
     raw_sinks = data.pop("sinks", None)
@@ -106,7 +115,55 @@ def parse_config(
     if source.problems or config is None:
         raise ConfigError(_sorted(source.problems))
     config.sinks = sinks
+    config.warnings.extend(_shared_credentials(config, source))
     return config
+
+
+_CREDENTIALS = ("client_id", "client_secret", "api_key")
+
+
+def _forgive_idle_secrets(source: Source) -> None:
+    """A tenant with ``enabled: false`` needs no secrets: drop the problems about values that
+    could not be produced for its credentials (an unset variable, a missing secret file), so the
+    tenant can wait for them. Mistakes in how they are written are still reported."""
+    tenants = source.data.get("tenants")
+    if not isinstance(tenants, list):
+        return
+    idle = {
+        index
+        for index, tenant in enumerate(tenants)
+        if isinstance(tenant, dict) and tenant.get("enabled") is False
+    }
+    forgiven: set[str] = set()
+    for spot in source.placeholders:
+        if len(spot) == 3 and spot[0] == "tenants" and spot[1] in idle and spot[2] in _CREDENTIALS:
+            forgiven |= {format_path(spot), format_path(source.file_keys.get(spot, spot))}
+    source.problems = [p for p in source.problems if p.path not in forgiven]
+
+
+def _shared_credentials(config: AppConfig, source: Source) -> list[ConfigProblem]:
+    """Warnings for tenants whose credentials equal an earlier tenant's: both would fetch one
+    organization's data twice (and share its rate budget) under two ids."""
+    first: dict[str, str] = {}
+    warnings: list[ConfigProblem] = []
+    for index, tenant in enumerate(config.tenants):
+        if tenant.client_id is None and tenant.api_key is None:
+            continue  # a disabled tenant without credentials
+        fingerprint = tenant.credentials_fingerprint
+        if fingerprint not in first:
+            first[fingerprint] = tenant.id
+            continue
+        path: ConfigPath = ("tenants", index, "id")
+        warnings.append(
+            ConfigProblem(
+                source.file,
+                source.line_of(path),
+                f"tenants[{index}]",
+                f"tenant {tenant.id!r} has the same credentials as tenant "
+                f"{first[fingerprint]!r}: both would collect the same organization",
+            )
+        )
+    return warnings
 
 
 def _sorted(problems: list[ConfigProblem]) -> list[ConfigProblem]:
@@ -132,22 +189,28 @@ def _validate_sinks(
             source.add((*path, "type"), "expected a string")
             continue
         model: type[SinkConfig] = GenericSinkConfig
+        known = sink_types is None or type_name in sink_types
         if sink_types is not None:
-            if type_name not in sink_types:
+            if known:
+                model = sink_types[type_name]
+            else:
                 installed = ", ".join(sorted(sink_types)) or "none"
                 source.add(
                     (*path, "type"), f"unknown sink type {type_name!r}; installed: {installed}"
                 )
-                continue
-            model = sink_types[type_name]
+                # Still check the keys every sink has (batch_size, pii, ...), so installing the
+                # plugin does not reveal a second round of problems.
         values = _coerce_durations(dict(raw), model)
         _settle_file_keys(values, path, model, source)
         if model is GenericSinkConfig:
             values = {k: _maybe_secret(k, v) for k, v in values.items()}
         try:
-            sinks[name] = model.model_validate(values)
+            validated = model.model_validate(values)
         except ValidationError as exc:
             _report(exc, path, model, source)
+            continue
+        if known:
+            sinks[name] = validated
     return sinks
 
 
@@ -172,21 +235,37 @@ def _check_tenants(raw_tenants: Any, raw_sinks: dict[str, Any], source: Source) 
     """Cross checks pydantic cannot do per tenant: unique ids, routes to configured sinks."""
     if not isinstance(raw_tenants, list):
         return
-    first_line: dict[str, int | None] = {}
+    # Keyed by the lower-cased id: "Acme" and "acme" would share one directory of the csv sink
+    # on a case-insensitive file system (macOS, Windows), so they count as the same id.
+    first: dict[str, tuple[str, int | None]] = {}
     for index, tenant in enumerate(raw_tenants):
         if not isinstance(tenant, dict):
             continue
         tenant_id = tenant.get("id")
         if isinstance(tenant_id, str | int) and not isinstance(tenant_id, bool):
-            key, path = str(tenant_id), ("tenants", index, "id")
-            if key in first_line:
-                source.add(path, f"duplicate tenant id {key!r} (first at line {first_line[key]})")
-            else:
-                first_line[key] = source.line_of(path)
+            _check_unique_id(str(tenant_id), ("tenants", index, "id"), first, source)
         routes = tenant.get("sinks")
         for position, name in enumerate(routes if isinstance(routes, list) else []):
             if isinstance(name, str) and name not in raw_sinks:
                 source.add(("tenants", index, "sinks", position), _unknown_sink(name, raw_sinks))
+
+
+def _check_unique_id(
+    key: str, path: ConfigPath, first: dict[str, tuple[str, int | None]], source: Source
+) -> None:
+    """Report ``key`` if an earlier tenant has it, or has it in another case (``first`` maps each
+    lower-cased id seen to its spelling and line)."""
+    earlier = first.get(key.lower())
+    if earlier is None:
+        first[key.lower()] = (key, source.line_of(path))
+    elif earlier[0] == key:
+        source.add(path, f"duplicate tenant id {key!r} (first at line {earlier[1]})")
+    else:
+        source.add(
+            path,
+            f"tenant id {key!r} differs only in case from {earlier[0]!r} (line {earlier[1]}); "
+            "ids name directories, which some file systems do not tell apart by case",
+        )
 
 
 def _unknown_sink(name: str, raw_sinks: Mapping[str, Any]) -> str:
@@ -366,9 +445,11 @@ def _allow_file_keys(node: dict[str, Any]) -> None:
 def summarize(config: AppConfig) -> str:
     """One line for ``validate``: tenants by auth mode, sinks by name and type."""
     tenants = config.tenants
-    oauth = sum(1 for t in tenants if t.auth_mode == "oauth")
+    # by the credentials given: a disabled tenant may have none
+    oauth = sum(1 for t in tenants if t.client_id is not None)
+    api_key = sum(1 for t in tenants if t.api_key is not None)
     disabled = len(tenants) - len(config.enabled_tenants)
-    modes = f"{oauth} oauth, {len(tenants) - oauth} api_key"
+    modes = f"{oauth} oauth, {api_key} api_key"
     if disabled:
         modes += f", {disabled} disabled"
     sinks = ", ".join(f"{name} ({sink.type})" for name, sink in config.sinks.items())

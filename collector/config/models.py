@@ -12,88 +12,48 @@ import hmac
 import re
 import secrets
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Field,
-    PlainSerializer,
+    PrivateAttr,
     SecretStr,
     SerializeAsAny,
     ValidationInfo,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
 
+from collector.config.durations import Duration
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
+from collector.errors import ConfigProblem
 from collector.log import get_logger, register_secrets
 from collector.sink import SinkConfig
 
 log = get_logger("collector.config")
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h|d)")
-_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+# Names Windows reserves for devices, with or without an extension ("nul", "con.txt"): a tenant id
+# is a directory name in the csv sink, so the rule is the one every file system accepts.
+_RESERVED_NAME = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
+TENANT_ID_RULE = (
+    "1-64 letters, digits, '_', '.', '-', starting with a letter or digit, not ending with '.', "
+    "not a device name (con, nul, com1, ...)"
+)
 # Fingerprints only need to differ when credentials differ within this process; a per-process key
 # keeps them useless for guessing a weak secret offline.
 _FINGERPRINT_KEY = secrets.token_bytes(32)
 
 
-def parse_duration(value: object) -> object:
-    """``"30s"``, ``"5m"``, ``"1h30m"``, ``"500ms"``, ``"1d"`` or seconds -> timedelta.
-
-    ISO 8601 strings (``PT30S``) and other types pass through for pydantic to judge.
-    """
-    if isinstance(value, bool):
-        raise ValueError(  # noqa: TRY004 - pydantic turns only ValueError into a located problem
-            "expected a duration such as 30s, 5m, 1h or a number of seconds"
-        )
-    if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("a duration cannot be negative")
-        return dt.timedelta(seconds=value)
-    if isinstance(value, str) and not value.startswith("P"):
-        text = value.strip().replace(" ", "")
-        if re.fullmatch(r"\d+(?:\.\d+)?", text):
-            return dt.timedelta(seconds=float(text))
-        if text and re.fullmatch(f"(?:{_DURATION_PART.pattern})+", text):
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
-            return dt.timedelta(seconds=seconds)
-        raise ValueError(f"invalid duration {value!r}: use e.g. 500ms, 30s, 5m, 1h, 1d, 1h30m")
-    return value
-
-
-def format_duration(value: dt.timedelta) -> str:
-    """The shortest exact spelling in the config's own units: ``30s``, ``5m``, ``500ms``."""
-    millis = round(value.total_seconds() * 1000)
-    for unit in ("d", "h", "m", "s"):
-        size = round(_UNIT_SECONDS[unit] * 1000)
-        if millis and millis % size == 0:
-            return f"{millis // size}{unit}"
-    return f"{millis}ms"
-
-
-DURATION_JSON_SCHEMA: dict[str, Any] = {
-    "anyOf": [
-        {
-            "type": "string",
-            "pattern": r"^(\d+(\.\d+)?(ms|s|m|h|d))+$|^\d+(\.\d+)?$|^P[0-9.YMWDTHS]+$",
-        },
-        {"type": "number", "minimum": 0},
-    ],
-}
-"""Durations as the config accepts them: 500ms, 30s, 5m, 1h, 1d, 1h30m, seconds, or ISO 8601."""
-
-Duration = Annotated[
-    dt.timedelta,
-    BeforeValidator(parse_duration),
-    PlainSerializer(format_duration, return_type=str, when_used="json"),
-    WithJsonSchema(DURATION_JSON_SCHEMA),
-]
+def tenant_id_problem(value: str) -> str | None:
+    """Why ``value`` cannot be a tenant id, or None. The id names a directory (csv sink), an S3
+    partition and a metric label, so it is the one rule every first-party sink accepts."""
+    if not NAME_PATTERN.fullmatch(value) or value.endswith(".") or _RESERVED_NAME.fullmatch(value):
+        return f"invalid tenant id {value!r}: {TENANT_ID_RULE}"
+    return None
 
 
 def _http_url(value: str) -> str:
@@ -254,6 +214,24 @@ class StateConfig(_Model):
     payload_retention_days: int | None = Field(
         default=None, ge=1, description="Drop raw payloads older than this; null keeps them all."
     )
+    raw_pii: Literal["keep", "pseudonymize"] = Field(
+        default="keep",
+        description="Emails in the stored raw payloads: keep, or pseudonymize (keyed pseudonyms "
+        "replace them before anything is stored; sinks then receive the pseudonyms).",
+    )
+    pii_key: SecretStr | None = Field(
+        default=None,
+        description="Key of the raw_pii: pseudonymize pseudonyms (or pii_key_file); keep it "
+        "stable, or the same user gets a new pseudonym.",
+    )
+
+    @model_validator(mode="after")
+    def _key_for_pseudonyms(self) -> StateConfig:
+        if self.raw_pii == "pseudonymize" and (
+            self.pii_key is None or not self.pii_key.get_secret_value()
+        ):
+            raise ValueError("raw_pii: pseudonymize needs a non-empty pii_key (or pii_key_file)")
+        return self
 
     @field_validator("url")
     @classmethod
@@ -283,8 +261,8 @@ class StateConfig(_Model):
         return parts._replace(netloc=netloc).geturl()
 
     def secret_values(self) -> list[str]:
-        """The password, from ``password`` or written inside the URL."""
-        found = [self.password.get_secret_value()] if self.password else []
+        """The password (from ``password`` or written inside the URL) and the ``pii_key``."""
+        found = [s.get_secret_value() for s in (self.password, self.pii_key) if s is not None]
         inline = urlsplit(self.url).password
         if inline:
             found += [inline, unquote(inline)]
@@ -360,11 +338,9 @@ class TenantConfig(_Model):
     @field_validator("id")
     @classmethod
     def _valid_id(cls, value: str) -> str:
-        if not NAME_PATTERN.fullmatch(value):
-            raise ValueError(
-                f"invalid tenant id {value!r}: 1-64 letters, digits, '_', '.', '-', "
-                "starting with a letter or digit"
-            )
+        problem = tenant_id_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @field_validator("client_id", "client_secret", "api_key", mode="before")
@@ -385,7 +361,9 @@ class TenantConfig(_Model):
         oauth = self.client_id is not None or self.client_secret is not None
         if oauth and self.api_key is not None:
             raise ValueError("give either api_key or client_id + client_secret, not both")
-        if self.api_key is None:
+        # An idle tenant makes no request: its secrets may be absent (not yet issued, or already
+        # revoked) without failing the whole config.
+        if self.enabled and self.api_key is None:
             if not oauth:
                 raise ValueError(
                     "no credentials: give client_id + client_secret (OAuth) or api_key"
@@ -478,6 +456,13 @@ class AppConfig(_Model):
         default_factory=dict, description="Sink instances by name; the name is the routing key."
     )
     tenants: list[TenantConfig] = Field(default_factory=list)
+    _warnings: list[ConfigProblem] = PrivateAttr(default_factory=list)
+
+    @property
+    def warnings(self) -> list[ConfigProblem]:
+        """What the loader found doubtful but not wrong (e.g. two tenants with one set of
+        credentials): logged at start and by ``validate``, never a reason to refuse the file."""
+        return self._warnings
 
     @property
     def enabled_tenants(self) -> list[TenantConfig]:

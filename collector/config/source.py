@@ -11,6 +11,12 @@ into any string of the file:
 - **secret files**: next to a secret key (:func:`is_secret_key`), ``<key>_file: PATH`` reads the
   value from a file (Docker and Kubernetes secrets), stripping one trailing newline.
 
+Hostile input is bounded before anything is built: a file larger than :data:`MAX_CONFIG_BYTES`
+is not parsed, and one whose anchors, aliases and merge keys would expand to more than
+:data:`MAX_CONFIG_VALUES` values (a "billion laughs" of nested ``x-`` anchors) or nest deeper
+than :data:`MAX_CONFIG_DEPTH` is one problem, found by counting the node graph (each node once)
+instead of expanding it.
+
 Every problem is collected (never raised) as a :class:`~collector.errors.ConfigProblem`, so the
 loader can report all of them at once. Where a value could not be produced, a placeholder (an empty
 string) keeps the key present and the spot is remembered in ``Source.placeholders``: the loader
@@ -41,6 +47,13 @@ SECRET_KEYS = frozenset(
 SECRET_SUFFIXES = ("_secret", "_password", "_key", "_token")
 
 FILE_SUFFIX = "_file"
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+"""A config larger than this is refused unread (ten thousand tenants take about 2 MiB)."""
+MAX_CONFIG_VALUES = 1_000_000
+"""Values (mappings, lists, scalars) the file may expand to once every alias is resolved."""
+MAX_CONFIG_DEPTH = 200
+"""Mappings and lists nested in each other; a real config needs fewer than ten."""
 
 # libyaml's parser is ~15x faster (it matters when a SIGHUP reloads thousands of tenants) and keeps
 # the same marks; the pure-Python one is the fallback where PyYAML was built without it.
@@ -167,8 +180,14 @@ class Source:
 def parse_source(text: str, file: str, environ: Mapping[str, str]) -> Source:
     """Parse YAML ``text`` into a :class:`Source`; YAML syntax errors become a single problem."""
     source = Source(file=file)
+    if len(text) > MAX_CONFIG_BYTES:
+        source.add((), f"the file is larger than {MAX_CONFIG_BYTES // (1024 * 1024)} MiB")
+        return source
     try:
         root = yaml.compose(text, Loader=_LOADER)
+    except RecursionError:
+        source.add((), f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+        return source
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -181,12 +200,65 @@ def parse_source(text: str, file: str, environ: Mapping[str, str]) -> Source:
     if root is None:
         source.add((), "the file is empty; expected a mapping with api, collection, sinks, tenants")
         return source
+    expanded = _expanded_size(root)
+    if expanded is None:
+        source.add((), f"nested more than {MAX_CONFIG_DEPTH} levels deep")
+        return source
+    if expanded > MAX_CONFIG_VALUES:
+        source.add(
+            (),
+            f"the file expands to more than {MAX_CONFIG_VALUES:,} values once its anchors, "
+            "aliases (*name) and merge keys (<<) are resolved; reuse fewer nested anchors",
+        )
+        return source
     builder = _Builder(source, environ)
     source.data = builder.build(root, ())
     if not isinstance(source.data, dict):
         source.add((), "expected a mapping at the top level (api, collection, sinks, tenants, ...)")
         source.data = None
     return source
+
+
+def _expanded_size(root: Node) -> int | None:
+    """How many values ``root`` stands for with every alias expanded, counting each distinct node
+    once (memoized), so a billion laughs is counted in microseconds, not expanded. None if the
+    nesting is deeper than :data:`MAX_CONFIG_DEPTH`. A merge key counts the mapping it merges;
+    a recursive alias counts once (the builder reports it)."""
+    sizes: dict[int, int] = {}
+    visiting: set[int] = set()
+
+    def size(node: Node, depth: int) -> int:
+        if depth > MAX_CONFIG_DEPTH:
+            raise _TooDeep
+        known = sizes.get(id(node))
+        if known is not None:
+            return known
+        if id(node) in visiting:
+            return 1
+        visiting.add(id(node))
+        total = 1
+        if isinstance(node, MappingNode):
+            for key, value in node.value:
+                total += size(key, depth + 1) + size(value, depth + 1)
+                if total > MAX_CONFIG_VALUES:
+                    break
+        elif isinstance(node, SequenceNode):
+            for item in node.value:
+                total += size(item, depth + 1)
+                if total > MAX_CONFIG_VALUES:
+                    break
+        visiting.discard(id(node))
+        sizes[id(node)] = total = min(total, MAX_CONFIG_VALUES + 1)
+        return total
+
+    try:
+        return size(root, 0)
+    except _TooDeep:
+        return None
+
+
+class _TooDeep(Exception):
+    """Raised inside :func:`_expanded_size` to stop at :data:`MAX_CONFIG_DEPTH`."""
 
 
 class _Builder:

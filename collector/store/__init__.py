@@ -27,6 +27,7 @@ from __future__ import annotations
 
 from collector.planner import DayState, DayStatus
 from collector.store.days import DaysStore
+from collector.store.lock import StoreUnusable
 from collector.store.schema import (
     DeadLetter,
     PendingBatch,
@@ -45,6 +46,7 @@ __all__ = [
     "SinkState",
     "StatusSnapshot",
     "Store",
+    "StoreUnusable",
     "TenantState",
     "TenantStatus",
 ]

@@ -16,7 +16,15 @@ opened with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken by anot
 
 Errors: every SQLAlchemy/driver exception becomes :class:`~collector.errors.StoreError` with the
 driver's first message line; SQL parameters are hidden from messages (payloads hold emails), and
-the URL is only ever shown with its password masked."""
+the URL is only ever shown with its password masked. A file that is not a database or is corrupt
+raises :class:`~collector.store.lock.StoreUnusable` (retrying cannot help). Every failure and the
+first success after one are recorded in :class:`StoreHealth` (``store.health``): at most one
+error log every :data:`HEALTH_LOG_INTERVAL` seconds, ``/readyz`` and the metrics read it, and a
+write that succeeds again ends the outage.
+
+Files (SQLite): the database, its ``-wal``/``-shm`` files and its directory are created owner-only
+(``files.shared_group`` adds the group), see :mod:`collector.files`; an exclusive opener (``run``,
+``backfill``) holds the lock of :mod:`collector.store.lock`."""
 
 from __future__ import annotations
 
@@ -25,6 +33,7 @@ import contextlib
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
@@ -46,8 +55,12 @@ from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
 from collector.errors import StoreError
+from collector.files import create_private_file, ensure_private_dir
+from collector.models import TenantDay
+from collector.pii import PayloadPolicy, StoredPayload
 from collector.planner import DayStatus
 from collector.store.hot import HotStatements
+from collector.store.lock import StateLock, StoreUnusable, refuse_truncated
 from collector.store.schema import (
     SCHEMA_VERSION,
     metadata,
@@ -68,6 +81,12 @@ _TEXT_MAX = 1000
 _SQLITE_SYNC = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 _SQLITE_CACHE_KIB = 1024  # page cache per connection
 _STATUSES: frozenset[str] = frozenset({"missing", "fetched", "final", "failed"})
+# SQLite result codes (the primary code, the low byte) that no retry can cure: not a database,
+# or a corrupt one.
+_SQLITE_NOTADB = 26
+_SQLITE_CORRUPT = 11
+HEALTH_LOG_INTERVAL = 60.0
+"""Seconds between two error logs of state store failures."""
 
 
 def _utcnow() -> dt.datetime:
@@ -107,6 +126,90 @@ def describe(exc: SQLAlchemyError) -> str:
     return f"state database error ({type(exc).__name__}): {first[:300]}"
 
 
+def is_unusable(exc: BaseException) -> bool:
+    """Whether a driver error says the database file itself is broken (not a database, corrupt)."""
+    orig = getattr(exc, "orig", exc)
+    code = getattr(orig, "sqlite_errorcode", None)
+    return isinstance(code, int) and (code & 0xFF) in (_SQLITE_NOTADB, _SQLITE_CORRUPT)
+
+
+def store_error(exc: SQLAlchemyError, prefix: str = "") -> StoreError:
+    """The :class:`StoreError` (or :class:`StoreUnusable`) for a driver error."""
+    kind = StoreUnusable if is_unusable(exc) else StoreError
+    return kind(prefix + describe(exc))
+
+
+class StoreHealth:
+    """Whether the state store's last operation failed, since when and why; thread-safe.
+
+    Every failed operation is counted (``failures``), but an error is logged at most once per
+    :data:`HEALTH_LOG_INTERVAL` seconds, whatever the reason and even across a quick recovery
+    (a nearly full disk may let small writes through between failing ones), so a full disk under
+    a thousand tenants is one error line a minute, not one traceback per tenant. The recovery is
+    logged when it ends an outage whose error was logged.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self.failures = 0
+        self.error: str | None = None
+        self.since: dt.datetime | None = None
+        self._logged_at: float | None = None
+        self._outage_logged = False
+        self._suppressed = 0
+        self.unusable: str | None = None
+        """Set when the database turned out corrupt while in use: no retry can cure that."""
+
+    @property
+    def failing(self) -> bool:
+        """True from a failed operation until the next one that succeeds."""
+        return self.error is not None
+
+    def snapshot(self) -> dict[str, Any]:
+        """The ``state_store`` object of ``/status``."""
+        return {
+            "state": "failing" if self.failing else "ok",
+            "error": self.error,
+            "since": self.since.isoformat() if self.since else None,
+            "errors": self.failures,
+        }
+
+    def failed(self, error: str) -> None:
+        with self._lock:
+            self.failures += 1
+            now = self._clock()
+            if self.error is None:
+                self.since = dt.datetime.now(dt.UTC)
+            self.error = error
+            if self._logged_at is not None and now - self._logged_at < HEALTH_LOG_INTERVAL:
+                self._suppressed += 1
+                return
+            suppressed, self._suppressed, self._logged_at = self._suppressed, 0, now
+            self._outage_logged = True
+            since = self.since
+        log.error(
+            "state store failing: nothing new is stored until it recovers",
+            error=error,
+            since=since.isoformat() if since else None,
+            similar_errors_not_logged=suppressed,
+        )
+
+    def succeeded(self) -> None:
+        if self.error is None:  # the common case, without taking the lock
+            return
+        with self._lock:
+            error, since, logged = self.error, self.since, self._outage_logged
+            self.error = self.since = None
+            self._outage_logged = False
+        if logged:
+            log.warning(
+                "state store recovered",
+                error_was=error,
+                since=since.isoformat() if since else None,
+            )
+
+
 def keys_in(conn: Connection, tenant: Any, day: Any, keys: Sequence[Key]) -> ColumnElement[bool]:
     """``(tenant, day) IN keys``, or on SQLite a superset of it: the caller drops extra rows.
 
@@ -135,6 +238,10 @@ class StoreBase:
     ) -> None:
         self._engine = engine
         self._display_url = display_url
+        self.health = StoreHealth()
+        # state.raw_pii: applied to every fetched day before it is stored (None: kept as is).
+        self.payload_policy: PayloadPolicy | None = None
+        self._state_lock: StateLock | None = None
         self._now = clock
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
         self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
@@ -164,18 +271,30 @@ class StoreBase:
         *,
         synchronous: str | None = None,
         clock: Callable[[], dt.datetime] = _utcnow,
+        exclusive: bool = False,
+        shared_group: bool = False,
     ) -> Self:
         """Connect, create (or check the version of) the schema, and return a ready store.
 
         ``url``: ``sqlite:///relative/state.db``, ``sqlite:////absolute/state.db`` or
         ``postgresql+psycopg://user:password@host:5432/db``. For SQLite, ``synchronous`` is
         ``normal`` (default) or ``full``; the URL may also say ``?synchronous=full``.
+        ``exclusive`` (SQLite): hold the state's lock file until :meth:`aclose`, refusing to open
+        while another collector holds it. ``shared_group``: files and directories created are
+        group-readable (``files.shared_group``).
         """
-        return await asyncio.to_thread(cls._open_sync, url, synchronous, clock)
+        return await asyncio.to_thread(
+            cls._open_sync, url, synchronous, clock, exclusive, shared_group
+        )
 
     @classmethod
     def _open_sync(
-        cls, url: str, synchronous: str | None, clock: Callable[[], dt.datetime]
+        cls,
+        url: str,
+        synchronous: str | None,
+        clock: Callable[[], dt.datetime],
+        exclusive: bool,
+        shared_group: bool,
     ) -> Self:
         try:
             parsed = make_url(url)
@@ -183,27 +302,44 @@ class StoreBase:
             raise StoreError("state.url is not a database URL") from None
         display = parsed.render_as_string(hide_password=True)
         backend = parsed.get_backend_name()
+        if backend not in ("sqlite", "postgresql"):
+            raise StoreError(f"state.url: unsupported database {backend!r} (sqlite, postgresql)")
+        state_lock: StateLock | None = None
         try:
             if backend == "sqlite":
-                engine = cls._sqlite_engine(parsed, synchronous)
-            elif backend == "postgresql":
-                engine = create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
-            else:
-                raise StoreError(
-                    f"state.url: unsupported database {backend!r} (sqlite, postgresql)"
+                engine, state_lock = cls._sqlite_engine(
+                    parsed, synchronous, exclusive=exclusive, shared_group=shared_group
                 )
+            else:
+                engine = create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
             store = cls(engine, display_url=display, clock=clock)
+            store._state_lock = state_lock
             store._migrate()
+            if state_lock is not None:
+                state_lock.record(initialized=True)
         except SQLAlchemyError as exc:
-            raise StoreError(f"{display}: {describe(exc)}") from exc
+            cls._release(state_lock)
+            raise store_error(exc, f"{display}: ") from exc
         except OSError as exc:
+            cls._release(state_lock)
             raise StoreError(f"state database {display}: {exc.strerror or exc}") from exc
         except ModuleNotFoundError as exc:
+            cls._release(state_lock)
             raise StoreError(f"state.url needs the {exc.name!r} driver") from None
+        except BaseException:
+            cls._release(state_lock)
+            raise
         return store
 
     @staticmethod
-    def _sqlite_engine(url: URL, synchronous: str | None) -> Engine:
+    def _release(state_lock: StateLock | None) -> None:
+        if state_lock is not None:
+            state_lock.release()
+
+    @staticmethod
+    def _sqlite_engine(
+        url: URL, synchronous: str | None, *, exclusive: bool, shared_group: bool
+    ) -> tuple[Engine, StateLock | None]:
         query = dict(url.query)
         mode = str(query.pop("synchronous", None) or synchronous or "normal").lower()
         if mode not in _SQLITE_SYNC:
@@ -211,7 +347,18 @@ class StoreBase:
         url = url.set(query=query)
         if not url.database or url.database == ":memory:":
             raise StoreError("state.url: SQLite needs a file path, e.g. sqlite:///data/state.db")
-        Path(url.database).expanduser().parent.mkdir(parents=True, exist_ok=True)
+        database = Path(url.database).expanduser()
+        ensure_private_dir(database.parent, shared_group)
+        state_lock = StateLock.acquire(database, shared_group=shared_group) if exclusive else None
+        try:
+            refuse_truncated(database)
+            # Created here with the private mode before SQLite opens it: SQLite gives the -wal
+            # and -shm files the database file's mode, whatever the umask.
+            create_private_file(database, shared_group)
+        except BaseException:
+            if state_lock is not None:
+                state_lock.release()
+            raise
         engine = create_engine(
             url,
             hide_parameters=True,
@@ -245,7 +392,7 @@ class StoreBase:
             immediate = conn.get_execution_options().get("collector_write", False)
             conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
-        return engine
+        return engine, state_lock
 
     def _migrate(self) -> None:
         with self._engine.connect() as conn:
@@ -275,9 +422,16 @@ class StoreBase:
                 if write:
                     conn.execution_options(collector_write=True)
                 with conn.begin():
-                    return fn(conn)
+                    result = fn(conn)
         except SQLAlchemyError as exc:
-            raise StoreError(describe(exc)) from exc
+            error = store_error(exc)
+            self.health.failed(str(error))
+            if isinstance(error, StoreUnusable):
+                self.health.unusable = str(error)
+            raise error from exc
+        if write:  # a read succeeds on a full disk too: only a write proves recovery
+            self.health.succeeded()
+        return result
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
         return await asyncio.to_thread(self._run, fn, False)
@@ -287,12 +441,36 @@ class StoreBase:
         async with lock:
             return await asyncio.to_thread(self._run, fn, True)
 
+    def private(
+        self, items: Sequence[tuple[TenantDay, StoredPayload]]
+    ) -> Sequence[tuple[TenantDay, StoredPayload]]:
+        """``items`` as :attr:`payload_policy` lets them be stored (``state.raw_pii``)."""
+        policy = self.payload_policy
+        return items if policy is None else [policy(td, data) for td, data in items]
+
     async def ping(self) -> None:
-        """Raise :class:`StoreError` unless the database answers (for ``/readyz``)."""
-        await self._read(lambda conn: conn.execute(select(1)).scalar())
+        """Raise :class:`StoreError` unless the database answers (for ``/readyz``).
+
+        While :attr:`health` says the store is failing, the ping is a small write (the
+        ``health_probe`` row of ``store_meta``), since a full disk still answers reads: a
+        successful probe ends the outage, so readiness returns when space does.
+        """
+        if not self.health.failing:
+            await self._read(lambda conn: conn.execute(select(1)).scalar())
+            return
+        stamp = int(self._now().timestamp())
+        await self._write(
+            lambda conn: conn.execute(
+                upsert(conn, store_meta, ["key"], columns=["value"]),
+                [{"key": "health_probe", "value": stamp}],
+            )
+        )
 
     async def aclose(self) -> None:
-        """Close the pooled connections; the store cannot be used afterwards."""
+        """Close the pooled connections and give up the lock; the store cannot be used
+        afterwards."""
         if not self._closed.is_set():
             self._closed.set()
             await asyncio.to_thread(self._engine.dispose)
+            if self._state_lock is not None:
+                self._state_lock.release()

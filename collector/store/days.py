@@ -42,6 +42,7 @@ class DaysStore(OutboxStore):
         """
         if not items:
             return []
+        items = self.private(items)  # state.raw_pii, before anything reaches the disk
         flags, readers = await self._write(lambda conn: self._record_fetched(conn, items))
         # The sinks are about to read exactly these days: hand them over instead of having the
         # first sink parse every payload again (the largest CPU cost of delivery otherwise).
