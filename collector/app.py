@@ -31,6 +31,7 @@ from collector.plugin_manager import (
 )
 from collector.sink import Sink, SinkHost
 from collector.store import Store
+from collector.workers import set_worker_threads
 
 log = structlog.get_logger("collector.app")
 
@@ -124,6 +125,7 @@ async def open_runtime(
 ) -> AsyncIterator[Runtime]:
     """Open the store, create the sinks and the client; close all of them on exit."""
     configure_plugins(plugins.pm, config)
+    set_worker_threads(config.runtime.worker_threads)  # before the store's first thread call
     # The commands that collect (run, backfill) hold the state's lock; ``replay`` (only_sinks)
     # is meant to run next to them.
     store = await Store.open(

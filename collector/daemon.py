@@ -23,8 +23,8 @@ Lifecycle:
 - SIGHUP: reload the config. An invalid file is rejected with its problems logged and the old
   config kept. Otherwise added tenants are scheduled, removed ones stop (their in-flight cycle is
   cancelled), tenants with changed credentials lose their cached token, and a change to the sinks
-  or their routes restarts the deliverer with the new sink set. ``api``, ``state``, ``server``
-  and ``files`` changes need a restart (logged).
+  or their routes restarts the deliverer with the new sink set. ``api``, ``state``, ``server``,
+  ``runtime`` and ``files`` changes need a restart (logged).
 """
 
 from __future__ import annotations
@@ -376,7 +376,7 @@ class Daemon:
             ):
                 # A new rhythm applies from now, not after the old (maybe long) interval.
                 self.next_run.pop(tenant_id, None)
-        for section in ("api", "state", "server", "files"):
+        for section in ("api", "state", "server", "runtime", "files"):
             if getattr(old, section) != getattr(new, section):
                 log.warning(
                     "config section changed; it takes effect after a restart", section=section

@@ -436,7 +436,7 @@ class SinkConformance:
     # helpers
 
     async def _call(self, operation: Awaitable[Any], what: str) -> Any:
-        with anyio.move_on_after(self.operation_timeout) as scope:
+        with anyio.move_on_after(self.operation_timeout):
             return await operation
         pytest.fail(f"{what} did not finish within {self.operation_timeout} s")
 
