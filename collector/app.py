@@ -20,7 +20,7 @@ from collector.config import AppConfig, load_config
 from collector.deliverer import Deliverer
 from collector.log import register_secrets
 from collector.metrics import Metrics
-from collector.pii import raw_payload_policy
+from collector.pii import raw_body_policy, raw_payload_policy
 from collector.pipeline import Collector, utc_today
 from collector.plugin_manager import (
     CollectorPluginManager,
@@ -120,23 +120,27 @@ async def open_runtime(
     *,
     with_sinks: bool = True,
     only_sinks: set[str] | None = None,
+    exclusive: bool | None = None,
     today: Callable[[], dt.date] = utc_today,
     metrics: Metrics | None = None,
 ) -> AsyncIterator[Runtime]:
-    """Open the store, create the sinks and the client; close all of them on exit."""
+    """Open the store, create the sinks and the client; close all of them on exit.
+
+    ``exclusive``: hold the state's single-collector lock; by default only the commands that
+    collect do (run, backfill): ``replay`` (``only_sinks``) and ``reprocess`` call no API and
+    are meant to run next to them.
+    """
     configure_plugins(plugins.pm, config)
     set_worker_threads(config.runtime.worker_threads)  # before the store's first thread call
-    # The commands that collect (run, backfill) hold the state's lock; ``replay`` (only_sinks)
-    # is meant to run next to them.
     store = await Store.open(
         config.state.connection_url(),
-        exclusive=only_sinks is None,
+        exclusive=(only_sinks is None) if exclusive is None else exclusive,
         shared_group=config.files.shared_group,
     )
     pii_key = config.state.pii_key
-    store.payload_policy = raw_payload_policy(
-        config.state.raw_pii, pii_key.get_secret_value().encode() if pii_key else None
-    )
+    key = pii_key.get_secret_value().encode() if pii_key else None
+    store.payload_policy = raw_payload_policy(config.state.raw_pii, key)
+    store.body_policy = raw_body_policy(config.state.raw_pii, key)
     runtime: Runtime | None = None
     try:
         sinks: dict[str, Sink] = {}

@@ -243,6 +243,13 @@ def _replay_arguments(replay: argparse.ArgumentParser) -> None:
     replay.add_argument("--dead-letters", action="store_true", help="only dead-lettered days")
 
 
+def _reprocess_arguments(reprocess: argparse.ArgumentParser) -> None:
+    _config_arg(reprocess)
+    reprocess.add_argument("--tenant", action="append", help="tenant id (repeatable); default: all")
+    reprocess.add_argument("--since", type=parse_day, help="first day, YYYY-MM-DD")
+    reprocess.add_argument("--until", type=parse_day, help="last day, YYYY-MM-DD")
+
+
 def _plugins_arguments(plugins: argparse.ArgumentParser) -> None:
     plugins.add_argument("--json", action="store_true")
     plugins.add_argument(
@@ -338,6 +345,13 @@ COMMANDS: tuple[Command, ...] = (
         "redeliver stored history to a sink without calling the API",
         _replay_arguments,
         "collector.commands:replay",
+        loads_config=True,
+    ),
+    Command(
+        "reprocess",
+        "re-derive days from stored API bodies with the current parser, without the API",
+        _reprocess_arguments,
+        "collector.commands:reprocess",
         loads_config=True,
     ),
     Command(

@@ -477,8 +477,9 @@ class ApiClient:
         if status == 200:
             try:
                 return self._parse_day(tenant.id, day, reply)
-            except BadResponse:
+            except BadResponse as exc:
                 self.metrics.bad_responses[tenant.id] += 1
+                exc.body = reply.body  # raw first: the caller quarantines the day with it
                 raise
         message = _api_message(reply.body)
         shown = scrub(message, secret_values(tenant)) if message else "no error message"

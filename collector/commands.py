@@ -17,6 +17,7 @@ from collector.app import Plugins, load, load_plugins, open_runtime
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
+from collector.planner import oldest_servable, split_by_history
 from collector.process import EXIT_INCOMPLETE, EXIT_OK, EXIT_USAGE, dump_json, end_startup
 from collector.report import cycle_summary
 
@@ -231,12 +232,31 @@ async def backfill(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     span = [since + dt.timedelta(days=i) for i in range((until - since).days + 1)]
     tenants = _select(config, args.tenant)
-    plans = await _backfill_plans(config, tenants, span, refetch=args.refetch)
+    history = config.api.history_days
+    # The pipeline never asks for days older than the API's window (an empty answer would be
+    # stored as zeros); say so here, before collecting what the window still holds.
+    servable, too_old = split_by_history(span, utc_today(), history)
+    if too_old:
+        print(
+            f"warning: {_days_text(too_old)} cannot be collected: the API serves the last "
+            f"{history} days (api.history_days), from {oldest_servable(utc_today(), history)} "
+            "on; nothing is stored for them",
+            file=sys.stderr,
+        )
+    if not servable:
+        return EXIT_OK
+    plans = await _backfill_plans(config, tenants, servable, refetch=args.refetch)
     result, delivered = await _cycle_with_progress(
         args, config, loaded, tenants, days=lambda tenant: plans[tenant.id]
     )
     _print_outcome(args, result, delivered, since=since.isoformat(), until=until.isoformat())
     return EXIT_OK if result.ok and delivered else EXIT_INCOMPLETE
+
+
+def _days_text(days: list[dt.date]) -> str:
+    """``3 day(s), 2026-01-01..2026-01-03`` for a contiguous, sorted list of days."""
+    span = days[0].isoformat() if len(days) == 1 else f"{days[0]}..{days[-1]}"
+    return f"{len(days)} day(s), {span},"
 
 
 async def _backfill_plans(
@@ -309,6 +329,36 @@ async def replay(args: argparse.Namespace) -> int:
         backlog = await runtime.store.backlog(args.sink)
     print(f"{args.sink}: backlog {backlog}")
     return EXIT_OK if delivered else EXIT_INCOMPLETE
+
+
+async def reprocess(args: argparse.Namespace) -> int:
+    config, loaded = _load(args)
+    from collector.reprocess import reprocess_stored
+
+    if args.since and args.until and args.since > args.until:
+        print(f"error: --since {args.since} is after --until {args.until}", file=sys.stderr)
+        return EXIT_USAGE
+    _select(config, args.tenant)  # exits naming unknown tenants
+    ids: list[str] = args.tenant or [t.id for t in config.tenants]
+    by_id = {t.id: t for t in config.tenants}
+    async with open_runtime(config, loaded, exclusive=False) as runtime:
+        result = await reprocess_stored(
+            runtime.store,
+            ids,
+            lambda tenant: config.tenant_settle(by_id[tenant]),
+            since=args.since,
+            until=args.until,
+        )
+        print(result.summary())
+        delivered = True
+        if runtime.deliverer is not None:
+            delivered = await runtime.deliverer.run_until_drained()
+    if not delivered:
+        print(
+            "some sinks still have undelivered days: see `zencoder-collector status`",
+            file=sys.stderr,
+        )
+    return EXIT_OK if delivered and not result.still_quarantined else EXIT_INCOMPLETE
 
 
 def report(args: argparse.Namespace) -> int:

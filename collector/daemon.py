@@ -577,6 +577,7 @@ class Daemon:
                 continue
             m.days_complete.set(tenant["days_complete"], tenant=tenant_id)
             m.days_failed.set(tenant.get("days_failed") or 0, tenant=tenant_id)
+            m.days_quarantined.set(tenant.get("days_quarantined") or 0, tenant=tenant_id)
             m.tenant_auth_failed.set(1 if tenant.get("auth_failed_until") else 0, tenant=tenant_id)
             for gauge, key in (
                 (m.last_success, "last_success_at"),

@@ -110,7 +110,13 @@ class RateLimited(TransientApiError):
 
 
 class BadResponse(TransientApiError):
-    """A 2xx response that is not the documented payload; nothing from it is stored."""
+    """A 2xx response that is not the documented payload; no record is derived from it.
+
+    ``body`` is the 200 body as received, when there is one: the day is quarantined with it
+    (kept for ``reprocess``). Never part of the message (user rows hold emails).
+    """
+
+    body: bytes | None = None
 
 
 class PermanentApiError(ApiError):

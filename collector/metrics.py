@@ -194,6 +194,11 @@ class Metrics:
         self.days_failed = gauge(
             "days_failed", "Days whose last fetch failed and that wait for the next cycle.", tenant
         )
+        self.days_quarantined = gauge(
+            "days_quarantined",
+            "Days whose last 200 body failed validation (body kept; see status and reprocess).",
+            tenant,
+        )
         self.tenant_auth_failed = gauge(
             "tenant_auth_failed", "1 while the tenant is parked as auth_failed.", tenant
         )

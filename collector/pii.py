@@ -27,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -147,7 +148,7 @@ def pseudonymize_payload(
         {
             "email": user.user,
             "messages": user.messages,
-            "last_active": user.last_active.isoformat() if user.last_active else None,
+            "last_active": _last_active(user),
             "ides": list(user.ides),
             "languages": list(user.languages),
         }
@@ -157,14 +158,64 @@ def pseudonymize_payload(
     return private, json.dumps(body, separators=(",", ":"), ensure_ascii=False)
 
 
+def _last_active(user: UserDayRecord) -> str | None:
+    """The user's ``last_active`` as the payload gives it back: the instant when the API gave
+    one (so ``last_active_at`` survives a re-parse), else the day."""
+    if user.last_active_at is not None:
+        return user.last_active_at.isoformat()
+    return user.last_active.isoformat() if user.last_active else None
+
+
+_PSEUDONYM = re.compile(rf"{PSEUDONYM_PREFIX}[0-9a-f]{{{PSEUDONYM_HEX_DIGITS}}}")
+# Email-shaped text anywhere in a body: what a quarantined body (one the parser could not read,
+# so its users cannot be found field by field) may hold. Deliberately broad: a false positive
+# only pseudonymizes a string that was not an email.
+_EMAIL = re.compile(rb"[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(?:\.[A-Za-z0-9\-]+)+")
+
+
+class _StatePseudonymizer(Pseudonymizer):
+    """The state store's pseudonymizer: idempotent, so a payload stored with pseudonyms and
+    parsed again (``reprocess``) keeps them instead of hashing them a second time."""
+
+    __slots__ = ()
+
+    def pseudonym(self, email: str) -> str:
+        if _PSEUDONYM.fullmatch(email):
+            return email
+        return super().pseudonym(email)
+
+
+def pseudonymize_body(pseudonymizer: Pseudonymizer, body: bytes) -> bytes:
+    """``body`` with every email-shaped string replaced by its pseudonym (for bodies that could
+    not be parsed, which are kept as received otherwise)."""
+    return _EMAIL.sub(
+        lambda match: pseudonymizer.pseudonym(match.group().decode("ascii")).encode("ascii"), body
+    )
+
+
 def raw_payload_policy(mode: str, key: bytes | None) -> PayloadPolicy | None:
     """The state store's ``state.raw_pii`` policy: None for ``keep`` (nothing to do), else the
     function applied to each fetched day before it is stored."""
+    pseudonymizer = _state_pseudonymizer(mode, key)
+    if pseudonymizer is None:
+        return None
+    return lambda tenant_day, payload: pseudonymize_payload(pseudonymizer, tenant_day, payload)
+
+
+def raw_body_policy(mode: str, key: bytes | None) -> Callable[[bytes], bytes] | None:
+    """``state.raw_pii`` for bodies kept unparsed (quarantined days): None for ``keep``, else a
+    function replacing every email in the body by the pseudonym a parsed day would get."""
+    pseudonymizer = _state_pseudonymizer(mode, key)
+    if pseudonymizer is None:
+        return None
+    return lambda body: pseudonymize_body(pseudonymizer, body)
+
+
+def _state_pseudonymizer(mode: str, key: bytes | None) -> Pseudonymizer | None:
     if mode == "keep":
         return None
     if mode != "pseudonymize":
         raise ValueError(f"unknown raw_pii mode {mode!r}")
     if not key:
         raise ValueError("state.raw_pii: pseudonymize needs a non-empty key")
-    pseudonymizer = Pseudonymizer(key)
-    return lambda tenant_day, payload: pseudonymize_payload(pseudonymizer, tenant_day, payload)
+    return _StatePseudonymizer(key)

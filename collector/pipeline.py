@@ -7,6 +7,11 @@ The fetch side is built for fairness and isolation:
   that need two days; the client's per-tenant token bucket paces each tenant;
 - every tenant task catches everything: one tenant's failure (bad credentials, a crash in its data)
   is recorded for that tenant and never cancels another tenant's work;
+- raw first: a 200 whose body fails validation quarantines its day with the body as received
+  (:mod:`collector.store.quarantine`), committed before the failure is counted or logged; a good
+  body is committed with the records derived from it, in one transaction;
+- only days the API still serves (``api.history_days``) are ever asked for, even when the caller
+  (``backfill``) names older ones;
 - fetched days go through one writer task that commits them to the store in batches (one
   transaction per batch is what keeps the CPU cost per tenant-day low), and only after the commit
   are the deliverer and the notification hooks told.
@@ -16,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -24,7 +30,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 
 from collector import planner
-from collector.errors import ApiError, AuthError, CollectorError, StoreError
+from collector.auth import secret_values
+from collector.errors import ApiError, AuthError, BadResponse, CollectorError, StoreError
 from collector.models import TenantDay, normalize
 from collector.plugin_manager import Notify, no_notify
 
@@ -55,6 +62,7 @@ class TenantResult:
     fetched: int = 0
     changed: int = 0
     failed: int = 0
+    quarantined: int = 0  # of the failed days, those whose 200 body failed validation
     error: str | None = None
     skipped: str | None = None
     seconds: float = 0.0
@@ -236,12 +244,16 @@ class Collector:
         return result
 
     async def _prune_if_due(self) -> None:
-        """Apply ``state.payload_retention_days`` at most once an hour."""
+        """At most once an hour: drop the kept bodies of days no longer quarantined, and apply
+        ``state.payload_retention_days``."""
         days = self.config.state.payload_retention_days
         now = time.monotonic()
-        if days is None or (self._last_prune is not None and now - self._last_prune < 3600):
+        if self._last_prune is not None and now - self._last_prune < 3600:
             return
         self._last_prune = now
+        await self.store.drop_recovered_quarantine()
+        if days is None:
+            return
         pruned = await self.store.prune_payloads(days, today=self.today())
         if pruned:
             log.info("pruned raw payloads past retention", days=pruned, retention_days=days)
@@ -253,6 +265,7 @@ class Collector:
             self.config.tenant_lookback(tenant),
             self.config.tenant_settle(tenant),
             states,
+            self.config.api.history_days,
         )
 
     async def _run_tenant(
@@ -269,7 +282,14 @@ class Collector:
                 self._notify_done(tenant.id, summary, summary.skipped)
                 return
             today = self.today()
-            wanted = list(days(tenant)) if days is not None else await self._plan(tenant, today)
+            if days is None:
+                wanted = await self._plan(tenant, today)
+            else:
+                # The caller's list (`backfill`) is cut to the API's window: an older day would
+                # come back as an empty answer and be stored as zeros. The caller reports them.
+                wanted, _ = planner.split_by_history(
+                    days(tenant), today, self.config.api.history_days
+                )
             summary.planned = len(wanted)
             self.notify(
                 "collector_tenant_cycle_started", {"tenant": tenant.id, "planned": len(wanted)}
@@ -328,6 +348,14 @@ class Collector:
                 item, payload = await self._fetch(tenant, day, final=final)
             except ApiError as exc:
                 self._observe(tenant.id, started, ok=False)
+                if isinstance(exc, BadResponse) and exc.body is not None:
+                    # Raw first: the body is committed before the failure is counted or logged.
+                    body = self._without_credentials(tenant, exc.body)
+                    await self.store.record_quarantined(tenant.id, day, exc.reason, body)
+                    summary.quarantined += 1
+                    self._handle_failure(exc, tenant, queue, summary)
+                    log.warning("day quarantined", day=day.isoformat(), reason=exc.reason)
+                    continue
                 if not self._handle_failure(exc, tenant, queue, summary):
                     return
                 await self.store.record_failed(tenant.id, day, exc.reason)
@@ -367,15 +395,35 @@ class Collector:
         validated response model is dropped here, not held while the commit is awaited (with a
         thousand tenants in flight, those models were most of the memory)."""
         fetched = await self.client.fetch_day(tenant, day)
-        item = normalize(
-            tenant.id,
-            day,
-            fetched.response,
-            fetched_at=dt.datetime.now(dt.UTC),
-            final=final,
-            digest=fetched.digest,
-        )
+        try:
+            item = normalize(
+                tenant.id,
+                day,
+                fetched.response,
+                fetched_at=dt.datetime.now(dt.UTC),
+                final=final,
+                digest=fetched.digest,
+            )
+        except BadResponse as exc:
+            exc.body = fetched.payload.encode()  # quarantined with the body, like the client's
+            raise
         return item, fetched.payload
+
+    def _without_credentials(self, tenant: TenantConfig, body: bytes) -> bytes:
+        """The body to keep, with every credential this request sent replaced by ``***``.
+
+        An API (or a proxy) that answers 200 with an error page echoing the request would
+        otherwise put the tenant's API key or token into the state store. Usage data never
+        contains them, so the replacement loses nothing ``reprocess`` could use.
+        """
+        sent = secret_values(tenant)
+        token = self.client.token_cache.get(tenant.id)
+        if token is not None:
+            sent.append(token.access_token)
+        for secret in sent:
+            for form in {secret, json.dumps(secret)[1:-1]}:
+                body = body.replace(form.encode(), b"***")
+        return body
 
     def _observe(self, tenant: str, started: float, *, ok: bool) -> None:
         if self.metrics is None:

@@ -2,10 +2,14 @@
 
 The planner does no I/O, so the daemon, ``run --once`` and ``backfill`` share one definition of
 "what is missing" and the tests can check it exhaustively. A day is planned when it lies in the
-lookback window ``[today - lookback_days + 1, today]`` and
+lookback window ``[today - lookback_days + 1, today]``, and in the API's window
+``[today - history_days + 1, today]`` (older days are not served: asking would only store an
+empty answer as if it were the truth), and
 
 - nothing is stored for it yet (first run = backfill; after an outage = gap healing), or
 - its last fetch failed (a failed re-fetch keeps the earlier good payload, but is retried), or
+- its last answer was quarantined (a 200 body that failed validation: the body is kept for
+  ``reprocess``, and the day is asked for again while the API still serves it), or
 - it is not final: it is today or one of the last ``settle_days`` days (usage still changes), or
   it was stored while it was still settling and has not been fetched once since it became final.
 
@@ -18,13 +22,18 @@ tenant works through its own plan concurrently with the others), not the planner
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-DayStatus = Literal["missing", "fetched", "final", "failed"]
+DayStatus = Literal["missing", "fetched", "final", "failed", "quarantined"]
 """missing: never stored; fetched: stored while still settling; final: stored after it settled;
-failed: the last fetch failed (an earlier good payload, if any, is kept)."""
+failed: the last fetch failed (an earlier good payload, if any, is kept); quarantined: the last
+answer was a 200 whose body failed validation (the body is stored apart, an earlier good payload
+is kept)."""
+
+DEFAULT_HISTORY_DAYS = 90
+"""How many days the API serves, today included (``api.history_days``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +59,28 @@ def window(today: dt.date, lookback_days: int) -> list[dt.date]:
     return [first + dt.timedelta(days=offset) for offset in range(lookback_days)]
 
 
+def oldest_servable(today: dt.date, history_days: int = DEFAULT_HISTORY_DAYS) -> dt.date:
+    """The oldest day the API still serves: ``history_days`` days ending with today."""
+    if history_days < 1:
+        raise ValueError("history_days must be at least 1")
+    return today - dt.timedelta(days=history_days - 1)
+
+
+def split_by_history(
+    days: Iterable[dt.date], today: dt.date, history_days: int = DEFAULT_HISTORY_DAYS
+) -> tuple[list[dt.date], list[dt.date]]:
+    """``days`` split into those the API still serves and those older than its window."""
+    oldest = oldest_servable(today, history_days)
+    servable: list[dt.date] = []
+    too_old: list[dt.date] = []
+    for day in days:
+        (servable if day >= oldest else too_old).append(day)
+    return servable, too_old
+
+
 def needs_fetch(day: dt.date, today: dt.date, settle_days: int, state: DayState | None) -> bool:
     """Whether one day of the window has to be fetched (see the module docstring for the rules)."""
-    if state is None or state.status in ("missing", "failed"):
+    if state is None or state.status in ("missing", "failed", "quarantined"):
         return True
     if not is_final(day, today, settle_days):
         return True
@@ -65,12 +93,15 @@ def plan_days(
     lookback_days: int,
     settle_days: int,
     states: Mapping[dt.date, DayState],
+    history_days: int = DEFAULT_HISTORY_DAYS,
 ) -> list[dt.date]:
-    """The days of the lookback window to fetch this cycle, oldest first."""
+    """The days of the lookback window that the API still serves to fetch this cycle, oldest
+    first."""
     if settle_days < 0:
         raise ValueError("settle_days must not be negative")
+    oldest = oldest_servable(today, history_days)
     return [
         day
         for day in window(today, lookback_days)
-        if needs_fetch(day, today, settle_days, states.get(day))
+        if day >= oldest and needs_fetch(day, today, settle_days, states.get(day))
     ]

@@ -1,10 +1,14 @@
 """Bounded retries for API calls, decided by error class, with full-jitter exponential backoff.
 
 What is retried is decided by the exception's class (``exc.retryable``, see
-:mod:`collector.errors`): 5xx, 429/503, timeouts, connection errors and bad 200 bodies are; every
-other 4xx and every credentials failure is not. A retried call is bounded twice: by a number of
-attempts and by a total time. A wait that would end past the time budget is not started; the last
-error is raised at once instead, so the caller can record the day as failed and plan it again.
+:mod:`collector.errors`): 5xx, 429/503, timeouts and connection errors are; every other 4xx and
+every credentials failure is not. Neither is a :class:`~collector.errors.BadResponse` (a 200 whose
+body is not the documented payload), although it is transient for the day: asking again at once
+returns the same body, so the day is quarantined and asked for again next cycle instead.
+
+A retried call is bounded twice: by a number of attempts and by a total time. A wait that would
+end past the time budget is not started; the last error is raised at once instead, so the caller
+can record the day as failed and plan it again.
 
 Waits:
 
@@ -45,10 +49,13 @@ from typing import Any, Protocol, TypeVar
 
 import tenacity
 
-from collector.errors import RateLimited
+from collector.errors import BadResponse, RateLimited
 from collector.log import get_logger
 
 T = TypeVar("T")
+
+NOT_RETRIED_NOW: tuple[type[Exception], ...] = (BadResponse,)
+"""Transient for the day (planned again next cycle) but not worth retrying within the cycle."""
 
 NO_WAIT_ENV = "COLLECTOR_TESTING_NO_WAIT"
 DEFAULT_RETRY_AFTER_MAX = 900.0
@@ -292,7 +299,7 @@ class _Attempt:
 
     def failed(self, exc: BaseException) -> bool:
         """Whether ``exc`` is retried (by its class); a retried one counts as a failure."""
-        if not getattr(exc, "retryable", False):
+        if not getattr(exc, "retryable", False) or isinstance(exc, NOT_RETRIED_NOW):
             return False
         reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
         self.retrier.failures.failed(self.tenant, str(reason))

@@ -1,7 +1,8 @@
 """``zencoder-collector status`` and ``GET /status``: one snapshot, two renderings.
 
-The snapshot comes from the state store (days complete, last success and error, backlog, dead
-letters, lag), completed by what only a running daemon knows (next run, last cycle, parking).
+The snapshot comes from the state store (days complete, failed, quarantined with their reasons,
+aged out of the API's window uncollected, last success and error, backlog, dead letters, lag),
+completed by what only a running daemon knows (next run, last cycle, parking).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from collector.config import AppConfig
+from collector.planner import oldest_servable
 from collector.report import render_table
 from collector.store import Store
 
@@ -22,9 +24,15 @@ async def status_snapshot(
     next_run: Mapping[str, dt.datetime] | None = None,
     last_results: Mapping[str, Any] | None = None,
     parked: Mapping[str, dt.datetime | None] | None = None,
+    today: dt.date | None = None,
 ) -> dict[str, Any]:
     """The JSON-able status of every configured tenant and sink."""
-    snapshot = (await store.status_snapshot([t.id for t in config.tenants])).to_dict()
+    today = today or dt.datetime.now(dt.UTC).date()
+    history_start = oldest_servable(today, config.api.history_days)
+    snapshot = (
+        await store.status_snapshot([t.id for t in config.tenants], history_start=history_start)
+    ).to_dict()
+    snapshot["history_start"] = history_start.isoformat()
     configured = set(config.sinks)
     snapshot["sinks"] = [s for s in snapshot["sinks"] if s["sink"] in configured]
     known = {s["sink"] for s in snapshot["sinks"]}
@@ -75,6 +83,8 @@ def render_status(snapshot: Mapping[str, Any]) -> str:
             t["state"],
             t["days_complete"],
             t.get("days_failed", 0),
+            t.get("days_quarantined", 0),
+            t.get("days_aged_out", 0),
             t.get("last_day") or "-",
             _short(t.get("last_success_at")),
             _short(t.get("next_run_at")),
@@ -100,6 +110,8 @@ def render_status(snapshot: Mapping[str, Any]) -> str:
                 "state",
                 "days",
                 "failed",
+                "quarantined",
+                "aged out",
                 "last day",
                 "last success",
                 "next run",
@@ -111,7 +123,27 @@ def render_status(snapshot: Mapping[str, Any]) -> str:
         + render_table(
             ["sink", "backlog", "dead letters", "lag", "last success", "last error"], sinks
         )
+        + _day_notes(snapshot)
     )
+
+
+def _day_notes(snapshot: Mapping[str, Any]) -> str:
+    """Quarantined days with their reasons, and days lost to the API's window, per tenant."""
+    lines: list[str] = []
+    for t in snapshot["tenants"]:
+        for q in t.get("quarantined") or []:
+            lines.append(f"{t['tenant']} {q['day']} quarantined: {q['reason']}")
+        if t.get("aged_out"):
+            lines.append(
+                f"{t['tenant']}: {t['days_aged_out']} day(s) aged out of the API's window "
+                f"uncollected: {', '.join(t['aged_out'])}"
+            )
+    if not lines:
+        return ""
+    start = snapshot.get("history_start")
+    if start:
+        lines.insert(0, f"The API serves days from {start} on (api.history_days).")
+    return "\n\n" + "\n".join(lines)
 
 
 def _short(value: Any) -> str:

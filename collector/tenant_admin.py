@@ -45,6 +45,8 @@ def tenant_tables() -> list[Table]:
 def _jsonable(value: Any) -> Any:
     if isinstance(value, dt.datetime | dt.date):
         return value.isoformat()
+    if isinstance(value, bytes):  # a quarantined API body, as received: give it back as text
+        return value.decode("utf-8", "replace")
     return value
 
 

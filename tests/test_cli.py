@@ -103,6 +103,36 @@ async def test_backfill_report_and_replay_to_a_new_sink(tmp_path: Path) -> None:
     assert len(partitions) == 2 * span
 
 
+async def test_backfill_past_the_api_window_collects_only_what_the_api_serves(
+    tmp_path: Path,
+) -> None:
+    """`backfill --since` 10 days back with a 5-day API window asks for and stores the 5 served
+    days only, and names the window and the 5 days that cannot be collected."""
+    tenants = demo_tenants(1)
+    today = utc_today()
+    since = today - dt.timedelta(days=9)
+    settings = SimulatorSettings(tenants=tenants, history_days=5)
+    async with running_simulator(settings) as sim:
+        config = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, extra={"api": {"history_days": 5}}
+        )
+        backfill = await run_cli("backfill", "-c", str(config), "--since", since.isoformat())
+        asked = sorted(record.param for record in sim.stats.log)
+    assert backfill.returncode == 0, backfill.stdout + backfill.stderr
+    oldest = today - dt.timedelta(days=4)
+    assert asked == [(oldest + dt.timedelta(days=i)).isoformat() for i in range(5)]
+    too_old = f"5 day(s), {since}..{oldest - dt.timedelta(days=1)}, cannot be collected"
+    assert too_old in backfill.stderr
+    assert f"the API serves the last 5 days (api.history_days), from {oldest} on" in (
+        backfill.stderr
+    )
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        assert conn.execute("SELECT MIN(day), COUNT(*) FROM tenant_day").fetchone() == (
+            oldest.isoformat(),
+            5,
+        )
+
+
 async def test_demo_runs_and_prints_a_report(tmp_path: Path) -> None:
     """`demo` collects 30 days for five tenants into SQLite and CSV and prints both tables."""
     result = await run_cli("demo", "--output", str(tmp_path / "out"))

@@ -231,13 +231,16 @@ async def test_each_bad_response_shape_is_a_bad_response(sim: Simulator, mode: s
     assert client.metrics.bad_responses[A.id] == 1
 
 
-async def test_bad_responses_are_retried_then_reported(sim: Simulator) -> None:
-    """A persistently bad body is retried within the bounds, then BadResponse is raised."""
+async def test_a_bad_body_is_not_retried_and_is_handed_over(sim: Simulator) -> None:
+    """A bad 200 body is asked for once (the same request gives the same body), and BadResponse
+    carries the body as received, for the caller to quarantine."""
     sim.faults.set(A.id, bad_response="html_200")
     async with ApiClient(sim_config(sim)) as client:
-        with no_wait(), pytest.raises(BadResponse):
+        with no_wait(), pytest.raises(BadResponse) as caught:
             await client.fetch_day(tenant_config(A), DAY)
-    assert sim.stats.usage_requests[A.id] == 3
+    assert sim.stats.usage_requests[A.id] == 1
+    assert caught.value.body is not None
+    assert caught.value.body.lstrip().startswith(b"<")
 
 
 # --- no transport exception escapes -------------------------------------------------------------

@@ -63,7 +63,7 @@ def test_unknown_key_is_reported_at_its_line_with_a_suggestion(tmp_path: Path) -
     )
     assert problems(path) == [
         f"{path}:3: api.bogus: unknown key; expected one of: base_url, token_url, timeout, "
-        "max_concurrency, rate_limit, global_rate_limit, retry",
+        "max_concurrency, rate_limit, global_rate_limit, retry, history_days",
         f"{path}:5: collection.lookback_day: unknown key; did you mean 'lookback_days'?",
     ]
 

@@ -190,3 +190,39 @@ def test_raw_pii_pseudonymize_needs_a_key(tmp_path: Path) -> None:
     assert config.state.raw_pii == "pseudonymize"
     assert "state-pii-key" in config.secret_values()
     assert "state-pii-key" not in repr(config)
+
+
+async def test_a_partial_rate_limit_override_inherits_the_other_keys(tmp_path: Path) -> None:
+    """A tenant giving only per_second keeps api.rate_limit's burst, where the client reads it."""
+    from collector.ratelimit import Rate, TokenBucket
+
+    cfg = load(
+        write(
+            tmp_path,
+            """\
+            api: {rate_limit: {per_second: 4, burst: 8}}
+            tenants:
+              - {id: slow, api_key: k1, rate_limit: {per_second: 1}}
+              - {id: wide, api_key: k2, rate_limit: {burst: 2}}
+            """,
+        )
+    )
+    slow, wide = cfg.tenants
+    assert slow.rate_limit is not None
+    assert wide.rate_limit is not None
+    assert (slow.rate_limit.per_second, slow.rate_limit.burst) == (1.0, 8)
+    assert (wide.rate_limit.per_second, wide.rate_limit.burst) == (4.0, 2)
+    # The bucket built from what the API client reads (tenant.rate_limit) holds the api's burst:
+    # with the clock standing still, 8 requests pass at once and the 9th waits a second.
+    bucket = TokenBucket(Rate.of(slow.rate_limit), clock=lambda: 100.0)
+    assert [await bucket.acquire() for _ in range(8)] == [0.0] * 8
+    assert bucket.delay() == 1.0
+
+
+def test_history_days_defaults_to_the_api_window_and_is_bounded(tmp_path: Path) -> None:
+    """api.history_days is 90 unless set; zero is refused with its path."""
+    assert load(write(tmp_path, TENANT)).api.history_days == 90
+    assert load(write(tmp_path, "api: {history_days: 30}\n", TENANT)).api.history_days == 30
+    found = problems(write(tmp_path, "api: {history_days: 0}\n", TENANT))
+    assert len(found) == 1
+    assert "api.history_days" in found[0]

@@ -251,6 +251,11 @@ async def _run_variants(
                             assert f"HTTP {case.expect['status']}" in reason, (key, reason)
                         else:
                             case.check_reason(reason)
+                            # Raw first: the rejected body is kept with the day quarantined.
+                            assert status == "quarantined", key
+                            assert state.execute(
+                                "SELECT COUNT(*) FROM quarantine WHERE tenant=? AND day=?", key
+                            ).fetchone() == (1,), key
                         continue
                     totals, user_rows = _expected_rows(sim, case, day)
                     assert daily == [totals], key

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
 
 from collector.app import Runtime, load, load_plugins, open_runtime
 from collector.retry import no_wait
@@ -64,9 +66,10 @@ async def test_big_backfill_does_not_delay_small_tenants(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("mode", sorted(BAD_RESPONSE_MODES))
-async def test_bad_response_recorded_as_failed_and_retried(tmp_path: Path, mode: str) -> None:
-    """A tenant whose API answers a defective 200 has its days recorded as failed with a reason,
-    nothing of it reaches the sink, the other tenant completes, and the next cycle retries."""
+async def test_bad_response_quarantines_the_day_with_its_body(tmp_path: Path, mode: str) -> None:
+    """A defective 200 quarantines its day with the body kept and a reason in status; it is asked
+    for once per cycle (never retried within one), nothing reaches the sink, the other tenant
+    completes, and the next cycle asks again."""
     tenants = demo_tenants(2)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
         sim.faults.set("tenant-02", bad_response=mode)
@@ -80,17 +83,98 @@ async def test_bad_response_recorded_as_failed_and_retried(tmp_path: Path, mode:
                 first = await runtime.collector.run_cycle()
                 await runtime.deliverer.run_until_drained()
                 states = await runtime.store.days_state("tenant-02")
-                requests_before = sim.stats.usage_requests["tenant-02"]
+                kept = await runtime.store.stored_bodies("tenant-02")
+                status = await status_snapshot(runtime.config, runtime.store)
+                requests_first = sim.stats.usage_requests["tenant-02"]
                 second = await runtime.collector.run_cycle()
-                retried = sim.stats.usage_requests["tenant-02"] - requests_before
+                requests_second = sim.stats.usage_requests["tenant-02"] - requests_first
     assert first.tenants["tenant-01"].ok
-    assert first.tenants["tenant-02"].failed == 2
-    assert {s.status for s in states.values()} == {"failed"}
+    assert (first.tenants["tenant-02"].failed, first.tenants["tenant-02"].quarantined) == (2, 2)
+    assert {s.status for s in states.values()} == {"quarantined"}
+    assert [(b.day, b.quarantined) for b in kept] == [(day, True) for day in sorted(states)]
+    assert all(b.body.strip() for b in kept) or mode == "empty_body"
+    assert (requests_first, requests_second) == (2, 2)
     assert second.tenants["tenant-02"].planned == 2
-    assert retried >= 2
+    tenant = next(t for t in status["tenants"] if t["tenant"] == "tenant-02")
+    assert tenant["days_quarantined"] == 2
+    assert all(q["reason"].startswith("BadResponse") for q in tenant["quarantined"])
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         rows = conn.execute("SELECT tenant, COUNT(*) FROM usage_daily GROUP BY tenant").fetchall()
     assert rows == [("tenant-01", 2)]
+
+
+async def test_a_quarantined_day_heals_when_the_api_sends_a_good_body(tmp_path: Path) -> None:
+    """Once the API answers a quarantined day with a valid body, the next cycle stores and
+    delivers it and the day is no longer quarantined anywhere."""
+    tenants = demo_tenants(1)
+    async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+        sim.faults.set("tenant-01", bad_response="negative_numbers")
+        config_path = write_config(
+            tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=2
+        )
+        with no_wait():
+            async for runtime in _runtime(config_path):
+                assert runtime.collector is not None
+                assert runtime.deliverer is not None
+                first = await runtime.collector.run_cycle()
+                sim.faults.set("tenant-01", bad_response=None)
+                second = await runtime.collector.run_cycle()
+                await runtime.deliverer.run_until_drained()
+                states = await runtime.store.days_state("tenant-01")
+                kept = await runtime.store.stored_bodies("tenant-01")
+                status = await status_snapshot(runtime.config, runtime.store)
+    assert (first.tenants["tenant-01"].quarantined, second.tenants["tenant-01"].ok) == (2, True)
+    assert {s.status for s in states.values()} <= {"fetched", "final"}
+    assert [b.quarantined for b in kept] == [False, False]
+    assert status["tenants"][0]["days_quarantined"] == 0
+    assert status["tenants"][0]["quarantined"] == []
+    with sqlite3.connect(tmp_path / "usage.db") as conn:
+        assert conn.execute("SELECT COUNT(*) FROM usage_daily").fetchone() == (2,)
+
+
+async def test_a_quarantined_body_that_echoes_the_api_key_is_kept_without_it(
+    tmp_path: Path,
+) -> None:
+    """A 200 error page echoing the request's zencoder-api-key is quarantined with the key
+    replaced by *** in the kept body; the key appears nowhere in the state store."""
+    key = "zak_canary_0123456789abcdef"
+
+    async def echo(request: web.Request) -> web.Response:
+        echoed = {"status": "error", "message": f"bad key {request.headers['zencoder-api-key']}"}
+        return web.json_response(echoed)
+
+    app = web.Application()
+    app.router.add_get("/api/v1/data/usage", echo)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    config_path = tmp_path / "c.yaml"
+    config_path.write_text(
+        f"""\
+api: {{base_url: "http://127.0.0.1:{port}"}}
+collection: {{lookback_days: 1}}
+state: {{url: "sqlite:///{tmp_path / "state.db"}"}}
+server: {{listen: null}}
+tenants: [{{id: acme, api_key: {key}}}]
+"""
+    )
+    try:
+        async for runtime in _runtime(config_path):
+            assert runtime.collector is not None
+            result = await runtime.collector.run_cycle()
+            [kept] = await runtime.store.stored_bodies("acme")
+            status = await status_snapshot(runtime.config, runtime.store)
+    finally:
+        await runner.cleanup()
+    assert result.tenants["acme"].quarantined == 1
+    assert kept.quarantined
+    assert json.loads(kept.body) == {"status": "error", "message": "bad key ***"}
+    assert key not in json.dumps(status)
+    with sqlite3.connect(tmp_path / "state.db") as conn:
+        for table in ("tenant_day", "quarantine", "tenant_status"):
+            assert key not in repr(conn.execute(f"SELECT * FROM {table}").fetchall())  # noqa: S608 - fixed names
 
 
 async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path) -> None:

@@ -7,7 +7,15 @@ import random
 
 import pytest
 
-from collector.planner import DayState, is_final, needs_fetch, plan_days, window
+from collector.planner import (
+    DayState,
+    is_final,
+    needs_fetch,
+    oldest_servable,
+    plan_days,
+    split_by_history,
+    window,
+)
 
 TODAY = dt.date(2025, 3, 15)
 
@@ -77,6 +85,30 @@ def test_failed_days_are_planned_again_with_or_without_an_earlier_payload() -> N
     assert plan == [old_failure, failed_refetch, *days_back(2, 1, 0)]
 
 
+def test_quarantined_days_are_planned_again_with_or_without_an_earlier_payload() -> None:
+    """A day whose last body was quarantined is asked for again next cycle, like a failed one."""
+    states = settled_history(30, 2)
+    new_day, settled_day = days_back(20, 10)
+    states[new_day] = DayState(status="quarantined", attempts=1)
+    states[settled_day] = DayState(status="quarantined", final=True, content_hash="h")
+    assert plan_days(TODAY, 30, 2, states) == [new_day, settled_day, *days_back(2, 1, 0)]
+
+
+def test_days_older_than_the_api_history_are_never_planned() -> None:
+    """With history_days 10, a 30-day lookback plans only the 10 days the API still serves."""
+    plan = plan_days(TODAY, 30, 2, {}, history_days=10)
+    assert plan == days_back(*range(9, -1, -1))
+    assert plan[0] == oldest_servable(TODAY, 10)
+
+
+def test_split_by_history_separates_servable_days_from_older_ones() -> None:
+    """Days before the API's window are set apart; the window's first day is still servable."""
+    oldest = oldest_servable(TODAY, 90)
+    assert oldest == TODAY - dt.timedelta(days=89)
+    span = [oldest - dt.timedelta(days=2), oldest - dt.timedelta(days=1), oldest, TODAY]
+    assert split_by_history(span, TODAY, 90) == (span[2:], span[:2])
+
+
 def test_a_day_stored_while_settling_is_fetched_once_more_after_it_settles() -> None:
     """A non-final stored day that has aged past the settle window is planned until stored final."""
     day = TODAY - dt.timedelta(days=5)
@@ -103,11 +135,14 @@ def test_plan_matches_the_rules_for_random_store_states(seed: int) -> None:
     """For random stored states, the plan is exactly the window days the rules select, in order."""
     rng = random.Random(seed)
     lookback, settle = rng.randint(1, 90), rng.randint(0, 5)
+    history = rng.randint(1, 120)
     today = TODAY + dt.timedelta(days=rng.randint(0, 400))
     states: dict[dt.date, DayState] = {}
     for offset in range(-5, lookback + 5):
         day = today - dt.timedelta(days=offset)
-        kind = rng.choice(["absent", "fetched", "final", "failed", "failed-with-data"])
+        kind = rng.choice(
+            ["absent", "fetched", "final", "failed", "failed-with-data", "quarantined"]
+        )
         if kind == "fetched":
             states[day] = DayState(status="fetched", final=False, content_hash="h")
         elif kind == "final":
@@ -116,13 +151,20 @@ def test_plan_matches_the_rules_for_random_store_states(seed: int) -> None:
             states[day] = DayState(status="failed", attempts=rng.randint(1, 5))
         elif kind == "failed-with-data":
             states[day] = DayState(status="failed", final=rng.random() < 0.5, content_hash="h")
-    plan = plan_days(today, lookback, settle, states)
+        elif kind == "quarantined":
+            states[day] = DayState(status="quarantined", final=rng.random() < 0.5)
+    plan = plan_days(today, lookback, settle, states, history_days=history)
 
-    first = today - dt.timedelta(days=lookback - 1)
+    first = max(today - dt.timedelta(days=lookback - 1), today - dt.timedelta(days=history - 1))
     assert plan == sorted(set(plan)), "oldest first, no duplicates"
-    assert all(first <= day <= today for day in plan), "only window days"
+    assert all(first <= day <= today for day in plan), "only days of both windows"
     for day in window(today, lookback):
         state = states.get(day)
         settled = (today - day).days > settle
-        must_fetch = state is None or state.status == "failed" or not settled or not state.final
+        must_fetch = day >= first and (
+            state is None
+            or state.status in ("failed", "quarantined")
+            or not settled
+            or not state.final
+        )
         assert (day in plan) is must_fetch, (day, state)

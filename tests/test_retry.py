@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 
 from collector.errors import (
     AuthError,
+    BadResponse,
     RateLimited,
     RequestRejected,
     ServerError,
@@ -155,9 +156,12 @@ async def test_transient_errors_are_retried_until_success() -> None:
     assert waits[-1].seconds == 3
 
 
-@pytest.mark.parametrize("error", [AuthError("bad"), RequestRejected("400"), ValueError("bug")])
-async def test_permanent_errors_are_not_retried(error: Exception) -> None:
-    """Non-retryable errors (and non-API exceptions) propagate after exactly one call."""
+@pytest.mark.parametrize(
+    "error",
+    [AuthError("bad"), RequestRejected("400"), ValueError("bug"), BadResponse("bad body")],
+)
+async def test_permanent_errors_and_bad_bodies_are_not_retried(error: Exception) -> None:
+    """Non-retryable errors, non-API exceptions and bad 200 bodies propagate after one call."""
     waits: list[Wait] = []
     call = Flaky([error])
     with no_wait(), pytest.raises(type(error)):

@@ -115,6 +115,8 @@ def test_render_status_shows_two_aligned_tables() -> None:
                 "state": "ok",
                 "days_complete": 30,
                 "days_failed": 1,
+                "days_quarantined": 2,
+                "days_aged_out": 3,
                 "last_day": "2026-01-30",
                 "last_success_at": "2026-01-30T10:00:00+00:00",
                 "next_run_at": "2026-01-30T11:00:00+00:00",
@@ -132,13 +134,16 @@ def test_render_status_shows_two_aligned_tables() -> None:
         ],
     }
     text = render_status(snapshot)
-    tenant_table, sink_table = text.split("\n\n")
+    tenant_table, sink_table = text.split("\n\n")  # no quarantined or aged-out days to list
     header, rule, acme, globex = tenant_table.splitlines()
     assert header.split() == [
         "tenant",
         "state",
         "days",
         "failed",
+        "quarantined",
+        "aged",
+        "out",
         "last",
         "day",
         "last",
@@ -148,10 +153,10 @@ def test_render_status_shows_two_aligned_tables() -> None:
         "last",
         "error",
     ]
-    assert acme.split()[:6] == ["acme", "ok", "30", "1", "2026-01-30", "2026-01-30"]
+    assert acme.split()[:8] == ["acme", "ok", "30", "1", "2", "3", "2026-01-30", "2026-01-30"]
     assert "2026-01-30 11:00:00" in acme
     assert acme.index(" ok ") + 1 == header.index("state") == rule.index(" -") + 1
-    assert globex.split()[:5] == ["globex", "failing", "0", "0", "-"]
+    assert globex.split()[:7] == ["globex", "failing", "0", "0", "0", "0", "-"]
     assert "x" * 60 not in globex  # long errors are cut
     sink_rows = sink_table.splitlines()
     assert sink_rows[2].split()[:4] == ["hook", "12", "2", "93s"]

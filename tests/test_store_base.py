@@ -4,6 +4,7 @@ tmpfs where the test may mount one)."""
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
 import sqlite3
 import stat
@@ -14,7 +15,8 @@ import pytest
 from structlog.testing import capture_logs
 
 from collector.errors import StoreError
-from collector.pii import Pseudonymizer, raw_payload_policy
+from collector.models import normalize, parse_usage
+from collector.pii import Pseudonymizer, raw_body_policy, raw_payload_policy
 from collector.store import Store
 from collector.store.base import HEALTH_LOG_INTERVAL, StoreHealth
 from tests.disk import fill, small_disk
@@ -134,6 +136,37 @@ async def test_pseudonymized_raw_payloads_hold_no_email(tmp_path: Path) -> None:
         assert again[0].daily == first[0].daily
     finally:
         await reopened.aclose()
+
+
+async def test_pseudonymized_quarantined_bodies_hold_no_email(tmp_path: Path) -> None:
+    """Under state.raw_pii: pseudonymize a body kept unparsed (quarantined) holds pseudonyms in
+    place of its emails, and parsing it again later gives the same pseudonyms as a fetched day
+    (the state's pseudonymizer does not hash a pseudonym twice)."""
+    path = tmp_path / "state.db"
+    store = await Store.open(f"sqlite:///{path}")
+    store.payload_policy = raw_payload_policy("pseudonymize", b"state-key")
+    store.body_policy = raw_body_policy("pseudonymize", b"state-key")
+    item, data = fetched("acme", users=2)
+    body = json.dumps({"status": "success", "data": {**data, "surprise": [[1]]}}).encode()
+    try:
+        await store.record_quarantined("acme", DAY, "data.surprise: not understood", body)
+        [kept] = await store.stored_bodies("acme")
+        alias = Pseudonymizer(b"state-key").pseudonym
+        expected = sorted(alias(f"user{i}@acme.example") for i in range(2))
+        assert b"@acme.example" not in kept.body
+        assert sorted(u["email"] for u in json.loads(kept.body)["data"]["users"]) == expected
+        # reprocess: the kept body parses and is stored through the same policy, unchanged.
+        reparsed = normalize(
+            "acme", DAY, parse_usage(kept.body), fetched_at=item.daily.fetched_at, final=True
+        )
+        [(stored, _payload)] = store.private([(reparsed, kept.body.decode())])
+        assert sorted(u.user for u in stored.users) == expected
+    finally:
+        await store.aclose()
+    with sqlite3.connect(path) as raw:
+        raw.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    for file in path.parent.iterdir():
+        assert b"@acme.example" not in file.read_bytes(), file.name
 
 
 async def test_kept_raw_payloads_are_stored_as_received(tmp_path: Path) -> None:

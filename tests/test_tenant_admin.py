@@ -21,7 +21,7 @@ from collector.app import load, load_plugins
 from collector.hookspecs import hookimpl
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector.sink import Sink
-from collector.tenant_admin import TenantStore, purge_sinks
+from collector.tenant_admin import TenantStore, purge_sinks, write_export
 from tests.e2e import CliResult, run_cli, write_config
 from tests.servers import (
     MOTO_CREDENTIALS,
@@ -86,7 +86,12 @@ async def test_export_writes_every_table_of_one_tenant_as_csv_and_json(tmp_path:
     assert result.returncode == 0, result.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["tenant"] == "tenant-01"
-    assert manifest["tables"] == {"tenant_day": 3, "tenant_status": 1, "delivery": 3}
+    assert manifest["tables"] == {
+        "tenant_day": 3,
+        "tenant_status": 1,
+        "quarantine": 0,
+        "delivery": 3,
+    }
     days = json.loads((out / "tenant_day.json").read_text())
     assert {row["tenant"] for row in days} == {"tenant-01"}
     assert all(json.loads(row["payload"]) for row in days)  # the API's body, as received
@@ -132,7 +137,12 @@ async def test_purge_deletes_the_tenant_from_the_store_and_every_sink_that_can(
     assert by_sink["files"] == {
         "sink": "files", "type": "csv", "outcome": "purged", "deleted": 12, "error": None
     }  # fmt: skip
-    assert outcome["state_store"] == {"delivery": 9, "tenant_day": 3, "tenant_status": 1}
+    assert outcome["state_store"] == {
+        "delivery": 9,
+        "quarantine": 0,
+        "tenant_day": 3,
+        "tenant_status": 1,
+    }
     usage = tmp_path / "u.db"
     assert _count(usage, "SELECT COUNT(*) FROM usage_daily WHERE tenant = 'tenant-01'") == 0
     assert _count(usage, "SELECT COUNT(*) FROM usage_user_daily WHERE tenant = 'tenant-01'") == 0
@@ -254,15 +264,31 @@ async def test_store_rows_and_purge_of_one_tenant(store_url: str) -> None:
         await store.set_tenant_success("globex")
         rows = await store.tenant_rows("acme")
         assert {name: len(r) for name, r in rows.items()} == {
-            "tenant_day": 2, "tenant_status": 1, "delivery": 2
+            "tenant_day": 2, "tenant_status": 1, "quarantine": 0, "delivery": 2
         }  # fmt: skip
         assert [r["day"] for r in rows["tenant_day"]] == days
         deleted = await store.purge_tenant("acme")
-        assert deleted == {"delivery": 2, "tenant_status": 1, "tenant_day": 2}
+        assert deleted == {"delivery": 2, "quarantine": 0, "tenant_status": 1, "tenant_day": 2}
         assert not any((await store.tenant_rows("acme")).values())
         left = await store.tenant_rows("globex")
         assert {name: len(r) for name, r in left.items()} == {
-            "tenant_day": 2, "tenant_status": 1, "delivery": 2
+            "tenant_day": 2, "tenant_status": 1, "quarantine": 0, "delivery": 2
         }  # fmt: skip
     finally:
         await store.aclose()
+
+
+async def test_export_and_purge_include_a_quarantined_body(tmp_path: Path) -> None:
+    """A quarantined day's kept API body is exported as the text received, and purged."""
+    store = await TenantStore.open(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        body = '{"status": "success", "data": {"users": "not a list"}}'
+        await store.record_quarantined("acme", dt.date(2026, 3, 3), "BadResponse", body.encode())
+        rows = await store.tenant_rows("acme")
+        write_export(tmp_path / "out", "acme", rows)
+        deleted = await store.purge_tenant("acme")
+    finally:
+        await store.aclose()
+    exported = json.loads((tmp_path / "out" / "quarantine.json").read_text())
+    assert [row["body"] for row in exported] == [body]
+    assert deleted["quarantine"] == 1

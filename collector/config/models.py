@@ -119,6 +119,12 @@ class ApiConfig(_Model):
         default=None, description="Optional rate limit over all tenants together."
     )
     retry: RetryConfig = Field(default_factory=RetryConfig)
+    history_days: int = Field(
+        default=90,
+        ge=1,
+        le=3650,
+        description="Days the API serves, today included; older days are never requested.",
+    )
 
     @field_validator("base_url", "token_url")
     @classmethod
@@ -488,6 +494,20 @@ class AppConfig(_Model):
             if tenant.id == tenant_id:
                 return tenant
         raise KeyError(tenant_id)
+
+    @model_validator(mode="after")
+    def _tenant_rate_limits_inherit(self) -> AppConfig:
+        # Every consumer (the API client reads ``tenant.rate_limit``) must see the effective
+        # limit: a partial override is completed here, once, from ``api.rate_limit``. A copy,
+        # not an assignment: a TenantConfig instance may be shared with another AppConfig.
+        if any(t.rate_limit is not None for t in self.tenants):
+            self.tenants = [
+                t
+                if t.rate_limit is None
+                else t.model_copy(update={"rate_limit": self.tenant_rate_limit(t)})
+                for t in self.tenants
+            ]
+        return self
 
     def tenant_rate_limit(self, tenant: TenantConfig) -> RateLimitConfig:
         """The tenant's rate limit: its own keys over ``api.rate_limit``."""

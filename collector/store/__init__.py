@@ -18,7 +18,8 @@ docs/architecture.md ("State store and outbox") describes it for operators; in s
   stored history for a new sink or a newly routed tenant.
 
 The parts: :mod:`.schema` (tables and returned values), :mod:`.base` (engine, transactions,
-errors), :mod:`.days` (fetched days, retention), :mod:`.outbox` (sinks and delivery),
+errors), :mod:`.days` (fetched days, retention), :mod:`.quarantine` (200 bodies that failed
+validation, kept for ``reprocess``), :mod:`.outbox` (sinks and delivery),
 :mod:`.pending` (reading a sink's queue, the cache of new days), :mod:`.status` (tenant
 outcomes, the ``status`` snapshot), and :mod:`.hot` with :mod:`.prepared` (the statements every
 tenant-day goes through, compiled once and run many rows at a time).
@@ -27,13 +28,15 @@ tenant-day goes through, compiled once and run many rows at a time).
 from __future__ import annotations
 
 from collector.planner import DayState, DayStatus
-from collector.store.days import DaysStore
 from collector.store.lock import StoreUnusable
+from collector.store.quarantine import QuarantineStore
 from collector.store.schema import (
     DeadLetter,
     PendingBatch,
+    QuarantinedDay,
     SinkState,
     StatusSnapshot,
+    StoredBody,
     TenantState,
     TenantStatus,
 )
@@ -44,16 +47,18 @@ __all__ = [
     "DayStatus",
     "DeadLetter",
     "PendingBatch",
+    "QuarantinedDay",
     "SinkState",
     "StatusSnapshot",
     "Store",
     "StoreUnusable",
+    "StoredBody",
     "TenantState",
     "TenantStatus",
 ]
 
 
-class Store(DaysStore, StatusStore):
+class Store(QuarantineStore, StatusStore):
     """Async facade over the state database: ``store = await Store.open(url)``, then
     ``await store.aclose()`` at the end. Every method raises only
     :class:`~collector.errors.StoreError` for database failures."""

@@ -242,6 +242,8 @@ class StoreBase:
         self.health = StoreHealth()
         # state.raw_pii: applied to every fetched day before it is stored (None: kept as is).
         self.payload_policy: PayloadPolicy | None = None
+        # The same policy for bodies kept unparsed (quarantined days): emails found by shape.
+        self.body_policy: Callable[[bytes], bytes] | None = None
         self._state_lock: StateLock | None = None
         self._now = clock
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.

@@ -16,7 +16,7 @@ from sqlalchemy import (
 )
 
 from collector.models import TenantDay
-from collector.planner import DayState
+from collector.planner import DayState, DayStatus
 from collector.store.base import Key, as_status, dump_json, short
 from collector.store.outbox import OutboxStore
 from collector.store.prepared import rows_by_key
@@ -184,7 +184,7 @@ class DaysStore(OutboxStore):
                 result = hot.days_state_since.execute(conn, (tenant, hot.codec.day(since)))
             read_day = hot.codec.read_day
             return {
-                read_day(day): DayState(as_status(status), bool(final), attempts, digest)
+                read_day(day): DayState(_day_status(status), bool(final), attempts, digest)
                 for day, status, final, attempts, digest in result
             }
 
@@ -236,3 +236,9 @@ class DaysStore(OutboxStore):
             return int(result.rowcount)
 
         return await self._write(work)
+
+
+def _day_status(value: str) -> DayStatus:
+    # `quarantined` is checked here rather than in the shared `as_status`, which maps any
+    # status it does not know to `failed` (a day that is planned again, the safe reading).
+    return "quarantined" if value == "quarantined" else as_status(value)

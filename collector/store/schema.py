@@ -12,6 +12,7 @@ Schema version 1 (``schema_version`` table); a later version adds its migration 
 from __future__ import annotations
 
 import datetime as dt
+import zlib
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from sqlalchemy import (
     ForeignKeyConstraint,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Table,
@@ -81,6 +83,19 @@ class UtcDateTime(TypeDecorator[dt.datetime]):
         return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
 
 
+class ZlibBytes(TypeDecorator[bytes]):
+    """Bytes stored zlib-compressed, read back as they were (a 1 MB body is about 100 kB)."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: bytes | None, dialect: Any) -> bytes | None:
+        return None if value is None else zlib.compress(value, 6)
+
+    def process_result_value(self, value: bytes | None, dialect: Any) -> bytes | None:
+        return None if value is None else zlib.decompress(value)
+
+
 metadata = MetaData()
 
 Tenant = String(200)
@@ -105,7 +120,7 @@ tenant_day = Table(
     metadata,
     Column("tenant", Tenant, primary_key=True),
     Column("day", Date, primary_key=True),
-    Column("status", String(16), nullable=False),  # fetched | final | failed
+    Column("status", String(16), nullable=False),  # fetched | final | failed | quarantined
     Column("final", Boolean, nullable=False, default=False),
     Column("attempts", Integer, nullable=False, default=0),  # failed fetches since the last success
     Column("reason", Text),  # why the last fetch failed
@@ -118,6 +133,23 @@ tenant_day = Table(
     Column("updated_at", UtcDateTime, nullable=False),
     Index("ix_tenant_day_day", "day"),
 )
+
+quarantine = Table(
+    "quarantine",
+    metadata,
+    Column("tenant", Tenant, primary_key=True),
+    Column("day", Date, primary_key=True),
+    Column("received_at", UtcDateTime, nullable=False),
+    Column("reason", Text, nullable=False),  # field path and problem, never a value
+    Column("body", ZlibBytes, nullable=False),  # the 200 body as received (stored compressed)
+    Column("body_hash", Hash, nullable=False),  # sha256 of the body as received
+    ForeignKeyConstraint(
+        ["tenant", "day"], ["tenant_day.tenant", "tenant_day.day"], ondelete="CASCADE"
+    ),
+)
+"""The last 200 body of each quarantined day (a table of its own, so a version-1 database gains
+it through ``create_all`` without a migration; rows of days that recovered since are dropped at
+the next retention pass)."""
 
 sink_table = Table(
     "sink",
@@ -292,6 +324,7 @@ class TenantState(_JsonMixin):
     days_complete: int  # days with stored figures (fetched or final, including failed re-fetches)
     days_final: int
     days_failed: int  # days whose last fetch failed (with or without earlier figures)
+    days_quarantined: int  # days whose last 200 body failed validation (kept for `reprocess`)
     first_day: dt.date | None
     last_day: dt.date | None
     last_fetched_at: dt.datetime | None
@@ -300,6 +333,35 @@ class TenantState(_JsonMixin):
     last_error_at: dt.datetime | None
     auth_failed_until: dt.datetime | None
     next_run_at: dt.datetime | None
+    quarantined: list[QuarantinedDay] = field(default_factory=list)
+    days_aged_out: int = 0  # days older than the API's window that were never collected
+    aged_out: list[str] = field(default_factory=list)  # those days as ranges, oldest first
+
+    def to_dict(self) -> dict[str, Any]:
+        out = _JsonMixin.to_dict(self)
+        out["quarantined"] = [q.to_dict() for q in self.quarantined]
+        return out
+
+
+@dataclass(frozen=True, slots=True)
+class QuarantinedDay(_JsonMixin):
+    """A day whose last 200 body failed validation: why, and when that body arrived."""
+
+    day: dt.date
+    reason: str
+    received_at: dt.datetime
+
+
+@dataclass(frozen=True, slots=True)
+class StoredBody:
+    """A stored 200 body and what ``reprocess`` needs to re-derive its day."""
+
+    tenant: str
+    day: dt.date
+    quarantined: bool  # the quarantined body (True) or the day's stored payload (False)
+    body: bytes
+    final: bool
+    received_at: dt.datetime
 
 
 @dataclass(frozen=True, slots=True)

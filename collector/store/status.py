@@ -9,19 +9,23 @@ from typing import Any
 
 from sqlalchemy import (
     Connection,
+    and_,
     case,
     func,
+    literal,
     select,
 )
 
 from collector.store.base import StoreBase, short
 from collector.store.schema import (
     IS_DEAD,
+    QuarantinedDay,
     SinkState,
     StatusSnapshot,
     TenantState,
     TenantStatus,
     delivery,
+    quarantine,
     sink_table,
     tenant_day,
     tenant_status,
@@ -93,17 +97,30 @@ class StatusStore(StoreBase):
             for row in conn.execute(query)
         }
 
-    async def status_snapshot(self, tenants: Collection[str] | None = None) -> StatusSnapshot:
-        """Per tenant (days complete, last success and error, next run) and per registered sink
-        (backlog, dead letters, lag = age of the oldest queued tenant-day), read in one go.
+    async def status_snapshot(
+        self, tenants: Collection[str] | None = None, *, history_start: dt.date | None = None
+    ) -> StatusSnapshot:
+        """Per tenant (days complete, failed, quarantined, aged out, last success and error, next
+        run) and per registered sink (backlog, dead letters, lag = age of the oldest queued
+        tenant-day), read in one go.
 
         ``tenants`` limits (and completes: a configured tenant with no data yet is listed) the
-        tenant part. Costs one scan of ``tenant_day``; fine for a scrape every few seconds.
+        tenant part. ``history_start`` is the oldest day the API still serves: days between a
+        tenant's first tracked day and it that hold no figures have aged out uncollected. Costs
+        one scan of ``tenant_day``; fine for a scrape every few seconds.
         """
-        return await self._read(lambda conn: self._status_snapshot(conn, tenants))
+        return await self._read(lambda conn: self._status_snapshot(conn, tenants, history_start))
 
-    def _status_snapshot(self, conn: Connection, tenants: Collection[str] | None) -> StatusSnapshot:
+    def _status_snapshot(
+        self, conn: Connection, tenants: Collection[str] | None, history_start: dt.date | None
+    ) -> StatusSnapshot:
         now = self._now()
+        has_figures = tenant_day.c.content_hash.is_not(None)
+        before_window = (
+            case((and_(tenant_day.c.day < history_start, has_figures), 1), else_=0)
+            if history_start is not None
+            else literal(0)
+        )
         counts = {
             row.tenant: row
             for row in conn.execute(
@@ -112,6 +129,10 @@ class StatusStore(StoreBase):
                     func.count(tenant_day.c.content_hash).label("complete"),
                     func.sum(case((tenant_day.c.final.is_(True), 1), else_=0)).label("final"),
                     func.sum(case((tenant_day.c.status == "failed", 1), else_=0)).label("failed"),
+                    func.sum(case((tenant_day.c.status == "quarantined", 1), else_=0)).label(
+                        "quarantined"
+                    ),
+                    func.sum(before_window).label("kept_before_window"),
                     func.min(tenant_day.c.day).label("first_day"),
                     func.max(tenant_day.c.day).label("last_day"),
                     func.max(tenant_day.c.fetched_at).label("last_fetched_at"),
@@ -124,16 +145,26 @@ class StatusStore(StoreBase):
             conn, select(tenant_status).where(tenants_in(tenant_status.c.tenant, tenants))
         )
         names = sorted(set(tenants) if tenants is not None else set(counts) | set(statuses))
+        quarantined = self._quarantined_days(conn, tenants)
         tenant_states = []
         for name in names:
             count = counts.get(name)
             status = statuses.get(name) or TenantStatus(tenant=name)
+            aged_out: list[str] = []
+            lost = 0
+            if count is not None and history_start is not None and count.first_day < history_start:
+                # Tracked days before the window, minus those with figures: the rest never got
+                # collected. The ranges are read only for tenants that have such days.
+                lost = (history_start - count.first_day).days - int(count.kept_before_window or 0)
+                if lost > 0:
+                    aged_out = self._aged_out(conn, name, count.first_day, history_start)
             tenant_states.append(
                 TenantState(
                     tenant=name,
                     days_complete=int(count.complete) if count else 0,
                     days_final=int(count.final or 0) if count else 0,
                     days_failed=int(count.failed or 0) if count else 0,
+                    days_quarantined=int(count.quarantined or 0) if count else 0,
                     first_day=count.first_day if count else None,
                     last_day=count.last_day if count else None,
                     last_fetched_at=count.last_fetched_at if count else None,
@@ -142,6 +173,9 @@ class StatusStore(StoreBase):
                     last_error_at=status.last_error_at,
                     auth_failed_until=status.auth_failed_until,
                     next_run_at=status.next_run_at,
+                    quarantined=quarantined.get(name, []),
+                    days_aged_out=lost,
+                    aged_out=aged_out,
                 )
             )
         dead: dict[str, int] = {
@@ -172,3 +206,55 @@ class StatusStore(StoreBase):
                 )
             )
         return StatusSnapshot(generated_at=now, tenants=tenant_states, sinks=sink_states)
+
+    @staticmethod
+    def _quarantined_days(
+        conn: Connection, tenants: Collection[str] | None
+    ) -> dict[str, list[QuarantinedDay]]:
+        """Each tenant's quarantined days with their reasons, oldest first."""
+        query = (
+            select(
+                quarantine.c.tenant, quarantine.c.day, quarantine.c.reason, quarantine.c.received_at
+            )
+            .join(
+                tenant_day,
+                and_(
+                    tenant_day.c.tenant == quarantine.c.tenant, tenant_day.c.day == quarantine.c.day
+                ),
+            )
+            .where(tenant_day.c.status == "quarantined", tenants_in(quarantine.c.tenant, tenants))
+            .order_by(quarantine.c.tenant, quarantine.c.day)
+        )
+        found: dict[str, list[QuarantinedDay]] = {}
+        for tenant, day, reason, received_at in conn.execute(query):
+            found.setdefault(tenant, []).append(QuarantinedDay(day, reason, received_at))
+        return found
+
+    @staticmethod
+    def _aged_out(
+        conn: Connection, tenant: str, first: dt.date, history_start: dt.date
+    ) -> list[str]:
+        """The days from ``first`` up to the API's window without figures, as ranges."""
+        kept = {
+            day
+            for (day,) in conn.execute(
+                select(tenant_day.c.day).where(
+                    tenant_day.c.tenant == tenant,
+                    tenant_day.c.day < history_start,
+                    tenant_day.c.content_hash.is_not(None),
+                )
+            )
+        }
+        ranges: list[str] = []
+        start: dt.date | None = None
+        day = first
+        while day <= history_start:
+            missing = day < history_start and day not in kept
+            if missing and start is None:
+                start = day
+            elif not missing and start is not None:
+                end = day - dt.timedelta(days=1)
+                ranges.append(start.isoformat() if start == end else f"{start}..{end}")
+                start = None
+            day += dt.timedelta(days=1)
+        return ranges
