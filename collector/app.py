@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from collector.client import ApiClient
+from collector.concurrency import set_worker_threads
 from collector.config import AppConfig, load_config
 from collector.deliverer import Deliverer
 from collector.log import register_secrets
@@ -31,7 +32,6 @@ from collector.plugin_manager import (
 )
 from collector.sink import Sink, SinkHost
 from collector.store import Store
-from collector.workers import set_worker_threads
 
 log = structlog.get_logger("collector.app")
 

@@ -31,8 +31,8 @@ from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from collector.concurrency import run_sync
 from collector.models import Batch
-from collector.workers import run_sync
 
 P = ParamSpec("P")
 R = TypeVar("R")

@@ -1,7 +1,7 @@
 """The state database: every fetched tenant-day, durably, and each sink's outbox over them.
 
 SQLite (the default: one file in WAL mode) or PostgreSQL (``postgresql+psycopg://``), through a
-synchronous SQLAlchemy engine driven in worker threads (:func:`collector.workers.run_sync`,
+synchronous SQLAlchemy engine driven in worker threads (:func:`collector.concurrency.run_sync`,
 ``runtime.worker_threads`` of them), so the event loop never waits on the disk.
 docs/architecture.md ("State store and outbox") describes it for operators; in short:
 

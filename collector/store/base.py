@@ -54,6 +54,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from collector.concurrency import run_sync
 from collector.errors import StoreError
 from collector.files import create_private_file, ensure_private_dir
 from collector.models import TenantDay
@@ -68,7 +69,6 @@ from collector.store.schema import (
     store_meta,
     upsert,
 )
-from collector.workers import run_sync
 
 log = structlog.get_logger("collector.store")
 

@@ -1,4 +1,4 @@
-"""Worker threads for blocking work: bounded by runtime.worker_threads, through anyio."""
+"""Concurrency helpers: worker threads bounded by runtime.worker_threads, and first_of."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import anyio
 import pytest
 
 from collector.app import load, load_plugins, open_runtime
+from collector.concurrency import first_of, run_sync, set_worker_threads, worker_threads
 from collector.simulator import Simulator
-from collector.workers import run_sync, set_worker_threads, worker_threads
 from tests.e2e import write_config
 from tests.simulator_helpers import make_settings
 
@@ -62,3 +62,21 @@ async def test_a_runtime_sizes_the_threads_from_the_config(sim: Simulator, tmp_p
     plugins = load_plugins()
     async with open_runtime(load(path, plugins), plugins):
         assert worker_threads() == 5
+
+
+async def test_first_of_returns_with_the_first_and_cancels_the_rest() -> None:
+    """first_of returns once one wait is over; the waits still pending are cancelled."""
+    ready = anyio.Event()
+    cancelled = False
+
+    async def forever() -> None:
+        nonlocal cancelled
+        try:
+            await anyio.sleep_forever()
+        except anyio.get_cancelled_exc_class():
+            cancelled = True
+            raise
+
+    ready.set()
+    await first_of(forever, ready.wait)
+    assert cancelled
