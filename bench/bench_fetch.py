@@ -30,12 +30,13 @@ import os
 import shutil
 import signal
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -394,6 +395,26 @@ def run_one(
     return result
 
 
+def median_results(rounds: list[list[Result]]) -> list[Result]:
+    """Per runner, the median of each measured figure over the rounds (rows ok only if all were)."""
+    medians = []
+    for position, first in enumerate(rounds[0]):
+        runs = [round_[position] for round_ in rounds]
+        medians.append(
+            replace(
+                first,
+                wall=statistics.median(r.wall for r in runs),
+                cpu=statistics.median(r.cpu for r in runs),
+                max_rss_mib=statistics.median(r.max_rss_mib for r in runs),
+                requests=round(statistics.median(r.requests for r in runs)),
+                sim_cpu=statistics.median(r.sim_cpu for r in runs),
+                rows_ok=all(r.rows_ok for r in runs),
+                note="; ".join(sorted({r.note for r in runs if r.note})),
+            )
+        )
+    return medians
+
+
 def precompile() -> None:
     """Byte-compile our sources, as installing the wheel does.
 
@@ -417,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=3600, help="seconds per runner")
     parser.add_argument("--workdir", type=Path, help="keep outputs here (default: a temp dir)")
     parser.add_argument("--json", type=Path, help="also write the results as JSON here")
+    parser.add_argument(
+        "--repeat",
+        type=int,
+        default=1,
+        help="rounds of every runner, interleaved (ours, naive, dlt, ours, ...); with more than "
+        "one, a table per round and one of the medians",
+    )
     args = parser.parse_args(argv)
 
     base = SCENARIOS[args.scenario]
@@ -441,31 +469,38 @@ def main(argv: list[str] | None = None) -> int:
     today = dt.datetime.now(dt.UTC).date()
     precompile()
 
-    results = []
-    for name in runners:
-        tenants = min(scenario.tenants, sample.get(name) or scenario.tenants)
-        print(
-            f"running {name} on {tenants} tenants x {scenario.days} days ...",
-            file=sys.stderr,
-            flush=True,
-        )
-        result = run_one(name, scenario, tenants, workdir, args)
-        print(
-            f"  {result.wall:.2f} s wall, {result.cpu:.2f} s CPU, responses {result.responses}",
-            file=sys.stderr,
-        )
-        results.append(result)
+    rounds: list[list[Result]] = []
+    for round_number in range(1, args.repeat + 1):
+        results = []
+        for name in runners:
+            tenants = min(scenario.tenants, sample.get(name) or scenario.tenants)
+            print(
+                f"round {round_number}: running {name} on {tenants} tenants x {scenario.days} "
+                "days ...",
+                file=sys.stderr,
+                flush=True,
+            )
+            result = run_one(name, scenario, tenants, workdir, args)
+            print(
+                f"  {result.wall:.2f} s wall, {result.cpu:.2f} s CPU, responses {result.responses}",
+                file=sys.stderr,
+            )
+            # Checked now: the next round writes over this runner's outputs.
+            expected = expected_rows(result.tenants_run, scenario.days, today)
+            result.rows_ok, why = check_rows(result.runner, workdir / result.runner, expected)
+            if why:
+                result.note = f"{why}; {result.note}" if result.note else why
+            results.append(result)
+        rounds.append(results)
     if dt.datetime.now(dt.UTC).date() != today:
         print("warning: the UTC date changed during the run; row checks may fail", file=sys.stderr)
-    # Computed after the runs: a big parent process would inflate the runners' peak RSS.
-    expected = expected_rows(max((r.tenants_run for r in results), default=0), scenario.days, today)
-    for r in results:
-        wanted = {k: v for k, v in expected.items() if demo_number(k[0]) <= r.tenants_run}
-        r.rows_ok, why = check_rows(r.runner, workdir / r.runner, wanted)
-        if why:
-            r.note = f"{why}; {r.note}" if r.note else why
 
-    print_table(args.scenario, scenario, results)
+    for number, results in enumerate(rounds, 1):
+        label = args.scenario if len(rounds) == 1 else f"{args.scenario}, round {number}"
+        print_table(label, scenario, results)
+    results = rounds[0] if len(rounds) == 1 else median_results(rounds)
+    if len(rounds) > 1:
+        print_table(f"{args.scenario}, median of {len(rounds)} rounds", scenario, results)
     print(f"outputs: {workdir}")
     if args.json:
         bound, why = lower_bound(scenario)
@@ -479,7 +514,7 @@ def main(argv: list[str] | None = None) -> int:
             ],
         }
         args.json.write_text(json.dumps(payload, indent=2))
-    return 0 if all(r.rows_ok for r in results) else 1
+    return 0 if all(r.rows_ok for round_ in rounds for r in round_) else 1
 
 
 if __name__ == "__main__":

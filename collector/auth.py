@@ -23,7 +23,8 @@ row (401 on the usage endpoint, credentials refused by the token endpoint), for 
 of in a loop. Failures seen by many concurrent requests for the same token count once.
 
 No secret ever leaves this module in a message: errors are built from status codes, the API's
-own ``errors`` text (scrubbed of the tenant's secrets) and tenant ids.
+own ``errors`` text (scrubbed) and tenant ids. A token is registered with the log redactor the
+moment it arrives, so no later text (a log line, an echoed body) can carry it.
 """
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
-from collector.log import get_logger
+from collector.log import get_logger, register_token, scrub
 from collector.retry import parse_retry_after
 
 log = get_logger(__name__)
@@ -389,13 +390,25 @@ def secret_values(tenant: Credentials) -> list[str]:
     return values
 
 
-def scrub(text: str, secrets: Iterable[str], *, limit: int = 300) -> str:
-    """``text`` with every secret replaced by ``***``, cut to ``limit`` characters."""
-    for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+def error_message(body: bytes) -> str | None:
+    """The message of ``{"message": ...}`` or ``{"error": {"message": ...}}``, unscrubbed."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    return _envelope_message(payload)
+
+
+def _envelope_message(payload: object) -> str | None:
+    if not isinstance(payload, dict):
+        return None
+    message = payload.get("message")
+    if isinstance(message, str) and message.strip():
+        return message
+    error = payload.get("error")  # {"error": {"message": ...}} or {"error": "..."}
+    if isinstance(error, dict):
+        error = error.get("message")
+    return error if isinstance(error, str) and error.strip() else None
 
 
 def reload_secrets(tenant: Credentials) -> None:
@@ -417,7 +430,7 @@ def _error_text(body: bytes, secrets: Iterable[str]) -> str:
     """The token endpoint's ``errors`` (or the usage API's ``message``) as one line of text."""
     try:
         payload = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):
         return "no error details in the response"
     parts: list[str] = []
     if isinstance(payload, dict):
@@ -426,8 +439,8 @@ def _error_text(body: bytes, secrets: Iterable[str]) -> str:
             parts.extend(str(e) for e in errors[:5])
         elif isinstance(errors, str):
             parts.append(errors)
-        message = payload.get("message")
-        if not parts and isinstance(message, str):
+        message = _envelope_message(payload) if not parts else None
+        if message is not None:
             parts.append(message)
         code = payload.get("errorCode")
         if parts and isinstance(code, str):
@@ -507,6 +520,7 @@ class TokenProvider:
                 return self.cache.postpone_refresh(tenant.id, stale)
             raise
         self._count("ok", tenant.id)
+        register_token(tenant.id, access_token)  # hidden everywhere before anything can echo it
         state = self.cache.store(tenant.id, access_token, expires_in, fingerprint)
         log.debug("token obtained", tenant=tenant.id, lifetime_seconds=round(state.lifetime))
         return state
@@ -550,6 +564,14 @@ class TokenProvider:
             )
         if status >= 500:
             raise ServerError(f"token endpoint failed: {details}", tenant=tenant.id, status=status)
+        if 300 <= status < 400:
+            location = scrub(reply.headers.get("Location", "?"), secrets)
+            raise RequestRejected(
+                f"token endpoint redirected to {location} (redirects are not followed); "
+                "check api.token_url",
+                tenant=tenant.id,
+                status=status,
+            )
         raise RequestRejected(
             f"token endpoint refused the request: {details}", tenant=tenant.id, status=status
         )

@@ -21,16 +21,18 @@ One request for one tenant-day goes like this:
    token invalidates it, refreshes once and retries once, a second 401 is an :class:`AuthError`;
    429 and 503 are :class:`RateLimited` with ``Retry-After`` parsed (seconds or HTTP-date) and
    pause that tenant's bucket; other 5xx :class:`ServerError`; other 4xx :class:`RequestRejected`
-   with the API's message. Connection errors and timeouts become :class:`TransportError` and
-   :class:`ApiTimeout`;
-   the request itself goes through :class:`~collector.http.HttpClient` (keep-alive HTTP/1.1,
-   a third of aiohttp's CPU per request), or through aiohttp when the environment names a proxy
-   (:mod:`collector.http_proxied`);
+   with the API's message (``message`` or ``error.message``); a 3xx names its ``Location`` and is
+   not followed. Connection errors and timeouts become :class:`TransportError` and
+   :class:`ApiTimeout`; the request itself goes through the process's aiohttp session
+   (:class:`~collector.client_transport.Transport`: one deadline, body caps, proxies);
 5. transient errors are retried by :class:`~collector.retry.Retrier` (bounded by attempts and
    time, full jitter, Retry-After honoured) unless ``retry=False``.
 
 :class:`ClientMetrics` counts requests by tenant and outcome, token requests, rate-limit and
-retry waits, for ``/metrics``. Secrets appear in no log line, exception, repr or metric.
+retry waits, for ``/metrics``. Secrets appear in no log line, exception, repr or metric: every
+text from the server goes through :func:`~collector.log.scrub` (the tenant's secrets, every
+registered secret and token, credential shapes), and a 200 body that echoes the credential sent
+with it has it replaced by ``***`` before anything reads or stores it.
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Mapping
@@ -53,9 +54,17 @@ from collector.auth import (
     HttpReply,
     TokenCache,
     TokenProvider,
+    error_message,
     reload_secrets,
-    scrub,
     secret_values,
+)
+from collector.client_transport import (
+    BodyBudget,
+    BodyBudgetExhausted,
+    BodyTooLarge,
+    InvalidRequest,
+    ProxyRoutes,
+    Transport,
 )
 from collector.errors import (
     ApiTimeout,
@@ -66,8 +75,7 @@ from collector.errors import (
     ServerError,
     TransportError,
 )
-from collector.http import BodyTooLarge, HttpClient, InvalidRequest
-from collector.log import get_logger
+from collector.log import get_logger, scrub
 from collector.models import UsageResponse, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (
@@ -85,8 +93,9 @@ USAGE_PATH = "/api/v1/data/usage"
 MAX_BODY_BYTES = 32 * 1024 * 1024
 """A day's payload is kilobytes; anything this big is not the documented API."""
 TOKEN_CONNECTION_HEADROOM = 16
-"""Requests in flight beyond the usage-request cap (the HTTP client's own cap is the sum), so
+"""Connections beyond the usage-request cap (the session's connection limit is the sum), so
 token requests never queue behind usage requests."""
+MASK = b"***"
 
 
 class ApiSettings(Protocol):
@@ -170,17 +179,6 @@ def _status_outcome(status: int) -> str:
     return "rejected"
 
 
-def _api_message(body: bytes) -> str | None:
-    """The ``message`` of the usage API's error envelope, if the body is one."""
-    try:
-        payload = json.loads(body)
-    except ValueError:
-        return None
-    if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-        return str(payload["message"])
-    return None
-
-
 def _seconds(value: Any) -> float:
     total = getattr(value, "total_seconds", None)
     return float(total() if callable(total) else value)
@@ -191,9 +189,9 @@ class ApiClient:
 
     Everything is built from ``api`` (an ``ApiConfig``); the keyword arguments replace one part,
     for tests or for sharing state across a config reload: ``limiter`` (buckets and the
-    concurrency cap), ``retry_policy``, ``token_cache``, ``auth_failures``. ``trust_env`` lets
-    ``HTTP(S)_PROXY``/``NO_PROXY`` from the environment apply, as users behind a proxy expect
-    (by default: when the environment names a proxy); requests then go through aiohttp.
+    concurrency cap), ``retry_policy``, ``token_cache``, ``auth_failures``, ``body_budget`` (the
+    memory all bodies being read may hold; default: the process's, 256 MiB), ``proxies`` (default:
+    read from the environment and ``.netrc`` once, when the client is built), ``max_body``.
     """
 
     def __init__(
@@ -204,7 +202,9 @@ class ApiClient:
         retry_policy: RetryPolicy | None = None,
         token_cache: TokenCache | None = None,
         auth_failures: AuthFailures | None = None,
-        trust_env: bool | None = None,
+        body_budget: BodyBudget | None = None,
+        proxies: ProxyRoutes | None = None,
+        max_body: int = MAX_BODY_BYTES,
     ) -> None:
         self.api = api
         self.metrics = ClientMetrics()
@@ -227,9 +227,9 @@ class ApiClient:
         )
         self._usage_url = api.base_url.rstrip("/") + USAGE_PATH
         self._timeout = _seconds(api.timeout)
-        # Only aiohttp knows proxies (and it re-reads ~/.netrc on every request, 6% of the CPU of
-        # a backfill): use it only when the environment names a proxy, unless told otherwise.
-        self._trust_env = _proxy_in_environment() if trust_env is None else trust_env
+        self._body_budget = body_budget
+        self._proxies = proxies if proxies is not None else ProxyRoutes()
+        self._max_body = max_body
         self._http: Transport | None = None
 
     def __repr__(self) -> str:
@@ -240,20 +240,14 @@ class ApiClient:
 
     async def __aenter__(self) -> ApiClient:
         headers = {"User-Agent": f"zencoder-collector/{__version__}", "Accept": "application/json"}
-        connections = self.api.max_concurrency + TOKEN_CONNECTION_HEADROOM
-        if self._trust_env:
-            from collector.http_proxied import ProxiedHttpClient  # aiohttp: only behind a proxy
-
-            self._http = ProxiedHttpClient(
-                headers=headers, max_body=MAX_BODY_BYTES, connections=connections
-            )
-        else:
-            self._http = HttpClient(
-                headers=headers,
-                max_body=MAX_BODY_BYTES,
-                max_in_flight=connections,
-                max_idle_per_origin=connections,
-            )
+        self._http = Transport(
+            headers=headers,
+            max_body=self._max_body,
+            connections=self.api.max_concurrency + TOKEN_CONNECTION_HEADROOM,
+            timeout=self._timeout,
+            budget=self._body_budget,
+            proxies=self._proxies,
+        )
         return self
 
     async def __aexit__(
@@ -329,18 +323,23 @@ class ApiClient:
                     fingerprint=tenant.credentials_fingerprint,
                 )
                 raise AuthError("the API rejected the API key", tenant=tenant.id, status=401)
+            sent = tenant.api_key.get_secret_value() if tenant.api_key is not None else ""
         else:
-            reply = await self._get_with_token(tenant, query)
+            reply, sent = await self._get_with_token(tenant, query)
         self.auth_failures.record_success(tenant.id)
+        if sent.encode() in reply.body:
+            # The server echoed the credential we sent: it goes no further than this line.
+            reply = HttpReply(reply.status, reply.body.replace(sent.encode(), MASK), reply.headers)
         return self._interpret(tenant, day, reply)
 
-    async def _get_with_token(self, tenant: Credentials, query: str) -> HttpReply:
+    async def _get_with_token(self, tenant: Credentials, query: str) -> tuple[HttpReply, str]:
+        """The reply and the access token it was sent with."""
         state = await self._tokens.token_for(tenant)
         reply = await self._get_usage(
             tenant, query, {"Authorization": f"Bearer {state.access_token}"}
         )
         if reply.status != 401:
-            return reply
+            return reply, state.access_token
         # The token expired early or was revoked: drop it (only if no one else has yet, so many
         # concurrent 401s cause one refresh), get a fresh one, and try exactly once more.
         fingerprint = tenant.credentials_fingerprint
@@ -354,7 +353,7 @@ class ApiClient:
             tenant, query, {"Authorization": f"Bearer {state.access_token}"}
         )
         if reply.status != 401:
-            return reply
+            return reply, state.access_token
         if self.token_cache.invalidate(tenant.id, state):
             self.auth_failures.record_failure(
                 tenant.id, "the API rejected a fresh token (HTTP 401)", fingerprint=fingerprint
@@ -442,14 +441,12 @@ class ApiClient:
         what = "token request" if json_body is not None else "usage request"
         try:
             if json_body is None:
-                return await http.request(method, url, headers=headers, timeout=self._timeout)
+                return await http.request(method, url, headers=headers)
             return await http.request(
                 method,
                 url,
-                headers=headers,
+                headers={**(headers or {}), "Content-Type": "application/json"},
                 body=json.dumps(json_body).encode(),
-                content_type="application/json",
-                timeout=self._timeout,
             )
         except TimeoutError:
             raise ApiTimeout(
@@ -461,13 +458,18 @@ class ApiClient:
                 tenant=tenant_id,
                 status=exc.status,
             ) from None
+        except BodyBudgetExhausted as exc:
+            raise TransportError(
+                f"{what}: response bodies in flight fill the {exc.budget >> 20} MiB memory budget; "
+                "retried later",
+                tenant=tenant_id,
+                status=exc.status,
+            ) from None
         except InvalidRequest as exc:
             # Never the header's value: it may be a token. The message names the header only.
             raise TransportError(f"{what} could not be sent: {exc}", tenant=tenant_id) from None
         except OSError as exc:
-            detail = f"{type(exc).__name__}: {exc}"
-            if tenant is not None:
-                detail = scrub(detail, secret_values(tenant))
+            detail = scrub(str(exc), secret_values(tenant) if tenant is not None else ())
             raise TransportError(f"{what} failed: {detail}", tenant=tenant_id) from None
 
     # --- interpreting a usage response ----------------------------------------------------------
@@ -481,7 +483,7 @@ class ApiClient:
                 self.metrics.bad_responses[tenant.id] += 1
                 exc.body = reply.body  # raw first: the caller quarantines the day with it
                 raise
-        message = _api_message(reply.body)
+        message = error_message(reply.body)
         shown = scrub(message, secret_values(tenant)) if message else "no error message"
         if status in (429, 503):
             retry_after = parse_retry_after(reply.headers.get("Retry-After"))
@@ -551,25 +553,3 @@ class ApiClient:
             payload=payload,
             digest=hashlib.sha256(body).hexdigest(),
         )
-
-
-class Transport(Protocol):
-    """What the client needs of its HTTP layer: ``HttpClient`` or ``ProxiedHttpClient``."""
-
-    async def request(
-        self,
-        method: str,
-        url: str,
-        *,
-        timeout: float,  # noqa: ASYNC109 (an interface: HttpClient's signature)
-        headers: Mapping[str, str] | None = None,
-        body: bytes | None = None,
-        content_type: str | None = None,
-    ) -> HttpReply: ...
-
-    async def aclose(self) -> None: ...
-
-
-def _proxy_in_environment() -> bool:
-    names = ("https_proxy", "http_proxy", "all_proxy")
-    return any(os.environ.get(n) or os.environ.get(n.upper()) for n in names)

@@ -21,13 +21,22 @@ Callers decide what to do by class, never by parsing messages::
 
 No aiohttp, botocore or sqlite exception crosses a module boundary: the client, the sinks and the
 store translate them into these. Messages never contain secrets: they are built from status codes,
-API messages and tenant ids only.
+scrubbed API messages and tenant ids, and as a last line of defence every API and sink error
+message passes the log redactor (registered secrets, access tokens, credential shapes) when the
+exception is created, so no exception text can carry one into the state store or ``status``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
+
+
+def _redact(message: str) -> str:
+    # Imported here: the CLI parser imports this module and must not pull in structlog.
+    from collector.log import redact
+
+    return redact(message)
 
 
 class CollectorError(Exception):
@@ -67,7 +76,7 @@ class ApiError(CollectorError):
     ) -> None:
         self.tenant = tenant
         self.status = status
-        super().__init__(message)
+        super().__init__(_redact(message))
 
     @property
     def reason(self) -> str:
@@ -135,6 +144,10 @@ class RequestRejected(PermanentApiError):
 
 class SinkError(CollectorError):
     """A sink could not store a batch."""
+
+    def __init__(self, message: object = "", *args: object) -> None:
+        # Plugins may pass anything; only text can carry a secret.
+        super().__init__(_redact(message) if isinstance(message, str) else message, *args)
 
 
 class SinkTransientError(SinkError):

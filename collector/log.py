@@ -19,7 +19,10 @@ two layers of redaction:
 
 Third-party libraries that log through stdlib ``logging`` (aiohttp, botocore) go through the same
 chain, so their lines are redacted and carry the tenant too. The secret registry is global and only
-grows: a rotated-out secret must stay hidden as well. Secrets shorter than
+grows: a rotated-out secret must stay hidden as well. Access tokens are registered the moment they
+are obtained (:func:`register_token`) and the last few per tenant are kept, so an hourly token per
+tenant does not grow the registry for ever. :func:`redact` is also what scrubs every text that
+comes from a remote server (:func:`scrub`). Secrets shorter than
 :data:`MIN_SECRET_LENGTH` are not registered (masking every "ab" would garble logs; no real
 credential is that short).
 """
@@ -32,6 +35,7 @@ import os
 import re
 import sys
 import threading
+from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO, cast
 
@@ -45,6 +49,8 @@ __all__ = [
     "redact",
     "redact_secrets",
     "register_secrets",
+    "register_token",
+    "scrub",
 ]
 
 MIN_SECRET_LENGTH = 4
@@ -76,22 +82,80 @@ _CREDENTIAL_SHAPES = re.compile(
 
 _lock = threading.Lock()
 _secrets: set[str] = set()
+_tokens: dict[str, deque[str]] = {}
+_token_set: set[str] = set()
 _secret_pattern: re.Pattern[str] | None = None
+_pattern_stale = False
 _HANDLER_MARK = "_collector_handler"
+TOKENS_KEPT_PER_OWNER = 4
+"""Short-lived secrets (access tokens) hidden per owner: the current one and a few before it."""
+TOKEN_MIN_LENGTH = 16
+_TOKEN_RUN = re.compile(rf"[A-Za-z0-9\-._~+/]{{{TOKEN_MIN_LENGTH},}}=*")
+"""A run of the characters bearer tokens are made of (RFC 6750 ``b64token``), long enough to be
+one: each is looked up in a set, so a thousand tenants' tokens cost no regex rebuild."""
 
 
 def register_secrets(values: Iterable[str]) -> None:
     """Hide these strings (and their JSON/repr-escaped forms) on every future log line."""
-    global _secret_pattern
+    global _pattern_stale
     with _lock:
         fresh = set()
         for value in values:
             if len(value) >= MIN_SECRET_LENGTH:
-                fresh |= {value, json.dumps(value)[1:-1], repr(value)[1:-1]}
+                fresh |= _forms(value)
         if fresh <= _secrets:
             return
         _secrets.update(fresh)
-        _secret_pattern = re.compile(_alternation(_secrets))
+        _pattern_stale = True
+
+
+def register_token(owner: str, value: str) -> None:
+    """Hide a short-lived secret (a tenant's access token) from now on, like a configured one.
+
+    Unlike :func:`register_secrets`, only the last :data:`TOKENS_KEPT_PER_OWNER` values per
+    ``owner`` are kept: a daemon obtains a token per tenant every hour, and a registry that only
+    grew would grow for ever. Text is scrubbed when it arrives, while its token is current.
+    Tokens of :data:`TOKEN_MIN_LENGTH` characters or more, made of the bearer-token alphabet, are
+    matched as whole runs of that alphabet (punctuation around them aside) by a set lookup;
+    others join the configured secrets' pattern.
+    """
+    if len(value) < MIN_SECRET_LENGTH:
+        return
+    if not _TOKEN_RUN.fullmatch(value):
+        register_secrets([value])
+        return
+    with _lock:
+        kept = _tokens.setdefault(owner, deque(maxlen=TOKENS_KEPT_PER_OWNER))
+        if value in kept:
+            return
+        if len(kept) == kept.maxlen:
+            _token_set.discard(kept[0])
+        kept.append(value)
+        _token_set.add(value)
+
+
+def _forms(value: str) -> set[str]:
+    return {value, json.dumps(value)[1:-1], repr(value)[1:-1]}
+
+
+def _current_pattern() -> re.Pattern[str] | None:
+    """The pattern of every configured secret, rebuilt on first use after one was added."""
+    global _secret_pattern, _pattern_stale
+    if not _pattern_stale:
+        return _secret_pattern
+    with _lock:
+        if _pattern_stale:
+            _secret_pattern = re.compile(_alternation(_secrets)) if _secrets else None
+            _pattern_stale = False
+        return _secret_pattern
+
+
+def _mask_token(match: re.Match[str]) -> str:
+    run = match.group()
+    if run in _token_set:
+        return MASK
+    core = run.strip("-._~+/")  # a token at the end of a sentence, or between dots
+    return run.replace(core, MASK) if core in _token_set else run
 
 
 def _alternation(words: Iterable[str]) -> str:
@@ -124,10 +188,27 @@ def _alternation(words: Iterable[str]) -> str:
 
 def redact(text: str) -> str:
     """``text`` with every registered secret and recognisable credential replaced by ``***``."""
-    pattern = _secret_pattern
+    pattern = _current_pattern()
     if pattern is not None:
         text = pattern.sub(MASK, text)
+    if _token_set:
+        text = _TOKEN_RUN.sub(_mask_token, text)
     return _CREDENTIAL_SHAPES.sub(_mask_credential, text)
+
+
+def scrub(text: str, secrets: Iterable[str] = (), *, limit: int = 300) -> str:
+    """``text`` from a remote server, made safe to log, store, show and raise.
+
+    Every one of ``secrets`` and every secret the log redactor knows (configured secrets, access
+    tokens, see :func:`collector.log.register_token`) becomes ``***``, and so does anything shaped
+    like a credential (``Bearer ...``, ``zak_...``, ``"client_secret": ...``); whitespace runs
+    collapse to one space and the text is cut to ``limit`` characters.
+    """
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    text = redact(" ".join(text.split()))
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _mask_credential(match: re.Match[str]) -> str:

@@ -25,7 +25,9 @@ What is here, by purpose:
 - the errors a sink raises: :class:`SinkError` and its transient/permanent subclasses;
 - PII helpers: :class:`Pseudonymizer` and :func:`apply_pii`, for sinks that pseudonymize on their
   own (the host already applies each sink's configured policy before ``write``);
-- logging: :func:`get_logger` (structlog, secrets redacted, tenant bound in context);
+- logging: :func:`get_logger` (structlog, secrets redacted, tenant bound in context),
+  :func:`register_secrets` (hide a sink's own secret strings, such as a token in its URL) and
+  :func:`scrub` (text from a remote server, made safe to put in an error);
 - retries inside a write (a sink with its own HTTP calls): :class:`RetryPolicy`, :func:`sleep`
   and :func:`waits_disabled` (the testing switch that makes waits zero);
 - SQL helpers for sinks writing through SQLAlchemy: :class:`Codec` (one UTC/ISO rule for every
@@ -48,7 +50,7 @@ from collector.files import (
     guard_row,
 )
 from collector.hookspecs import hookimpl
-from collector.log import get_logger
+from collector.log import get_logger, register_secrets, scrub
 from collector.models import (
     Batch,
     DailyRecord,
@@ -112,7 +114,9 @@ __all__ = [
     "guard_row",
     "hookimpl",
     "insert_for",
+    "register_secrets",
     "run_blocking",
+    "scrub",
     "sleep",
     "waits_disabled",
 ]

@@ -5,7 +5,10 @@
   through a different client than the sink's;
 - :class:`WebhookReceiver`: an aiohttp server that checks every request's Standard Webhooks
   signature with the reference ``standardwebhooks`` library, records what arrived, and can be
-  scripted to answer an error status, redirect, or hang for the next requests.
+  scripted to answer an error status, redirect, or hang for the next requests, or to answer an
+  error whose body echoes the whole request;
+- :class:`EchoingApi`: a usage API and token endpoint whose errors repeat the credentials they
+  were sent, for the canary tests.
 """
 
 from __future__ import annotations
@@ -100,6 +103,7 @@ class _Plan:
     headers: dict[str, str] = field(default_factory=dict)
     body: str = ""
     hang: float = 0.0
+    echo: bool = False
 
 
 class WebhookReceiver:
@@ -127,6 +131,12 @@ class WebhookReceiver:
         """Answer the next ``times`` validly signed requests with ``status`` (then 200 again)."""
         for _ in range(times):
             self._plans.append(_Plan(status=status, headers=dict(headers or {}), body=body))
+
+    def answer_echoing(self, status: int, *, times: int = 1) -> None:
+        """Answer the next ``times`` signed requests with ``status`` and a body that repeats the
+        request (every header and the body), as careless receivers do."""
+        for _ in range(times):
+            self._plans.append(_Plan(status=status, echo=True))
 
     def hang(self, seconds: float, *, times: int = 1) -> None:
         """Hold the next ``times`` requests for ``seconds`` (or until stop) before answering 200."""
@@ -169,7 +179,12 @@ class WebhookReceiver:
                 await asyncio.wait_for(self._release.wait(), plan.hang)
             return web.Response(status=200)
         self.requests.append(ReceivedRequest(request.path, headers, body, True, plan.status))
-        return web.Response(status=plan.status, headers=plan.headers, text=plan.body)
+        text = plan.body
+        if plan.echo:
+            lines = [f"{request.method} {request.path_qs}"]
+            lines += [f"{name}: {value}" for name, value in request.headers.items()]
+            text = "bad request:\n" + "\n".join(lines) + "\n\n" + body.decode(errors="replace")
+        return web.Response(status=plan.status, headers=plan.headers, text=text)
 
     async def start(self) -> str:
         """Serve on 127.0.0.1 (ephemeral port); returns and sets ``url`` (path ``/hook``)."""
@@ -196,6 +211,90 @@ class WebhookReceiver:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.stop()
+
+
+# --- an API that echoes credentials ---------------------------------------------------------------
+
+
+class EchoingApi:
+    """A usage API and OAuth token endpoint whose every error repeats what the request carried.
+
+    ``modes`` maps a ``client_id`` (OAuth) or an API key to what its usage requests get:
+
+    - ``ok``: 200 with a valid one-user payload for the requested day;
+    - ``401``, ``403``: that status, ``{"message": <echo>}``;
+    - ``500``: ``{"error": {"message": <echo>}}`` (the other envelope), ``429`` likewise;
+    - ``envelope``: 200 with ``{"status": "error", "message": <echo>}``;
+    - ``token``: the token request itself fails 401, ``{"errors": [<the request body>]}``.
+
+    ``<echo>`` repeats the ``Authorization`` and ``zencoder-api-key`` headers and the bare token.
+    Tokens are ``CANARY-token-<client_id>-<n>``; every one issued is in ``issued``.
+    """
+
+    def __init__(self, modes: dict[str, str]) -> None:
+        self.modes = modes
+        self.issued: list[str] = []
+        self._token_owner: dict[str, str] = {}
+        self._runner: web.AppRunner | None = None
+        self.base_url = ""
+        self.token_url = ""
+
+    async def _token(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        client_id = str(json.loads(raw).get("client_id", ""))
+        if self.modes.get(client_id) == "token":
+            return web.json_response({"errors": [f"invalid request {raw.decode()}"]}, status=401)
+        token = f"CANARY-token-{client_id}-{len(self.issued)}"
+        self.issued.append(token)
+        self._token_owner[token] = client_id
+        return web.json_response({"access_token": token, "expires_in": 3600})
+
+    async def _usage(self, request: web.Request) -> web.Response:
+        authorization = request.headers.get("Authorization", "")
+        key = request.headers.get("zencoder-api-key", "")
+        token = authorization.removeprefix("Bearer ")
+        mode = self.modes.get(key) if key else self.modes.get(self._token_owner.get(token, ""))
+        echo = f"not allowed: Authorization={authorization}, zencoder-api-key={key}, token {token}"
+        day = request.query.get("day", "")
+        if mode == "ok":
+            return web.json_response(_one_user_body(day))
+        if mode == "envelope":
+            return web.json_response({"status": "error", "message": echo})
+        if mode in ("500", "429"):
+            return web.json_response({"error": {"message": echo}}, status=int(mode))
+        status = int(mode) if mode in ("401", "403") else 404
+        return web.json_response({"message": echo}, status=status)
+
+    async def __aenter__(self) -> EchoingApi:
+        app = web.Application()
+        app.router.add_post("/oauth/token", self._token)
+        app.router.add_get("/api/v1/data/usage", self._usage)
+        self._runner = web.AppRunner(app, shutdown_timeout=1.0)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, "127.0.0.1", 0).start()
+        self.base_url = f"http://127.0.0.1:{self._runner.addresses[0][1]}"
+        self.token_url = self.base_url + "/oauth/token"
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+
+def _one_user_body(day: str) -> dict[str, Any]:
+    user = {"email": "ada@example.com", "messages": 3, "last_active": day,
+            "ides": ["vscode"], "languages": ["python"]}  # fmt: skip
+    daily = {"day": day, "active_users": 1, "messages": 3,
+             "ides": [{"ide_name": "vscode", "engaged_users": 1}],
+             "languages": [{"language_name": "python", "engaged_users": 1}]}  # fmt: skip
+    data = {
+        "period": {"start": day, "end": day, "days": 1},
+        "summary": {"total_active_users": 1, "total_messages": 3},
+        "users": [user],
+        "daily": [daily],
+    }
+    return {"status": "success", "data": data}
 
 
 class S3ErrorServer:

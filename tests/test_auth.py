@@ -19,9 +19,9 @@ from collector.auth import (
     NONPOSITIVE_LIFETIME,
     AuthFailures,
     TokenCache,
+    error_message,
     refresh_margin,
     sanitize_expires_in,
-    scrub,
 )
 from collector.client import ApiClient
 from collector.config import ApiConfig, TenantConfig
@@ -160,10 +160,20 @@ def test_reprs_hide_the_token() -> None:
         assert "fingerprint-xyz" not in text
 
 
-def test_scrub_removes_secrets_and_bounds_length() -> None:
-    """scrub() masks each secret and cuts long text."""
-    assert scrub("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret *** here"
-    assert len(scrub("x" * 1000, [])) == 300
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        (b'{"status": "error", "message": "Too many requests"}', "Too many requests"),
+        (b'{"error": {"code": 500, "message": "Failed to fetch data"}}', "Failed to fetch data"),
+        (b'{"error": "upstream timeout"}', "upstream timeout"),
+        (b"<html>502 Bad Gateway</html>", None),
+        (b'{"message": ""}', None),
+        (b"[" * 5000 + b"]" * 5000, None),
+    ],
+)
+def test_error_message_reads_either_envelope(body: bytes, message: str | None) -> None:
+    """The message comes from ``message`` or ``error.message``; anything else gives None."""
+    assert error_message(body) == message
 
 
 # --- AuthFailures (no I/O) ----------------------------------------------------------------------

@@ -8,6 +8,7 @@ import time
 from collections.abc import AsyncIterator
 
 import pytest
+from aiohttp import web
 from structlog.testing import capture_logs
 
 from collector.client import ApiClient, FetchedDay
@@ -30,6 +31,7 @@ from collector.simulator import (
     running_simulator,
 )
 from tests.client_helpers import DAY, TODAY, api_config, closed_port, sim_config, tenant_config
+from tests.servers import EchoingApi
 
 SIM_TENANTS = demo_tenants(3)
 A, B, C = SIM_TENANTS
@@ -385,3 +387,55 @@ async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
             await asyncio.gather(*jobs)
         assert server.stats.responses[429] == 0
         assert server.stats.responses[200] == 6 * 20
+
+
+# --- what the server says, and what it must not make us repeat ----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "error"), [("429", RateLimited), ("500", ServerError), ("403", RequestRejected)]
+)
+async def test_error_messages_come_from_either_envelope_without_the_credential(
+    mode: str, error: type[ApiError]
+) -> None:
+    """A 429/5xx/4xx message is read from ``error.message`` or ``message`` so the log says why,
+    and the access token it echoes is masked."""
+    tenant = TenantConfig(id="acme", client_id=mode, client_secret="echo-client-secret")
+    async with EchoingApi({mode: mode}) as api:
+        config = api_config(api.base_url, api.token_url)
+        async with ApiClient(config) as client:
+            with pytest.raises(error) as caught:
+                await client.fetch_day(tenant, DAY, retry=False)
+    assert "not allowed: Authorization=Bearer ***" in caught.value.reason
+    assert api.issued
+    assert api.issued[0] not in caught.value.reason
+
+
+async def test_a_body_over_the_cap_is_a_bad_response(sim: Simulator) -> None:
+    """A body larger than the per-body cap fails that day as BadResponse, naming the cap."""
+    async with ApiClient(sim_config(sim), max_body=200) as client:
+        with pytest.raises(BadResponse, match="larger than 200 bytes"):
+            await client.fetch_day(tenant_config(A), DAY, retry=False)
+
+
+async def test_a_redirect_is_not_followed_and_names_its_target_scrubbed() -> None:
+    """A 3xx is a RequestRejected naming the Location, with the API key it carries masked."""
+    key = "zak_test_redirected_key"
+
+    async def moved(_: web.Request) -> web.Response:
+        raise web.HTTPFound(f"http://elsewhere.invalid/usage?key={key}")
+
+    app = web.Application()
+    app.router.add_get("/api/v1/data/usage", moved)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    base = f"http://127.0.0.1:{runner.addresses[0][1]}"
+    try:
+        async with ApiClient(api_config(base, base + "/oauth/token")) as client:
+            with pytest.raises(RequestRejected) as caught:
+                await client.fetch_day(TenantConfig(id="acme", api_key=key), DAY, retry=False)
+    finally:
+        await runner.cleanup()
+    assert caught.value.status == 302
+    assert "redirect to http://elsewhere.invalid/usage?key=***" in caught.value.reason

@@ -13,7 +13,15 @@ from typing import Any
 import pytest
 import structlog
 
-from collector.log import configure_logging, get_logger, redact, register_secrets
+from collector.log import (
+    TOKENS_KEPT_PER_OWNER,
+    configure_logging,
+    get_logger,
+    redact,
+    register_secrets,
+    register_token,
+    scrub,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -166,3 +174,38 @@ def test_redact_masks_overlapping_and_many_secrets() -> None:
     register_secrets([*many, "overlap-abcd", "overlap-abcdefgh", "ab"])
     text = f"a {many[0]} b {many[2999]} c overlap-abcdefgh d overlap-abcdXY e ab"
     assert redact(text) == "a *** b *** c *** d ***XY e ab"
+
+
+def test_registered_tokens_are_hidden_at_once_however_many() -> None:
+    """A token is masked from the moment it is registered, among a thousand others, also at
+    the end of a sentence; a short token is hidden too."""
+    for i in range(1000):
+        register_token(f"tenant-{i}", f"tok-many-{i:04d}-abcdefgh")
+    register_token("acme", "tok-first-0a1b2c3d")
+    register_token("short", "tok5x")
+    text = "a tok-first-0a1b2c3d b tok-many-0003-abcdefgh. c=tok-many-0999-abcdefgh d tok5x"
+    assert redact(text) == "a *** b ***. c=*** d ***"
+
+
+def test_only_the_last_few_tokens_per_tenant_are_kept() -> None:
+    """An hourly token per tenant does not grow the registry for ever: old ones are dropped."""
+    tokens = [f"tok-rotating-{i:03d}-qwertyuiop" for i in range(TOKENS_KEPT_PER_OWNER + 2)]
+    for token in tokens:
+        register_token("rotating", token)
+    assert redact(tokens[-1]) == "***"
+    assert redact(tokens[-TOKENS_KEPT_PER_OWNER]) == "***"
+    assert redact(tokens[0]) == tokens[0]
+
+
+def test_scrub_removes_secrets_and_bounds_length() -> None:
+    """scrub() masks each secret and cuts long text."""
+    assert scrub("bad secret s3cr3t here", ["s3cr3t"]) == "bad secret *** here"
+    assert len(scrub("x" * 1000, [])) == 300
+
+
+def test_scrub_hides_registered_tokens_and_credential_shapes() -> None:
+    """Text from a server loses tokens the collector obtained and anything shaped like a
+    credential, even when the caller passes no secrets."""
+    register_token("acme", "opaque-token-9f8e7d")
+    text = "you sent opaque-token-9f8e7d as Authorization: Bearer abc.def and zak_live_123"
+    assert scrub(text) == "you sent *** as Authorization: Bearer *** and ***"

@@ -14,7 +14,9 @@ Delivery: redirects are never followed (a 3xx is a permanent error); 5xx, 408, 4
 the write with full-jitter backoff up to ``max_retries`` times, never past the write's ``timeout``,
 and then raise :class:`~collector.errors.SinkTransientError` so the collector retries later. Any
 other 4xx raises :class:`~collector.errors.SinkPermanentError` with the status and the start of
-the response body: that is the dead-letter record.
+the response body: that is the dead-letter record. That body is the receiver's text and may echo
+the request: the configured header values, the signing secret, tokens in the URL and every
+registered secret are replaced by ``***`` before it goes into any error (see :func:`url_secrets`).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Final, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from pydantic import ConfigDict, Field, SecretStr, field_validator
 
@@ -44,6 +46,8 @@ from collector.plugin import (
     SinkTransientError,
     TenantDay,
     hookimpl,
+    register_secrets,
+    scrub,
     sleep,
     waits_disabled,
 )
@@ -96,6 +100,22 @@ def message_id(days: Sequence[TenantDay]) -> str:
         identity = f"{day.tenant}\x1f{day.day.isoformat()}\x1f{day.content_hash}\x1f{day.final}"
         digest.update(identity.encode("utf-8") + b"\x1e")
     return "msg_" + digest.hexdigest()[:32]
+
+
+def url_secrets(url: str) -> list[str]:
+    """Parts of a webhook URL that may be credentials: a password, query values, and path
+    segments shaped like tokens (16+ characters, or 8+ with a digit, as in Slack's
+    ``/services/T000/B000/XXXX``). Whole URLs with such parts count too."""
+    parts = urlsplit(url)
+    found = [parts.password or "", unquote(parts.password or "")]
+    found += [value for _name, value in parse_qsl(parts.query)]
+    for segment in parts.path.split("/"):
+        if len(segment) >= 16 or (len(segment) >= 8 and any(c.isdigit() for c in segment)):
+            found.append(segment)
+    found = [value for value in found if value]
+    if found:
+        found += [url, parts.path + (f"?{parts.query}" if parts.query else "")]
+    return list(dict.fromkeys(found))
 
 
 def parse_retry_after(value: str | None, now: dt.datetime | None = None) -> float | None:
@@ -232,6 +252,13 @@ class WebhookSink(Sink):
             backoff_max=config.backoff_max.total_seconds(),
         )
         self._rng = random.Random()  # noqa: S311 - backoff jitter, not security relevant
+        # What a receiver's error body may echo back: hidden in this sink's errors and in logs.
+        self._secrets = [
+            config.secret.get_secret_value(),
+            *(value.get_secret_value() for value in config.headers.values()),
+            *url_secrets(config.url),
+        ]
+        register_secrets(self._secrets)
 
     def __repr__(self) -> str:
         return (
@@ -365,7 +392,7 @@ class WebhookSink(Sink):
                 retry_after = parse_retry_after(response.headers.get("Retry-After"))
                 if status >= 500 or status in (408, 429):
                     return _Failure(f"HTTP {status}", retryable=True, retry_after=retry_after)
-                text = await _read_text(response)
+                text = scrub(await _read_text(response), self._secrets, limit=MAX_ERROR_BODY)
                 return _Failure(f"HTTP {status}: {text}" if text else f"HTTP {status}", False)
         except TimeoutError:
             return _Failure(f"no answer within {seconds:g}s (request_timeout)", retryable=True)
@@ -412,4 +439,5 @@ __all__ = [
     "parse_retry_after",
     "sign",
     "signing_key",
+    "url_secrets",
 ]

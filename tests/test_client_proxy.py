@@ -1,17 +1,19 @@
-"""collector.http_proxied: the API client behind an HTTP proxy named in the environment."""
+"""The API client behind an HTTP proxy named in the environment (collector.client_transport's
+ProxyRoutes): proxy settings and .netrc are read once, when the client is built."""
 
 from __future__ import annotations
 
 import asyncio
+import base64
 from collections.abc import AsyncIterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from aiohttp import web
 
 from collector.client import ApiClient
-from collector.http import BodyTooLarge
-from collector.http_proxied import ProxiedHttpClient
+from collector.errors import TransportError
+from collector.log import redact
 from collector.simulator import Simulator, SimulatorSettings, demo_tenants, running_simulator
 from tests.client_helpers import DAY, TODAY, closed_port, sim_config, tenant_config
 
@@ -24,6 +26,7 @@ class ForwardProxy:
 
     def __init__(self) -> None:
         self.targets: list[str] = []
+        self.credentials: list[str | None] = []  # Proxy-Authorization, decoded, per request
 
     async def __aenter__(self) -> ForwardProxy:
         self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -42,12 +45,18 @@ class ForwardProxy:
             self.targets.append(f"{method} {target}")
             length = 0
             kept = []
+            credentials = None
             for line in header_lines:
-                name = line.partition(":")[0].lower()
+                name, _, value = line.partition(":")
+                name = name.lower()
                 if name == "content-length":
-                    length = int(line.partition(":")[2])
+                    length = int(value)
+                if name == "proxy-authorization":
+                    credentials = base64.b64decode(value.split()[-1]).decode()
+                    continue
                 if line and name not in ("connection", "proxy-connection", "keep-alive"):
                     kept.append(line)
+            self.credentials.append(credentials)
             body = await reader.readexactly(length)
             url = urlsplit(target)
             upstream_reader, upstream_writer = await asyncio.open_connection(url.hostname, url.port)
@@ -116,44 +125,54 @@ async def test_without_proxy_variables_requests_go_direct(
     assert proxy.targets == []
 
 
-async def test_unreachable_proxy_is_a_connection_error(clean_proxy_env: pytest.MonkeyPatch) -> None:
-    """A proxy nobody listens on raises ConnectionError, not an aiohttp exception."""
+async def test_proxy_settings_are_read_once_when_the_client_is_built(
+    sim: Simulator, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """The environment is read when the client is built, not per request: a variable removed
+    afterwards changes nothing until the next start."""
+    async with ForwardProxy() as proxy:
+        clean_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        client = ApiClient(sim_config(sim))
+        clean_proxy_env.delenv("HTTP_PROXY")
+        async with client:
+            await client.fetch_day(tenant_config(TENANT), DAY)
+            await client.fetch_day(tenant_config(TENANT), TODAY)
+    assert len(proxy.targets) == 3  # the token request and both days
+
+
+async def test_proxy_credentials_in_the_url_are_sent_and_never_shown(
+    sim: Simulator, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """user:password in the proxy URL become Proxy-Authorization; the password is hidden in logs."""
+    async with ForwardProxy() as proxy:
+        host = proxy.url.removeprefix("http://")
+        clean_proxy_env.setenv("HTTP_PROXY", f"http://alice:pr%40xy-pass@{host}")
+        async with ApiClient(sim_config(sim)) as client:
+            await client.fetch_day(tenant_config(TENANT), DAY)
+    assert proxy.credentials == ["alice:pr@xy-pass", "alice:pr@xy-pass"]
+    assert redact("proxy said pr@xy-pass") == "proxy said ***"
+
+
+async def test_proxy_credentials_come_from_netrc(
+    sim: Simulator, clean_proxy_env: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A proxy URL without credentials takes them from the proxy host's .netrc entry ($NETRC)."""
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine 127.0.0.1 login bob password netrc-proxy-pass\n", encoding="utf-8")
+    netrc.chmod(0o600)
+    async with ForwardProxy() as proxy:
+        clean_proxy_env.setenv("HTTP_PROXY", proxy.url)
+        clean_proxy_env.setenv("NETRC", str(netrc))
+        async with ApiClient(sim_config(sim)) as client:
+            await client.fetch_day(tenant_config(TENANT), DAY)
+    assert proxy.credentials == ["bob:netrc-proxy-pass", "bob:netrc-proxy-pass"]
+
+
+async def test_unreachable_proxy_is_a_transport_error(
+    sim: Simulator, clean_proxy_env: pytest.MonkeyPatch
+) -> None:
+    """A proxy nobody listens on gives a TransportError naming the token request."""
     clean_proxy_env.setenv("HTTP_PROXY", f"http://127.0.0.1:{closed_port()}")
-    http = ProxiedHttpClient(headers={}, max_body=1000, connections=4)
-    try:
-        with pytest.raises(ConnectionError) as caught:
-            await http.request("GET", "http://example.invalid/", timeout=5)
-    finally:
-        await http.aclose()
-    assert type(caught.value) is ConnectionError
-
-
-async def test_body_over_the_limit_is_refused(clean_proxy_env: pytest.MonkeyPatch) -> None:
-    """The size limit holds on this transport too, whether the length is declared or not."""
-
-    async def big(request: web.Request) -> web.StreamResponse:
-        if request.query.get("declared"):
-            return web.Response(body=b"x" * 5000)
-        response = web.StreamResponse()
-        await response.prepare(request)
-        for _ in range(5):
-            await response.write(b"x" * 1000)
-        await response.write_eof()
-        return response
-
-    app = web.Application()
-    app.router.add_get("/big", big)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/big"
-    http = ProxiedHttpClient(headers={}, max_body=1000, connections=4)
-    try:
-        for query in ("?declared=1", ""):
-            with pytest.raises(BodyTooLarge) as caught:
-                await http.request("GET", url + query, timeout=5)
-            assert caught.value.status == 200
-    finally:
-        await http.aclose()
-        await runner.cleanup()
+    async with ApiClient(sim_config(sim)) as client:
+        with pytest.raises(TransportError, match="token request failed"):
+            await client.fetch_day(tenant_config(TENANT), DAY, retry=False)
