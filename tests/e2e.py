@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import os
 import sqlite3
 import subprocess
@@ -17,11 +16,6 @@ import yaml
 from collector.simulator import SimTenant, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
-
-OLD_HTTP_CLIENT = importlib.util.find_spec("collector.http") is not None
-"""The hand-written HTTP client is still in use: it may count the start of a body over 64 KB
-against its header limit (depending on how the first read splits), so large organizations fail
-at random (issue 10, item 1, replaces it with aiohttp)."""
 
 
 @dataclass

@@ -29,13 +29,11 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector_sinks.csv import COLUMNS
 from tests.daemon_process import DaemonProcess, eventually
-from tests.e2e import OLD_HTTP_CLIENT, write_config
+from tests.e2e import write_config
 from tests.servers import WebhookReceiver
 
 KILLS = 32
@@ -161,7 +159,6 @@ def _check_webhook_ids(receiver: WebhookReceiver, sim: Any, tenants: list[str]) 
     return arrivals - len(ids_by_content)
 
 
-@pytest.mark.xfail(OLD_HTTP_CLIENT, reason="large bodies need the aiohttp client", strict=False)
 async def test_kill_dash_nine_loses_and_duplicates_nothing(tmp_path: Path) -> None:
     """Killed with SIGKILL 32 times at random moments and restarted, the daemon still ends with
     every tenant-day exactly once in SQLite and CSV, intact databases, and stable webhook ids,

@@ -19,7 +19,7 @@ from collector.simulator import (
     demo_tenants,
     running_simulator,
 )
-from tests.e2e import OLD_HTTP_CLIENT, count_rows, run_cli, write_config
+from tests.e2e import count_rows, run_cli, write_config
 from tests.variant_corpus import Variant, corpus
 
 LOOKBACK = 5
@@ -182,7 +182,6 @@ async def test_run_once_over_the_corpus_of_api_variants(
     await _run_variants(tmp_path, cases, scheme, authority)
 
 
-@pytest.mark.xfail(OLD_HTTP_CLIENT, reason="large bodies need the aiohttp client", strict=False)
 @pytest.mark.parametrize("scheme", ["http", "https"])
 async def test_run_once_collects_organizations_of_2000_and_5000_users(
     tmp_path: Path, scheme: str, authority: trustme.CA
