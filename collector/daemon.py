@@ -514,7 +514,14 @@ class Daemon:
         make it stays queued in the state database and goes out after the next start."""
         if self._hurry.is_set() or deadline <= anyio.current_time():
             return
-        if not await self._within(deadline, deliverer.run_until_drained):
+
+        async def drain() -> None:
+            try:
+                await deliverer.run_until_drained()
+            except Exception as exc:  # what is not delivered stays queued for the next start
+                log.warning("final delivery failed", error=f"{type(exc).__name__}: {exc}")
+
+        if not await self._within(deadline, drain):
             log.warning("grace period over: undelivered days stay queued for the next start")
 
     async def _shutdown(self) -> None:

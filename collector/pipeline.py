@@ -274,9 +274,10 @@ class Collector:
         try:
             await self._run_tenant(tenant, summary, days)
         except Exception as raised:
-            exc = raised
-            while isinstance(exc, ExceptionGroup) and len(exc.exceptions) == 1:
-                exc = exc.exceptions[0]  # a worker's failure, as the worker raised it
+            # The workers' failures, as they raised them (their task group wraps them): a failing
+            # store stops every worker of the tenant at once.
+            leaves = _leaves(raised)
+            exc = next((e for e in leaves if isinstance(e, StoreError)), leaves[0])
             if isinstance(exc, StoreError):  # the store logs its outages itself, rate-limited
                 summary.error = f"state store failing: {exc}"
                 log.debug("tenant stopped by the state store", tenant=tenant.id, error=str(exc))
@@ -464,3 +465,10 @@ class Collector:
         if summary.error is None and not exc.retryable:
             summary.error = exc.reason
         return True
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

@@ -68,7 +68,10 @@ def pytest_pycollect_makeitem(
     collector: pytest.Module | pytest.Class, name: str, obj: object
 ) -> Iterator[object]:
     """Mark every coroutine test ``anyio`` before anyio's own hook looks for the mark, so test
-    modules need no marks of their own (what pytest-asyncio's auto mode did)."""
-    if collector.istestfunction(obj, name) and inspect.iscoroutinefunction(obj):
-        pytest.mark.anyio(obj)
+    modules need no marks of their own (what pytest-asyncio's auto mode did); every test uses
+    ``anyio_backend``, so a plain test may take an async fixture too (anyio runs it)."""
+    if collector.istestfunction(obj, name):
+        pytest.mark.usefixtures("anyio_backend")(obj)
+        if inspect.iscoroutinefunction(obj):
+            pytest.mark.anyio(obj)
     return (yield)
