@@ -268,7 +268,19 @@ class Retrier:
 
     async def run(self, call: Callable[[], Awaitable[T]], *, tenant: str) -> T:
         """Await ``call()`` until it succeeds, fails permanently, or the budget runs out."""
-        attempt = _Attempt(self, tenant, self._clock())
+        started = self._clock()
+        # Nearly every call succeeds at once: only a failure pays for tenacity's loop (building
+        # one costs about as much CPU as the request it would wrap).
+        try:
+            result = await call()
+        except Exception as exc:
+            if not getattr(exc, "retryable", False):
+                raise
+            first: list[Exception] = [exc]
+        else:
+            self.failures.recovered(tenant)
+            return result
+        attempt = _Attempt(self, tenant, started)
         retrying = tenacity.AsyncRetrying(
             retry=tenacity.retry_if_exception(attempt.failed),
             wait=attempt.wait,
@@ -279,10 +291,13 @@ class Retrier:
         )
 
         async def one_attempt() -> T:
-            # A coroutine function, so tenacity awaits it: ``call`` is often a lambda.
+            # Attempt 1 already ran above: tenacity sees its failure, then makes the others.
+            # (A coroutine function, so tenacity awaits it: ``call`` is often a lambda.)
+            if first:
+                raise first.pop()
             return await call()
 
-        result: T = await retrying(one_attempt)
+        result = await retrying(one_attempt)
         self.failures.recovered(tenant)
         return result
 

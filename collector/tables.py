@@ -13,7 +13,9 @@ their warehouse with the same classes::
             print(row.day, row.active_users)
 
 Each column's ``description`` is its meaning, and ``api_field`` (in ``schema_extra``) names the
-field of the API's ``day=`` response it comes from; docs/data-model.md repeats both.
+field of the API's ``day=`` response it comes from (``json_array``: a text column holding a JSON
+array of text, a real array in JSON sinks); docs/data-model.md repeats the columns, their kinds and
+API fields, and tests/test_tables.py checks that it does.
 
 The DDL: text columns are VARCHAR without a length (255 on MySQL, which needs one); every column
 is NOT NULL except ``last_active`` and ``last_active_at``; SQLite tables are ``WITHOUT ROWID``
@@ -30,8 +32,10 @@ from sqlmodel import Field, SQLModel
 
 _WITHOUT_ROWID: dict[str, Any] = {"sqlite_with_rowid": False}
 _UtcTimestamp = sa.DateTime(timezone=True)
-# Counts are 64-bit everywhere (the parser bounds them to int64): INTEGER is 32-bit in PostgreSQL.
-_Count = sa.BigInteger()
+# Counts are 64-bit everywhere (the parser bounds them to int64): INTEGER is 32-bit in PostgreSQL
+# (the SQL sink widens the INTEGER columns of earlier releases). SQLite's INTEGER already holds
+# 64 bits, and keeps the DDL that earlier versions created there.
+_Count = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
 def _key(description: str, api_field: str, **kwargs: Any) -> Any:
@@ -44,13 +48,12 @@ def _key(description: str, api_field: str, **kwargs: Any) -> Any:
     )
 
 
-def _value(description: str, api_field: str, **kwargs: Any) -> Any:
+def _value(description: str, api_field: str, *, json_array: bool = False, **kwargs: Any) -> Any:
     kwargs.setdefault("nullable", False)
-    return Field(
-        description=description,
-        schema_extra={"json_schema_extra": {"api_field": api_field}},
-        **kwargs,
-    )
+    extra: dict[str, Any] = {"api_field": api_field}
+    if json_array:
+        extra["json_array"] = True  # text holding a JSON array of text (an array in JSON sinks)
+    return Field(description=description, schema_extra={"json_schema_extra": extra}, **kwargs)
 
 
 TENANT_DOC = "The tenant's `id` from the config."
@@ -147,11 +150,13 @@ class UsageUserDaily(SQLModel, table=True):
         'The IDEs the user used, as a JSON array of text, e.g. ["VS Code","PyCharm"].',
         "data.users[].ides[]",
         default="[]",
+        json_array=True,
     )
     languages: str = _value(
         "The languages the user used Zencoder for, as a JSON array of text.",
         "data.users[].languages[]",
         default="[]",
+        json_array=True,
     )
     last_active_at: dt.datetime | None = _value(
         "The user's most recent activity as a UTC timestamp, when the API gives a time.",

@@ -326,12 +326,76 @@ async def test_a_postgresql_table_of_the_previous_release_gains_last_active_at(
     assert columns["last_active_at"]["type"].timezone
 
 
+@pytest.mark.postgres
+async def test_postgresql_integer_counts_of_the_previous_release_become_bigint(
+    postgres_schema_url: str,
+) -> None:
+    """Count columns an earlier release created as INTEGER in PostgreSQL are widened to BIGINT when
+    the sink opens, their rows keep their values, and a count beyond 32 bits is then stored."""
+    engine = sa.create_engine(postgres_schema_url)
+    old_ddl = [
+        "CREATE TABLE usage_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+        " active_users INTEGER NOT NULL, messages INTEGER NOT NULL,"
+        " fetched_at TIMESTAMP WITH TIME ZONE NOT NULL, final BOOLEAN NOT NULL,"
+        " PRIMARY KEY (tenant, day))",
+        "CREATE TABLE usage_daily_ide (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+        " ide_name VARCHAR NOT NULL, engaged_users INTEGER NOT NULL,"
+        " PRIMARY KEY (tenant, day, ide_name))",
+        "CREATE TABLE usage_daily_language (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+        " language_name VARCHAR NOT NULL, engaged_users INTEGER NOT NULL,"
+        " PRIMARY KEY (tenant, day, language_name))",
+        "CREATE TABLE usage_user_daily (tenant VARCHAR NOT NULL, day DATE NOT NULL,"
+        ' "user" VARCHAR NOT NULL, messages INTEGER NOT NULL, last_active DATE,'
+        " ides VARCHAR NOT NULL, languages VARCHAR NOT NULL,"
+        ' PRIMARY KEY (tenant, day, "user"))',
+        "INSERT INTO usage_daily VALUES ('acme', '2025-01-14', 7, 2147483647,"
+        " '2025-01-15 00:00:00+00', true)",
+    ]
+    try:
+        with engine.begin() as conn:
+            for statement in old_ddl:
+                conn.execute(sa.text(statement))
+        sink = SqlSink(
+            "warehouse", SqliteSinkConfig(type="sql", url=SecretStr(postgres_schema_url))
+        )
+        await sink.open()
+        td = make_tenant_day("globex", users=1)
+        big = 2**40
+        await sink.write([td.with_users([replace(td.users[0], messages=big)])])
+        await sink.aclose()
+        inspector = sa.inspect(engine)
+        types = {
+            (table, column["name"]): column["type"]
+            for table in TABLE_KEYS
+            for column in inspector.get_columns(table)
+        }
+        with engine.connect() as conn:
+            old_row = conn.execute(
+                sa.text("SELECT active_users, messages FROM usage_daily WHERE tenant = 'acme'")
+            ).one()
+            stored = conn.execute(sa.text("SELECT messages FROM usage_user_daily")).scalar_one()
+    finally:
+        engine.dispose()
+    counts = [
+        ("usage_daily", "active_users"),
+        ("usage_daily", "messages"),
+        ("usage_daily_ide", "engaged_users"),
+        ("usage_daily_language", "engaged_users"),
+        ("usage_user_daily", "messages"),
+    ]
+    assert all(isinstance(types[key], sa.BigInteger) for key in counts), types
+    assert tuple(old_row) == (7, 2147483647)
+    assert stored == big
+
+
 async def test_a_missing_column_without_create_tables_is_a_clear_error(tmp_path: Path) -> None:
     """With create_tables off, an old table is not altered: opening names the missing column."""
     path = tmp_path / "usage.db"
     path.write_bytes((FIXTURES / "sink_sqlite_before_last_active_at.db").read_bytes())
     sink = SqliteSink("b", SqliteSinkConfig(type="sqlite", path=path, create_tables=False))
-    with pytest.raises(SinkPermanentError, match=r"lacks the column.* last_active_at"):
+    with pytest.raises(
+        SinkPermanentError, match=r"lacks the column.* usage_user_daily\.last_active_at"
+    ):
         await sink.open()
     await sink.aclose()
 

@@ -1,7 +1,8 @@
 """The report's queries over the four usage tables of docs/data-model.md, on any SQL database.
 
-The tables are named here with SQLAlchemy's lightweight ``table()``/``column()`` constructs, by
-their documented names, so the core reads any SQL sink (SQLite, PostgreSQL, ...) and the CSV
+The tables are the SQLModel table models' (:mod:`collector.tables`, the one declaration of the
+data model), queried with SQLAlchemy Core; the queries name only the columns they need, so the
+core reads any SQL sink (SQLite, PostgreSQL, ...), a database of an earlier release, and the CSV
 sink's files (loaded into SQLite, :mod:`collector.report.sources`) without importing a plugin.
 Aggregates that grow with users (distinct users, seat hygiene) run in the database; what comes
 back is one row per tenant-day, per tenant-IDE or per flagged user.
@@ -24,37 +25,19 @@ from collector.report.model import (
     UsageReport,
     Window,
 )
+from collector.tables import (
+    USAGE_COLUMNS,
+    UsageDaily,
+    UsageDailyIde,
+    UsageDailyLanguage,
+    UsageUserDaily,
+)
 
-DAILY = sa.table(
-    "usage_daily",
-    sa.column("tenant", sa.String),
-    sa.column("day", sa.Date),
-    sa.column("active_users", sa.Integer),
-    sa.column("messages", sa.Integer),
-)
-IDE = sa.table(
-    "usage_daily_ide",
-    sa.column("tenant", sa.String),
-    sa.column("day", sa.Date),
-    sa.column("ide_name", sa.String),
-    sa.column("engaged_users", sa.Integer),
-)
-LANGUAGE = sa.table(
-    "usage_daily_language",
-    sa.column("tenant", sa.String),
-    sa.column("day", sa.Date),
-    sa.column("language_name", sa.String),
-    sa.column("engaged_users", sa.Integer),
-)
-USER = sa.table(
-    "usage_user_daily",
-    sa.column("tenant", sa.String),
-    sa.column("day", sa.Date),
-    sa.column("user", sa.String),
-    sa.column("messages", sa.Integer),
-    sa.column("last_active", sa.Date),
-)
-TABLE_NAMES = ("usage_daily", "usage_daily_ide", "usage_daily_language", "usage_user_daily")
+DAILY: sa.Table = UsageDaily.__table__  # type: ignore[attr-defined]  # set on table=True models
+IDE: sa.Table = UsageDailyIde.__table__  # type: ignore[attr-defined]
+LANGUAGE: sa.Table = UsageDailyLanguage.__table__  # type: ignore[attr-defined]
+USER: sa.Table = UsageUserDaily.__table__  # type: ignore[attr-defined]
+TABLE_NAMES = tuple(USAGE_COLUMNS)
 
 
 def build_report(
@@ -116,7 +99,7 @@ def build_report(
     )
 
 
-def _between(column: sa.ColumnClause[dt.date], window: Window) -> sa.ColumnElement[bool]:
+def _between(column: sa.ColumnElement[dt.date], window: Window) -> sa.ColumnElement[bool]:
     return column.between(window.since, window.until)
 
 
@@ -142,7 +125,7 @@ def _distinct_users(conn: sa.Connection, window: Window) -> dict[str, int]:
 
 
 def _mix(
-    conn: sa.Connection, table: sa.TableClause, name: sa.ColumnClause[str], window: Window
+    conn: sa.Connection, table: sa.Table, name: sa.ColumnElement[str], window: Window
 ) -> dict[str, dict[str, int]]:
     """tenant -> name -> engaged user-days in the window."""
     query = (

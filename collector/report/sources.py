@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import datetime as dt
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -27,6 +27,7 @@ from sqlalchemy.pool import StaticPool
 
 from collector.report.model import ReportError, UsageReport, Window
 from collector.report.query import TABLE_NAMES, build_report
+from collector.tables import USAGE_TABLES
 
 _INSERT_CHUNK = 5_000
 
@@ -96,29 +97,42 @@ def _optional_day(value: str) -> dt.date | None:
     return dt.date.fromisoformat(value[:10]) if value else None
 
 
-# What the report reads from each CSV file, by the documented columns (docs/data-model.md);
-# the files' other columns (fetched_at, final, ides, languages) are not needed.
+# What the report reads from each CSV file; the files' other columns (fetched_at, final, ides,
+# languages, last_active_at) are not needed. Names and types are the table models'.
 _CSV_COLUMNS: dict[str, tuple[str, ...]] = {
     "usage_daily": ("tenant", "day", "active_users", "messages"),
     "usage_daily_ide": ("tenant", "day", "ide_name", "engaged_users"),
     "usage_daily_language": ("tenant", "day", "language_name", "engaged_users"),
     "usage_user_daily": ("tenant", "day", "user", "messages", "last_active"),
 }
-_NOT_TEXT: dict[str, tuple[Any, Callable[[str], Any]]] = {
-    "day": (sa.Date, dt.date.fromisoformat),
-    "last_active": (sa.Date, _optional_day),
-    "active_users": (sa.Integer, int),
-    "messages": (sa.Integer, int),
-    "engaged_users": (sa.Integer, int),
-}
-"""Column -> (SQL type, parser of the CSV text); every other column is text."""
 _CSV_TABLES = sa.MetaData()
-for _table, _columns in _CSV_COLUMNS.items():
+"""The models' tables cut down to _CSV_COLUMNS (all nullable: only what the files give)."""
+for _model_table in USAGE_TABLES:
     sa.Table(
-        _table,
+        _model_table.name,
         _CSV_TABLES,
-        *(sa.Column(c, _NOT_TEXT.get(c, (sa.String, str))[0]) for c in _columns),
+        *(
+            sa.Column(column.name, column.type)
+            for column in _model_table.columns
+            if column.name in _CSV_COLUMNS[_model_table.name]
+        ),
     )
+
+
+def _parser(column: sa.Column[Any]) -> tuple[str | None, Callable[[str], Any]]:
+    """What the CSV text of ``column`` must be (None: any text) and how to read it."""
+    if isinstance(column.type, sa.Date):
+        return "a date", _optional_day if column.nullable else dt.date.fromisoformat
+    if isinstance(column.type, sa.Integer):
+        return "a whole number", int
+    return None, str
+
+
+_PARSERS: dict[str, dict[str, tuple[str | None, Callable[[str], Any]]]] = {
+    table.name: {c.name: _parser(c) for c in table.columns if c.name in _CSV_COLUMNS[table.name]}
+    for table in USAGE_TABLES
+}
+"""Table -> column -> (what it must be, parser of the CSV text), by the models' types."""
 
 
 @dataclass
@@ -151,7 +165,7 @@ class CsvSource:
         insert = _CSV_TABLES.tables[table].insert()
         rows: list[dict[str, Any]] = []
         for path in self._files(table, first, window.until):
-            rows.extend(_read_csv(path, _CSV_COLUMNS[table]))
+            rows.extend(_read_csv(path, _PARSERS[table]))
             if len(rows) >= _INSERT_CHUNK:
                 conn.execute(insert, rows)
                 rows = []
@@ -179,7 +193,9 @@ class CsvSource:
                     yield path
 
 
-def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
+def _read_csv(
+    path: Path, parsers: Mapping[str, tuple[str | None, Callable[[str], Any]]]
+) -> list[dict[str, Any]]:
     try:
         handle = path.open(encoding="utf-8", newline="")
     except FileNotFoundError:  # the sink is replacing this day right now: not there yet
@@ -187,18 +203,16 @@ def _read_csv(path: Path, columns: Sequence[str]) -> list[dict[str, Any]]:
     try:
         with handle:
             reader = csv.DictReader(handle)
-            missing = [c for c in columns if c not in (reader.fieldnames or ())]
+            missing = [c for c in parsers if c not in (reader.fieldnames or ())]
             if missing:
                 raise ReportError(f"{path}: no column {', '.join(missing)} in the header row")
-            parsers = [(c, _NOT_TEXT[c][1] if c in _NOT_TEXT else str) for c in columns]
             rows = []
             for row in reader:
                 record = {}
-                for column, parse in parsers:
+                for column, (kind, parse) in parsers.items():
                     try:
                         record[column] = parse(row[column])
                     except (ValueError, TypeError):
-                        kind = "a date" if _NOT_TEXT[column][0] is sa.Date else "a whole number"
                         raise ReportError(
                             f"{path}:{reader.line_num}: {column} is not {kind}"
                         ) from None

@@ -33,15 +33,12 @@ from collector.plugin import (
     guard_row,
 )
 
-USAGE_DAILY: Final = "usage_daily"
-USAGE_DAILY_IDE: Final = "usage_daily_ide"
-USAGE_DAILY_LANGUAGE: Final = "usage_daily_language"
-USAGE_USER_DAILY: Final = "usage_user_daily"
-
 COLUMNS: Final[dict[str, tuple[str, ...]]] = USAGE_COLUMNS
-"""Every table, in a fixed order, with its columns in the order files and bodies use."""
+"""Every table, in a fixed order, with its columns in the order files and bodies use: the table
+models' (:mod:`collector.tables`), so every field name here comes from them."""
 
 TABLES: Final[tuple[str, ...]] = tuple(COLUMNS)
+USAGE_DAILY, USAGE_DAILY_IDE, USAGE_DAILY_LANGUAGE, USAGE_USER_DAILY = TABLES
 
 Row = dict[str, Any]
 """One JSON-able row: column name -> str, int, bool, None or list of str."""
@@ -54,49 +51,49 @@ def _timestamp(value: dt.datetime) -> str:
     return value.astimezone(dt.UTC).isoformat()
 
 
+def _row(table: str, *values: Any) -> Row:
+    # The values come in the model's column order; strict: a column added to a model and not
+    # given here fails at once instead of shifting every field after it.
+    return dict(zip(COLUMNS[table], values, strict=True))
+
+
 def table_rows(day: TenantDay) -> dict[str, list[Row]]:
     """The tenant-day as JSON-able rows, keyed by table name (every table present, maybe empty)."""
     daily = day.daily
+    tenant = day.tenant
+    iso_day = day.day.isoformat()
     return {
         USAGE_DAILY: [
-            {
-                "tenant": day.tenant,
-                "day": day.day.isoformat(),
-                "active_users": daily.active_users,
-                "messages": daily.messages,
-                "fetched_at": _timestamp(day.fetched_at),
-                "final": day.final,
-            }
+            _row(
+                USAGE_DAILY,
+                tenant,
+                iso_day,
+                daily.active_users,
+                daily.messages,
+                _timestamp(day.fetched_at),
+                day.final,
+            )
         ],
         USAGE_DAILY_IDE: [
-            {
-                "tenant": day.tenant,
-                "day": day.day.isoformat(),
-                "ide_name": ide.ide_name,
-                "engaged_users": ide.engaged_users,
-            }
+            _row(USAGE_DAILY_IDE, tenant, iso_day, ide.ide_name, ide.engaged_users)
             for ide in day.ides
         ],
         USAGE_DAILY_LANGUAGE: [
-            {
-                "tenant": day.tenant,
-                "day": day.day.isoformat(),
-                "language_name": lang.language_name,
-                "engaged_users": lang.engaged_users,
-            }
+            _row(USAGE_DAILY_LANGUAGE, tenant, iso_day, lang.language_name, lang.engaged_users)
             for lang in day.languages
         ],
         USAGE_USER_DAILY: [
-            {
-                "tenant": day.tenant,
-                "day": day.day.isoformat(),
-                "user": user.user,
-                "messages": user.messages,
-                "last_active": user.last_active.isoformat() if user.last_active else None,
-                "ides": list(user.ides),
-                "languages": list(user.languages),
-                "last_active_at": _timestamp(at) if (at := user.last_active_at) else None,
-            }
+            _row(
+                USAGE_USER_DAILY,
+                tenant,
+                iso_day,
+                user.user,
+                user.messages,
+                user.last_active.isoformat() if user.last_active else None,
+                list(user.ides),
+                list(user.languages),
+                _timestamp(at) if (at := user.last_active_at) else None,
+            )
             for user in day.users
         ],
     }

@@ -9,10 +9,13 @@ Types ``sqlite`` and its alias ``sql``::
 Each ``write`` is one transaction. For every tenant-day of the batch it deletes that day's IDE,
 language and user rows and upserts the daily row, then inserts the new child rows, so a re-fetch
 replaces (a user missing from the new version disappears) and a redelivery never duplicates.
-Inserts are multi-row statements (:mod:`collector.store.prepared`); the work runs in a worker
-thread. In SQLite the tables are created ``WITHOUT ROWID`` (the primary key is the table: one
-b-tree per row written, not two); files created by an earlier version keep their layout and work
-the same.
+The tables are the SQLModel table models of :mod:`collector.tables` (``Model.__table__``): their
+DDL, and the statements below built over them; inserts are multi-row Core statements compiled once
+(:class:`~collector.plugin.BulkInsert`), and the work runs in a worker thread. Opening a database
+made by an earlier version migrates it additively: missing (nullable) columns are added, and in
+PostgreSQL count columns created as ``INTEGER`` become ``BIGINT``. In SQLite the tables are created
+``WITHOUT ROWID`` (the primary key is the table: one b-tree per row written, not two); files
+created by an earlier version keep their layout and work the same.
 
 SQLite files run in WAL mode (readers never block the writer) with a busy timeout and, by
 default, ``synchronous=NORMAL``: a crash of the process loses nothing, a power cut may lose the
@@ -43,6 +46,7 @@ from sqlalchemy.sql.dml import Insert
 
 from collector.plugin import (
     KEYS,
+    USAGE_TABLES,
     Batch,
     BulkInsert,
     Codec,
@@ -56,79 +60,30 @@ from collector.plugin import (
     TenantDay,
     create_private_file,
     ensure_private_dir,
+    get_logger,
     hookimpl,
     insert_for,
     run_blocking,
 )
+
+_log = get_logger(__name__)
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
 }
 
 
-METADATA = sa.MetaData()
-"""The four usage tables, apart from every other table (the state store has its own metadata)."""
-
-# Plain Core tables: declaring them as SQLModel classes imported SQLAlchemy's ORM (~0.1 s of
-# every start) for nothing, as rows are written and read at the Core level. The DDL is the same
-# as those classes produced: VARCHAR without a length (255 on MySQL, which needs one), every
-# column NOT NULL but ``last_active`` and ``last_active_at``, and ``WITHOUT ROWID`` in SQLite.
-_Text = sa.String().with_variant(sa.String(255), "mysql", "mariadb")
-# Counts go up to int64 (collector.models.INT64_MAX): BIGINT where INTEGER is 32 bits; SQLite's
-# INTEGER already holds 64 bits, and keeps the DDL that earlier versions created.
-_Count = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-
-
-def _table(name: str, *columns: sa.Column[Any]) -> sa.Table:
-    return sa.Table(name, METADATA, *columns, sqlite_with_rowid=False)
-
-
-def _key(name: str, type_: Any = _Text) -> sa.Column[Any]:
-    return sa.Column(name, type_, primary_key=True, nullable=False)
-
-
-def _value(name: str, type_: Any, *, nullable: bool = False, default: Any = None) -> sa.Column[Any]:
-    return sa.Column(name, type_, nullable=nullable, default=default)
-
-
-DAILY = _table(
-    "usage_daily",
-    _key("tenant"),
-    _key("day", sa.Date()),
-    _value("active_users", _Count),
-    _value("messages", _Count),
-    _value("fetched_at", sa.DateTime(timezone=True)),
-    _value("final", sa.Boolean()),
-)
-IDE = _table(
-    "usage_daily_ide",
-    _key("tenant"),
-    _key("day", sa.Date()),
-    _key("ide_name"),
-    _value("engaged_users", _Count),
-)
-LANGUAGE = _table(
-    "usage_daily_language",
-    _key("tenant"),
-    _key("day", sa.Date()),
-    _key("language_name"),
-    _value("engaged_users", _Count),
-)
-USER = _table(
-    "usage_user_daily",
-    _key("tenant"),
-    _key("day", sa.Date()),
-    _key("user"),
-    _value("messages", _Count),
-    _value("last_active", sa.Date(), nullable=True),
-    # JSON arrays of names, e.g. ["VS Code", "JetBrains"]
-    _value("ides", _Text, default="[]"),
-    _value("languages", _Text, default="[]"),
-    # Added after the first release: last, as ALTER TABLE ADD COLUMN puts it (see _migrate).
-    _value("last_active_at", sa.DateTime(timezone=True), nullable=True),
-)
-TABLES: tuple[sa.Table, ...] = (DAILY, IDE, LANGUAGE, USER)
+# The four tables are the SQLModel table models' (collector.tables, the one declaration of the
+# data model): the DDL, upserts, deletes and the additive migration below all come from them,
+# while rows go in through Core statements compiled once (collector.plugin's BulkInsert).
+DAILY, IDE, LANGUAGE, USER = USAGE_TABLES
+TABLES: tuple[sa.Table, ...] = USAGE_TABLES
 _CHILDREN = (IDE, LANGUAGE, USER)
+# Counts the previous releases created as INTEGER in PostgreSQL (32 bits), widened on open.
+_COUNTS = {
+    table.name: [c.name for c in table.columns if isinstance(c.type, sa.BigInteger)]
+    for table in TABLES
+}
 
 
 class SqliteSinkConfig(SinkConfig):
@@ -260,16 +215,20 @@ class SqliteSink(Sink):
                 create_private_file(database, self.host.shared_group)
             engine = _create_engine(url, self.config.busy_timeout, self.config.synchronous)
             if self.config.create_tables:
-                METADATA.create_all(engine)
+                DAILY.metadata.create_all(engine, tables=list(TABLES))
             missing = _missing_columns(engine)
             if missing and self.config.create_tables:
-                _migrate(engine, missing)
+                _migrate(engine, missing, self.name)
+                _log.info("sink.columns_added", sink=self.name, columns=_names(missing))
             elif missing:
                 raise SinkPermanentError(
-                    f"sink {self.name}: table {USER.name} lacks the column(s) "
-                    f"{', '.join(c.name for c in missing)}, and create_tables is off: add them "
-                    "(docs/data-model.md) or turn create_tables on"
+                    f"sink {self.name}: the database lacks the column(s) {_names(missing)}, and "
+                    "create_tables is off: add them (docs/data-model.md) or turn create_tables on"
                 )
+            if self.config.create_tables and engine.dialect.name == "postgresql":
+                widened = _widen_counts(engine)
+                if widened:
+                    _log.info("sink.counts_widened", sink=self.name, columns=widened)
         except (exc.SQLAlchemyError, OSError) as error:
             raise self._translate(error) from None
         self._engine = engine
@@ -313,22 +272,37 @@ class SqliteSink(Sink):
         return SinkTransientError(message)
 
 
+def _names(columns: list[sa.Column[Any]]) -> str:
+    return ", ".join(f"{column.table.name}.{column.name}" for column in columns)
+
+
 def _missing_columns(engine: Engine) -> list[sa.Column[Any]]:
-    """Columns of ``usage_user_daily`` that a database made by an earlier version lacks."""
+    """Columns of the models that the tables of a database made by an earlier version lack."""
     # The columns of an empty result rather than the inspector: reflection is the part of a
     # dialect most often incomplete (duckdb-engine's queries PostgreSQL catalogs DuckDB lacks).
-    table = engine.dialect.identifier_preparer.format_table(USER)
-    try:
-        with engine.connect() as conn:
-            present = set(conn.execute(sa.text(f"SELECT * FROM {table} WHERE 1 = 0")).keys())  # noqa: S608 - our own table name
-    except exc.DBAPIError:
-        return []  # create_tables is off and nothing exists: the first write says so
-    return [column for column in USER.columns if column.name not in present]
+    quote = engine.dialect.identifier_preparer
+    missing: list[sa.Column[Any]] = []
+    for table in TABLES:
+        probe = f"SELECT * FROM {quote.format_table(table)} WHERE 1 = 0"  # noqa: S608 - our own table names
+        try:
+            # A connection per table: in PostgreSQL a failed probe spoils its transaction.
+            with engine.connect() as conn:
+                present = set(conn.execute(sa.text(probe)).keys())
+        except exc.DBAPIError:
+            continue  # create_tables is off and the table does not exist: the write says so
+        missing += [column for column in table.columns if column.name not in present]
+    return missing
 
 
-def _migrate(engine: Engine, missing: list[sa.Column[Any]]) -> None:
-    """Additive migration: add each missing (nullable) column; existing rows keep their values
-    and read the new column as NULL."""
+def _migrate(engine: Engine, missing: list[sa.Column[Any]], sink: str) -> None:
+    """Additive migration: add each missing column; existing rows keep their values and read the
+    new column as NULL. Only nullable columns can be added so: another one is an error."""
+    required = [column for column in missing if not column.nullable]
+    if required:
+        raise SinkPermanentError(
+            f"sink {sink}: the column(s) {_names(required)} are missing and, being NOT NULL, "
+            "cannot be added to existing rows: see docs/data-model.md"
+        )
     quote = engine.dialect.identifier_preparer
     try:
         with engine.begin() as conn:
@@ -336,7 +310,7 @@ def _migrate(engine: Engine, missing: list[sa.Column[Any]]) -> None:
                 column_type = column.type.compile(dialect=engine.dialect)
                 conn.execute(
                     sa.text(
-                        f"ALTER TABLE {quote.format_table(USER)} "
+                        f"ALTER TABLE {quote.format_table(column.table)} "
                         f"ADD COLUMN {quote.format_column(column)} {column_type}"
                     )
                 )
@@ -344,6 +318,36 @@ def _migrate(engine: Engine, missing: list[sa.Column[Any]]) -> None:
         # Another process opening the same database may have added them first.
         if _missing_columns(engine):
             raise
+
+
+def _widen_counts(engine: Engine) -> list[str]:
+    """PostgreSQL: turn count columns that an earlier release created as INTEGER (32 bits) into
+    the models' BIGINT, so counts up to 2**63 - 1 fit; returns the columns widened.
+
+    The catalog says which are narrow (one query; nothing to do on every later open). ``ALTER
+    COLUMN ... TYPE BIGINT`` rewrites the table under an exclusive lock, once.
+    """
+    quote = engine.dialect.identifier_preparer
+    narrow = sa.text(
+        "SELECT table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND data_type = 'integer'"
+        " AND table_name IN :tables"
+    ).bindparams(sa.bindparam("tables", expanding=True))
+    with engine.begin() as conn:
+        found = {tuple(row) for row in conn.execute(narrow, {"tables": list(_COUNTS)})}
+        widened = []
+        for table in TABLES:
+            for name in _COUNTS[table.name]:
+                if (table.name, name) in found:
+                    column = table.c[name]
+                    conn.execute(
+                        sa.text(
+                            f"ALTER TABLE {quote.format_table(table)} "
+                            f"ALTER COLUMN {quote.format_column(column)} TYPE BIGINT"
+                        )
+                    )
+                    widened.append(f"{table.name}.{name}")
+    return widened
 
 
 class SqlSink(SqliteSink):
@@ -541,6 +545,7 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
     users: Values = []
     as_json = _Json()
     dates: dict[Any, Any] = _Iso() if codec.sqlite else _Same()
+    moment = codec.moment
     # Rows in primary-key order: each insert lands next to the previous one in the table's
     # b-tree, which costs SQLite a quarter less than the order the days arrive in.
     for td in sorted(tenant_days, key=_day_key):
@@ -583,7 +588,8 @@ def _rows(tenant_days: Iterable[TenantDay], codec: Codec) -> tuple[Values, Value
                 dates[user.last_active],
                 as_json[user.ides],
                 as_json[user.languages],
-                codec.moment(user.last_active_at),
+                # Mostly None (the API sends a bare date): no call for it, once per user row.
+                None if (at := user.last_active_at) is None else moment(at),
             )
     return daily, ides, languages, users
 
