@@ -370,6 +370,7 @@ class Collector:
                     summary.quarantined += 1
                     self._handle_failure(exc, tenant, queue, summary)
                     log.warning("day quarantined", day=day.isoformat(), reason=exc.reason)
+                    self._notify_day_failed(tenant.id, day, exc.reason)
                     continue
                 if not self._handle_failure(exc, tenant, queue, summary):
                     return
