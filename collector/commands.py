@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -108,7 +107,21 @@ async def validate(args: argparse.Namespace) -> int:
             return "ok"
 
         ids = [t.id for t in config.tenants if t.enabled]
-        results = await asyncio.gather(*(check(i) for i in ids))
+        outcomes: dict[str, str] = {}
+        errors: list[Exception] = []
+
+        async def record(tenant_id: str) -> None:
+            try:
+                outcomes[tenant_id] = await check(tenant_id)
+            except Exception as exc:  # raised below, unwrapped, once every check has finished
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for tenant_id in ids:
+                group.start_soon(record, tenant_id, name=f"check:{tenant_id}")
+        if errors:
+            raise errors[0]
+        results = [outcomes[tenant_id] for tenant_id in ids]
     credentials = dict(zip(ids, results, strict=True))
     if args.json:
         print(dump_json(_validate_document(config, credentials)))
