@@ -16,6 +16,7 @@ from typing import Any
 import structlog
 
 from collector.client import ApiClient
+from collector.concurrency import set_worker_threads
 from collector.config import AppConfig, load_config
 from collector.deliverer import Deliverer
 from collector.log import register_secrets
@@ -130,6 +131,7 @@ async def open_runtime(
     are meant to run next to them.
     """
     configure_plugins(plugins.pm, config)
+    set_worker_threads(config.runtime.worker_threads)  # before the store's first thread call
     store = await Store.open(
         config.state.connection_url(),
         exclusive=(only_sinks is None) if exclusive is None else exclusive,

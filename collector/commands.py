@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime as dt
 import json
 import os
@@ -11,9 +10,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
+import anyio
 import structlog
 
 from collector.app import Plugins, load, load_plugins, open_runtime
+from collector.concurrency import run_sync
 from collector.config import AppConfig, json_schema, summarize
 from collector.errors import ApiError
 from collector.pipeline import CycleResult, utc_today
@@ -23,6 +24,7 @@ from collector.report import cycle_summary
 
 if TYPE_CHECKING:
     from collector.config import TenantConfig
+    from collector.deliverer import Deliverer
     from collector.report.sources import ReportSource
     from collector.simulator import SimTenant
 
@@ -105,7 +107,21 @@ async def validate(args: argparse.Namespace) -> int:
             return "ok"
 
         ids = [t.id for t in config.tenants if t.enabled]
-        results = await asyncio.gather(*(check(i) for i in ids))
+        outcomes: dict[str, str] = {}
+        errors: list[Exception] = []
+
+        async def record(tenant_id: str) -> None:
+            try:
+                outcomes[tenant_id] = await check(tenant_id)
+            except Exception as exc:  # raised below, unwrapped, once every check has finished
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            for tenant_id in ids:
+                group.start_soon(record, tenant_id, name=f"check:{tenant_id}")
+        if errors:
+            raise errors[0]
+        results = [outcomes[tenant_id] for tenant_id in ids]
     credentials = dict(zip(ids, results, strict=True))
     if args.json:
         print(dump_json(_validate_document(config, credentials)))
@@ -182,16 +198,31 @@ async def _cycle(
 ) -> tuple[CycleResult, bool]:
     async with open_runtime(config, loaded) as runtime:
         assert runtime.collector is not None
-        deliver = (
-            asyncio.create_task(runtime.deliverer.run_forever()) if runtime.deliverer else None
-        )
-        result = await runtime.collector.run_cycle(tenants, days=days)  # type: ignore[arg-type]
-        delivered = True
-        if runtime.deliverer is not None and deliver is not None:
-            await runtime.deliverer.stop(grace=30.0)
-            await asyncio.gather(deliver, return_exceptions=True)
-            delivered = await runtime.deliverer.run_until_drained()
+        deliverer = runtime.deliverer
+        error: Exception | None = None
+        # The deliverer delivers while the cycle fetches, in the same task group; stopped (its
+        # writes in flight may finish) once the cycle is over.
+        async with anyio.create_task_group() as group:
+            if deliverer is not None:
+                group.start_soon(_deliver_meanwhile, deliverer, name="deliverer")
+            try:
+                result = await runtime.collector.run_cycle(tenants, days=days)  # type: ignore[arg-type]
+            except Exception as exc:  # raised after the group, unwrapped: the CLI's message
+                error = exc
+            finally:
+                if deliverer is not None:
+                    await deliverer.stop(grace=30.0)
+        if error is not None:
+            raise error
+        delivered = await deliverer.run_until_drained() if deliverer is not None else True
     return result, delivered
+
+
+async def _deliver_meanwhile(deliverer: Deliverer) -> None:
+    try:
+        await deliverer.run_forever()
+    except Exception:  # its lanes catch their own failures; what is left is drained below
+        log.exception("deliverer crashed")
 
 
 async def run(args: argparse.Namespace) -> int:
@@ -409,7 +440,7 @@ async def demo(args: argparse.Namespace) -> int:
     from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 
     output = Path(args.output)
-    await asyncio.to_thread(output.mkdir, parents=True, exist_ok=True)
+    await anyio.Path(output).mkdir(parents=True, exist_ok=True)
     settings = SimulatorSettings(tenants=demo_tenants(5), latency=0.005)
     async with running_simulator(settings) as sim:
         environ = {
@@ -431,14 +462,14 @@ async def demo(args: argparse.Namespace) -> int:
     print()
     print(render(usage, "table", "usage"))
     page = output / "report.html"
-    await asyncio.to_thread(page.write_text, render(usage, "html"), "utf-8")
+    await anyio.Path(page).write_text(render(usage, "html"), "utf-8")
     print(
         f"\nfiles: {output}/usage.db (SQLite), {output}/csv/ (CSV), {output}/state.db (state), "
         f"{page} (HTML report)"
     )
     command = _cli_command()
     print(f"next: {command} report --db {output}/usage.db --format html -o report.html")
-    ready = await asyncio.to_thread(_write_simulator_config, output, settings.tenants)
+    ready = await run_sync(_write_simulator_config, output, settings.tenants)
     print(
         f"your own sink: `{command} simulate --tenants 5` serves these organizations on "
         f"{SIMULATE_URL};\n  {ready} collects them (URL and credentials filled in): put your "

@@ -23,8 +23,8 @@ Lifecycle:
 - SIGHUP: reload the config. An invalid file is rejected with its problems logged and the old
   config kept. Otherwise added tenants are scheduled, removed ones stop (their in-flight cycle is
   cancelled), tenants with changed credentials lose their cached token, and a change to the sinks
-  or their routes restarts the deliverer with the new sink set. ``api``, ``state``, ``server``
-  and ``files`` changes need a restart (logged).
+  or their routes restarts the deliverer with the new sink set. ``api``, ``state``, ``server``,
+  ``runtime`` and ``files`` changes need a restart (logged).
 """
 
 from __future__ import annotations
@@ -36,12 +36,16 @@ import os
 import random
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import anyio
 import structlog
+from anyio.abc import TaskGroup, TaskStatus
 
 from collector.app import Plugins, Runtime, build_deliverer, load, open_runtime, sink_routes
+from collector.concurrency import first_of
 from collector.config import AppConfig, TenantConfig
 from collector.deliverer import Deliverer, SinkStats
 from collector.errors import CollectorError, ConfigError, StoreError
@@ -135,14 +139,18 @@ class Daemon:
         self.metrics = Metrics()
         self.rng = random.Random()  # noqa: S311 - schedule jitter, not security relevant
         self.next_run: dict[str, dt.datetime] = {}
-        self.running: dict[str, asyncio.Task[None]] = {}
+        # Each running cycle's cancel scope: a removed tenant's cycle is cancelled through it.
+        self.running: dict[str, anyio.CancelScope] = {}
         self.last_results: dict[str, dict[str, Any]] = {}
-        self._wake = asyncio.Event()
-        self._stopping = asyncio.Event()
-        self._hurry = asyncio.Event()
+        # anyio events cannot be cleared: "clear" is a new event (see _sleep).
+        self._wake = anyio.Event()
+        self._cycle_ended = anyio.Event()
+        self._stopping = anyio.Event()
+        self._hurry = anyio.Event()
         self._reload_requested = False
         self._runtime: Runtime | None = None
-        self._deliver_task: asyncio.Task[None] | None = None
+        self._work: TaskGroup | None = None  # the cycles and the deliverer
+        self._deliverer_done: anyio.Event | None = None
         # Sink counters of deliverers replaced by a reload, so the exported counters never drop.
         self._retired_sink_stats: dict[str, tuple[int, int]] = {}
         # state.replicas: this process's membership; None: it collects every tenant.
@@ -165,11 +173,30 @@ class Daemon:
         self._reload_requested = True
         self._wake.set()
 
-    def install_signal_handlers(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGTERM, self.request_stop)
-        loop.add_signal_handler(signal.SIGINT, self.request_stop)
-        loop.add_signal_handler(signal.SIGHUP, self.request_reload)
+    async def _handle_signals(self, *, task_status: TaskStatus[None]) -> None:
+        """SIGTERM/SIGINT stop (the second one ends the grace period), SIGHUP reloads; the
+        receiver is installed before the daemon starts anything, and removed when it ends."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
+            async for signum in signals:
+                if signum == signal.SIGHUP:
+                    self.request_reload()
+                else:
+                    self.request_stop()
+
+    async def _serve_ops(self, listen: str, *, task_status: TaskStatus[None]) -> None:
+        """The ops server, from start-up until the daemon has stopped (then it is cancelled)."""
+        app = make_app(self.metrics, self.status, self.ready, self.refresh_metrics)
+        async with serving(app, listen) as where:
+            log.info("ops server listening", listen=where)
+            task_status.started()
+            await anyio.sleep_forever()
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when woken (a signal, a finished cycle)."""
+        self._wake = anyio.Event()
+        with anyio.move_on_after(seconds):
+            await self._wake.wait()
 
     # -- main -------------------------------------------------------------------------------------
 
@@ -187,13 +214,13 @@ class Daemon:
         replica = self.replica
         return configured if replica is None else [t for t in configured if replica.holds(t.id)]
 
-    async def _join_replicas(self, runtime: Runtime) -> None:
+    async def _join_replicas(self, runtime: Runtime, work: TaskGroup) -> None:
         """state.replicas: the first heartbeat (this replica's share), then one every third of
-        the lease."""
+        the lease, in the work task group."""
         ttl = runtime.config.state.lease_ttl.total_seconds()
         replica = self.replica = Replica(runtime.store, ttl, self.metrics)
         await replica.beat(self._leased_tenant_ids(), self._leases_changed)
-        replica.start(self._leased_tenant_ids, self._leases_changed)
+        work.start_soon(replica.run, self._leased_tenant_ids, self._leases_changed)
         held = len(self._tenants(runtime.config))
         log.info("replica registered", replica=replica.id, tenants=held)
 
@@ -205,9 +232,9 @@ class Daemon:
         """Tenants lost or released: cancel their cycles, drop their schedules; gained: run now."""
         for tenant_id in holdings.lost | holdings.released:
             self.next_run.pop(tenant_id, None)
-            task = self.running.pop(tenant_id, None)
-            if task is not None:
-                task.cancel()
+            scope = self.running.get(tenant_id)
+            if scope is not None:
+                scope.cancel()
         if self._runtime is not None:
             await self._schedule_new(self._runtime.config)
         self._wake.set()
@@ -216,32 +243,58 @@ class Daemon:
         """Serve until SIGTERM/SIGINT; returns the exit code (0). ``config``: the file at
         ``config_path`` already loaded by the caller (it is loaded here otherwise)."""
         config = config or load(self.config_path, self.plugins)
-        self.install_signal_handlers()
-        async with contextlib.AsyncExitStack() as stack:
-            if config.server.listen:
-                app = make_app(self.metrics, self.status, self.ready, self.refresh_metrics)
-                where = await stack.enter_async_context(serving(app, config.server.listen))
-                log.info("ops server listening", listen=where)
-            runtime = await self._open_runtime(stack, config)
-            if runtime is None:
-                log.info("daemon stopped before the state store was reachable")
-                return 0
-            self._runtime = runtime
-            if config.state.replicas:
-                await self._join_replicas(runtime)
-            self._start_deliverer()
-            self.metrics.up.set(1)
-            log.info("daemon started", tenants=len(self._tenants(config)), sinks=list(config.sinks))
+        # Task groups (docs/architecture.md, "Concurrency"): `background` holds the signal
+        # receiver and the ops server for the daemon's whole life; `work` (in _collect) holds
+        # the cycles and the deliverer, and ends with the shielded shutdown.
+        runtime: Runtime | None = None
+        error: Exception | None = None
+        async with anyio.create_task_group() as background:
+            await background.start(self._handle_signals, name="signals")
             try:
-                await self._loop()
+                if config.server.listen:
+                    await background.start(self._serve_ops, config.server.listen, name="ops-server")
+                runtime = await self._collect(config)
+            except Exception as exc:  # raised below, after the group, unwrapped: the CLI's message
+                error = exc
             finally:
-                await self._shutdown()
-                if self.replica is not None:
-                    await self.replica.stop()
+                background.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        if runtime is None:
+            return 0
         log.info("daemon stopped")
         if runtime.store.health.unusable is not None:
             raise StoreUnusable(runtime.store.health.unusable)  # exit 1, as at start
         return 0
+
+    async def _collect(self, config: AppConfig) -> Runtime | None:
+        """Open the runtime, run cycles until stopped, shut down; None if stopped before the
+        state store was ever reachable."""
+        async with contextlib.AsyncExitStack() as stack:
+            runtime = await self._open_runtime(stack, config)
+            if runtime is None:
+                log.info("daemon stopped before the state store was reachable")
+                return None
+            self._runtime = runtime
+            async with anyio.create_task_group() as work:
+                self._work = work
+                if config.state.replicas:
+                    await self._join_replicas(runtime, work)
+                self._start_deliverer()
+                self.metrics.up.set(1)
+                log.info(
+                    "daemon started", tenants=len(self._tenants(config)), sinks=list(config.sinks)
+                )
+                try:
+                    await self._loop()
+                finally:
+                    # Shielded: even a cancelled daemon lets cycles and sink writes finish within
+                    # the grace period; every wait inside is bounded by it.
+                    with anyio.CancelScope(shield=True):
+                        await self._shutdown()
+                        if self.replica is not None:  # after the drain: hand the leases back
+                            await self.replica.stop()
+        return runtime
 
     async def _open_runtime(
         self, stack: contextlib.AsyncExitStack, config: AppConfig
@@ -263,18 +316,27 @@ class Daemon:
             failures += 1
             wait = 0.05 if waits_disabled() else min(_STORE_RETRY_MAX, 0.5 * 2**failures)
             log.error("state store unreachable; retrying", error=error, retry_in=wait)
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), wait)
+            await self._sleep(wait)
         return None
 
     def _start_deliverer(self) -> None:
         runtime = self._runtime
         assert runtime is not None
+        assert self._work is not None
+        self._deliverer_done = None
         if runtime.deliverer is not None:
-            self._deliver_task = asyncio.create_task(
-                runtime.deliverer.run_forever(), name="deliverer"
-            )
+            done = self._deliverer_done = anyio.Event()
+            self._work.start_soon(self._deliver, runtime.deliverer, done, name="deliverer")
+
+    @staticmethod
+    async def _deliver(deliverer: Deliverer, done: anyio.Event) -> None:
+        """The deliverer until it is stopped; ``done`` tells when it has."""
+        try:
+            await deliverer.run_forever()
+        except Exception:  # its lanes catch their own failures: this is a bug, not an outage
+            log.exception("deliverer crashed")
+        finally:
+            done.set()
 
     async def _loop(self) -> None:
         runtime = self._runtime
@@ -292,16 +354,14 @@ class Daemon:
             for tenant in self._tenants(runtime.config):
                 due = self.next_run.get(tenant.id)
                 if due is not None and due <= now and tenant.id not in self.running:
-                    self.running[tenant.id] = asyncio.create_task(
-                        self._cycle(tenant), name=f"cycle:{tenant.id}"
-                    )
+                    assert self._work is not None
+                    scope = self.running[tenant.id] = anyio.CancelScope()
+                    self._work.start_soon(self._cycle, tenant, scope, name=f"cycle:{tenant.id}")
             upcoming = [t for k, t in self.next_run.items() if k not in self.running]
             timeout = _IDLE_WAKE
             if upcoming:
                 timeout = max(0.01, min(timeout, (min(upcoming) - now).total_seconds()))
-            self._wake.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), timeout)
+            await self._sleep(timeout)
 
     async def _schedule_new(self, config: AppConfig) -> None:
         """Give every tenant without a schedule its first run: now plus its jitter."""
@@ -323,19 +383,22 @@ class Daemon:
             report = log.debug if runtime.store.health.failing else log.warning
             report("could not record the next run", tenant=tenant_id, error=str(exc))
 
-    async def _cycle(self, tenant: TenantConfig) -> None:
+    async def _cycle(self, tenant: TenantConfig, scope: anyio.CancelScope) -> None:
         runtime = self._runtime
         assert runtime is not None
         assert runtime.collector is not None
         started = dt.datetime.now(dt.UTC)
         try:
-            result = await runtime.collector.run_cycle([tenant])
-            self._record(result)
-        except Exception:  # a crashed cycle is logged; the tenant simply runs again next time
-            log.exception("cycle crashed", tenant=tenant.id)
+            with scope:  # cancelled by a reload that removes the tenant, or the grace period's end
+                try:
+                    result = await runtime.collector.run_cycle([tenant])
+                    self._record(result)
+                except Exception:  # a crashed cycle is logged; the tenant runs again next time
+                    log.exception("cycle crashed", tenant=tenant.id)
         finally:
-            if self.running.get(tenant.id) is asyncio.current_task():
+            if self.running.get(tenant.id) is scope:
                 del self.running[tenant.id]
+            self._cycle_ended.set()
             if tenant.id in self.next_run and not self._stopping.is_set():
                 due = next_run_after(runtime.config, tenant, started, self.rng)
                 self.next_run[tenant.id] = due
@@ -400,9 +463,9 @@ class Daemon:
         for tenant_id in removed:
             self.next_run.pop(tenant_id, None)
             self.last_results.pop(tenant_id, None)
-            task = self.running.pop(tenant_id, None)
-            if task is not None:
-                task.cancel()
+            cycle = self.running.pop(tenant_id, None)
+            if cycle is not None:
+                cycle.cancel()
             self.metrics.forget_tenant(tenant_id)
             runtime.client.forget_tenant(tenant_id)
             await self._persist_next_run(tenant_id, None)
@@ -416,7 +479,7 @@ class Daemon:
             ):
                 # A new rhythm applies from now, not after the old (maybe long) interval.
                 self.next_run.pop(tenant_id, None)
-        for section in ("api", "state", "server", "files"):
+        for section in ("api", "state", "server", "runtime", "files"):
             if getattr(old, section) != getattr(new, section):
                 log.warning(
                     "config section changed; it takes effect after a restart", section=section
@@ -443,9 +506,8 @@ class Daemon:
         assert runtime.collector is not None
         if runtime.deliverer is not None:
             await runtime.deliverer.stop(grace=self.grace)
-        if self._deliver_task is not None:
-            await asyncio.gather(self._deliver_task, return_exceptions=True)
-            self._deliver_task = None
+        if self._deliverer_done is not None:
+            await self._deliverer_done.wait()
         if runtime.deliverer is not None:
             self._retire_stats(runtime.deliverer.stats())
             await runtime.deliverer.aclose()
@@ -466,61 +528,68 @@ class Daemon:
 
     # -- shutdown ---------------------------------------------------------------------------------
 
-    async def _wait_within(self, tasks: list[asyncio.Task[Any]], deadline: float) -> None:
-        """Wait for ``tasks`` until ``deadline`` (monotonic) or a second stop signal."""
-        hurry = asyncio.create_task(self._hurry.wait())
-        try:
-            while not self._hurry.is_set():
-                pending = [t for t in tasks if not t.done()]
-                left = deadline - time.monotonic()
-                if not pending or left <= 0:
-                    break
-                await asyncio.wait(
-                    [*pending, hurry], timeout=left, return_when=asyncio.FIRST_COMPLETED
-                )
-        finally:
-            hurry.cancel()
-            await asyncio.gather(hurry, return_exceptions=True)
+    async def _within(self, deadline: float, wait: Callable[[], Awaitable[object]]) -> bool:
+        """Await ``wait()`` until ``deadline`` (anyio's clock) or a second stop signal; True
+        when it finished in time."""
+        finished = False
+
+        async def waiting() -> None:
+            nonlocal finished
+            await wait()
+            finished = True
+
+        if not self._hurry.is_set():
+            with anyio.move_on_after(max(0.0, deadline - anyio.current_time())):
+                await first_of(waiting, self._hurry.wait)
+        return finished
+
+    async def _cycles_ended(self) -> None:
+        """Return once no cycle is running."""
+        while self.running:
+            self._cycle_ended = anyio.Event()
+            await self._cycle_ended.wait()
 
     async def _drain_within(self, deliverer: Deliverer, deadline: float) -> None:
         """Deliver what the last cycles queued, as far as the grace period allows. What does not
         make it stays queued in the state database and goes out after the next start."""
-        if self._hurry.is_set() or deadline <= time.monotonic():
+        if self._hurry.is_set() or deadline <= anyio.current_time():
             return
-        drain = asyncio.create_task(deliverer.run_until_drained(), name="final-drain")
-        await self._wait_within([drain], deadline)
-        if not drain.done():
-            drain.cancel()
+
+        async def drain() -> None:
+            try:
+                await deliverer.run_until_drained()
+            except Exception as exc:  # what is not delivered stays queued for the next start
+                log.warning("final delivery failed", error=f"{type(exc).__name__}: {exc}")
+
+        if not await self._within(deadline, drain):
             log.warning("grace period over: undelivered days stay queued for the next start")
-        await asyncio.gather(drain, return_exceptions=True)
 
     async def _shutdown(self) -> None:
+        """Runs shielded (see _collect); every wait is bounded by the grace period."""
         runtime = self._runtime
         assert runtime is not None
         self._stopping.set()
         self.metrics.up.set(0)
-        deadline = time.monotonic() + self.grace
-        cycles = list(self.running.values())
-        await self._wait_within(cycles, deadline)
-        pending = [t for t in cycles if not t.done()]
-        for task in pending:
-            task.cancel()
-        if pending:
-            log.warning("grace period over: cancelled in-flight cycles", tenants=len(pending))
-            await asyncio.gather(*pending, return_exceptions=True)
+        deadline = anyio.current_time() + self.grace
+        if not await self._within(deadline, self._cycles_ended):
+            pending = list(self.running.values())
+            for cycle in pending:
+                cycle.cancel()
+            if pending:
+                log.warning("grace period over: cancelled in-flight cycles", tenants=len(pending))
+                await self._cycles_ended()
         if runtime.deliverer is not None:
-            left = 0.0 if self._hurry.is_set() else max(0.5, deadline - time.monotonic())
+            left = 0.0 if self._hurry.is_set() else max(0.5, deadline - anyio.current_time())
             await runtime.deliverer.stop(grace=left)
-        if self._deliver_task is not None:
-            await asyncio.gather(self._deliver_task, return_exceptions=True)
+        if self._deliverer_done is not None:
+            await self._deliverer_done.wait()
         if runtime.deliverer is not None:
             await self._drain_within(runtime.deliverer, deadline)
             await runtime.deliverer.aclose()
         # `status` should not promise runs of a stopped daemon; a few seconds at most for that.
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(_CLEAR_NEXT_RUN_BUDGET):
-                for tenant_id in list(self.next_run):
-                    await self._persist_next_run(tenant_id, None)
+        with anyio.move_on_after(_CLEAR_NEXT_RUN_BUDGET):
+            for tenant_id in list(self.next_run):
+                await self._persist_next_run(tenant_id, None)
 
     # -- ops endpoints ----------------------------------------------------------------------------
 

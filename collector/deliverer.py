@@ -1,7 +1,7 @@
 """Per-sink delivery from the store's outbox: own task, own retries, own timeout, own dead-letter.
 
-Each sink instance is a *lane*: one asyncio task that drains that sink's queue
-(:meth:`collector.store.Store.pending`) in passes. A pass walks the queue from its start in
+Each sink instance is a *lane*: one task (in the deliverer's task group) that drains that sink's
+queue (:meth:`collector.store.Store.pending`) in passes. A pass walks the queue from its start in
 batches of ``batch_size``; every batch gets the sink's PII policy, one ``write`` under the sink's
 ``timeout``, and on success is acknowledged (:meth:`~collector.store.Store.mark_delivered`). A
 pass that found less than a full batch is followed by a short pause (:data:`LINGER`), so days
@@ -39,14 +39,15 @@ lane in an outage still pauses 50 ms between passes so a test does not spin.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import random
 import time
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import anyio
+
+from collector.concurrency import first_of
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError, StoreError
 from collector.log import get_logger
 from collector.models import TenantDay
@@ -126,13 +127,14 @@ class _Lane:
     sink: Sink
     config: SinkConfig
     stats: SinkStats
-    wake: asyncio.Event = field(default_factory=asyncio.Event)
-    busy: asyncio.Lock = field(default_factory=asyncio.Lock)
+    wake: anyio.Event = field(default_factory=anyio.Event)  # "cleared" by a new event
+    busy: anyio.Lock = field(default_factory=anyio.Lock)
     opened: bool = False
     outages: int = 0  # consecutive passes that ended in an outage
     failures: dict[Key, int] = field(default_factory=dict)  # per day, since its last success
     retry_at: dict[Key, float] = field(default_factory=dict)  # monotonic time a day may go again
-    task: asyncio.Task[None] | None = None
+    scope: anyio.CancelScope | None = None  # the lane's task, while it runs
+    done: anyio.Event | None = None  # set when that task has ended
 
     @property
     def timeout(self) -> float:
@@ -176,7 +178,7 @@ class Deliverer:
             name: _Lane(name, sink, configs[name], SinkStats(sink=name))
             for name, sink in sinks.items()
         }
-        self._stopping = asyncio.Event()
+        self._stopping = anyio.Event()  # "cleared" by a new event when a run starts
         self._synced = False
 
     # --- public surface ---------------------------------------------------------------------------
@@ -192,7 +194,7 @@ class Deliverer:
 
     async def run_forever(self) -> None:
         """Deliver until :meth:`stop`: each sink in its own task, woken by new data or a poll."""
-        self._stopping.clear()
+        self._stopping = anyio.Event()
         failures = 0
         while not self._stopping.is_set():
             try:
@@ -202,15 +204,27 @@ class Deliverer:
                 failures += 1
                 log.warning("sink registration failed; retrying", error=str(exc))
                 await self._sleep_unless_stopped(self._jitter(failures) + _OUTAGE_PAUSE_FLOOR)
-        for lane in self._lanes.values():
-            lane.task = asyncio.create_task(self._lane_forever(lane), name=f"sink:{lane.name}")
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
         try:
-            await asyncio.gather(*tasks, return_exceptions=True)
+            async with anyio.create_task_group() as lanes:
+                for lane in self._lanes.values():
+                    lane.scope, lane.done = anyio.CancelScope(), anyio.Event()
+                    lanes.start_soon(self._lane_task, lane, name=f"sink:{lane.name}")
         finally:
             for lane in self._lanes.values():
-                lane.task = None
+                lane.scope = None
                 lane.stats.state = "stopped"
+
+    async def _lane_task(self, lane: _Lane) -> None:
+        """One lane until :meth:`stop`; its scope lets ``stop`` cancel it alone after the grace."""
+        assert lane.scope is not None
+        assert lane.done is not None
+        try:
+            with lane.scope:
+                await self._lane_forever(lane)
+        except Exception:  # _lane_forever catches its own failures: a bug; other lanes go on
+            log.exception("sink lane crashed", sink=lane.name)
+        finally:
+            lane.done.set()
 
     async def stop(self, grace: float = 30.0) -> None:
         """Start no new write; let writes in flight finish for ``grace`` seconds, then cancel them.
@@ -220,13 +234,23 @@ class Deliverer:
         """
         self._stopping.set()
         self.notify_new_data()
-        tasks = [lane.task for lane in self._lanes.values() if lane.task is not None]
-        if not tasks:
-            return
-        _, pending = await asyncio.wait(tasks, timeout=max(0.0, grace))
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
+        running = [
+            lane
+            for lane in self._lanes.values()
+            if lane.scope is not None and lane.done is not None and not lane.done.is_set()
+        ]
+
+        async def all_ended() -> None:
+            for lane in running:
+                assert lane.done is not None
+                await lane.done.wait()
+
+        with anyio.move_on_after(max(0.0, grace)):
+            await all_ended()
+        for lane in running:
+            if lane.scope is not None:
+                lane.scope.cancel()
+        await all_ended()
 
     async def run_until_drained(self, *, failed_passes: int = 1) -> bool:
         """Deliver what is queued now (for ``run --once`` and ``replay``); True when all arrived.
@@ -235,11 +259,22 @@ class Deliverer:
         (after ``failed_passes`` passes with failures, backoff between them), or :meth:`stop`.
         True means every queue is empty and nothing was dead-lettered during this call.
         """
-        self._stopping.clear()
+        self._stopping = anyio.Event()
         await self._sync()
-        results = await asyncio.gather(
-            *(self._lane_drain(lane, failed_passes) for lane in self._lanes.values())
-        )
+        results: list[bool] = []
+        errors: list[Exception] = []
+
+        async def drain(lane: _Lane) -> None:
+            try:
+                results.append(await self._lane_drain(lane, failed_passes))
+            except Exception as exc:  # raised below, unwrapped, once every lane has finished
+                errors.append(exc)
+
+        async with anyio.create_task_group() as lanes:
+            for lane in self._lanes.values():
+                lanes.start_soon(drain, lane, name=f"drain:{lane.name}")
+        if errors:
+            raise errors[0]
         return all(results)
 
     async def aclose(self) -> None:
@@ -249,7 +284,9 @@ class Deliverer:
                 continue
             lane.opened = False
             try:
-                async with asyncio.timeout(lane.timeout):
+                # Shielded: a sink is closed (files flushed, connections released) even when
+                # the caller is being cancelled; the sink's timeout still bounds it.
+                with anyio.fail_after(lane.timeout, shield=True):
                     await lane.sink.aclose()
             except Exception as exc:  # closing one sink must not stop the others
                 log.warning(
@@ -273,14 +310,12 @@ class Deliverer:
 
     async def _lane_forever(self, lane: _Lane) -> None:
         while not self._stopping.is_set():
-            lane.wake.clear()
+            lane.wake = anyio.Event()
             try:
                 if not await self._ensure_open(lane):
                     await self._pause(lane, self._lane_backoff(lane, None), wakeable=False)
                     continue
                 result = await self._pass(lane)
-            except asyncio.CancelledError:
-                raise
             except StoreError as exc:  # the store logs its own outage, once (no traceback each)
                 self._record_error(lane, str(exc))
                 result = _PassResult(outage=True)
@@ -330,7 +365,7 @@ class Deliverer:
         if lane.opened:
             return True
         try:
-            async with asyncio.timeout(lane.timeout):
+            with anyio.fail_after(lane.timeout):
                 await lane.sink.open()
         except Exception as exc:  # an open failure is a transient sink failure
             self._unexpected(lane, exc, "open")
@@ -449,10 +484,8 @@ class Deliverer:
     async def _write(self, lane: _Lane, unit: Sequence[TenantDay]) -> tuple[Exception, str] | None:
         try:
             prepared = apply_sink_policy(unit, lane.config)
-            async with asyncio.timeout(lane.timeout):
+            with anyio.fail_after(lane.timeout):
                 await lane.sink.write(prepared)
-        except asyncio.CancelledError:
-            raise
         except Exception as exc:  # any sink exception is a delivery failure
             self._unexpected(lane, exc, "write")
             reason = _error_text(exc, lane.timeout)
@@ -560,18 +593,13 @@ class Deliverer:
         return max(0.0, min(lane.retry_at.values()) - time.monotonic())
 
     async def _sleep_unless_stopped(self, seconds: float) -> None:
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=seconds)
+        with anyio.move_on_after(seconds):
+            await self._stopping.wait()
 
     async def _pause(self, lane: _Lane, seconds: float, *, wakeable: bool) -> None:
         """Sleep ``seconds``, ending early on stop (and on new data when ``wakeable``)."""
-        waiters = [asyncio.ensure_future(self._stopping.wait())]
-        if wakeable:
-            waiters.append(asyncio.ensure_future(lane.wake.wait()))
-        try:
-            await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.gather(*waiters, return_exceptions=True)
+        with anyio.move_on_after(seconds):
+            if wakeable:
+                await first_of(self._stopping.wait, lane.wake.wait)
+            else:
+                await self._stopping.wait()

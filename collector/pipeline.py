@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import anyio
 import structlog
 
 from collector import planner
@@ -239,22 +240,18 @@ class Collector:
         started = time.monotonic()
         for tenant in selected:
             result.tenants[tenant.id] = TenantResult(tenant=tenant.id)
-        tasks = [
-            asyncio.create_task(
-                self._run_tenant(tenant, result.tenants[tenant.id], days),
-                name=f"tenant:{tenant.id}",
-            )
-            for tenant in selected
-        ]
-        # return_exceptions: a crash in one tenant task must never cancel the others.
-        outcomes = await asyncio.gather(*tasks, return_exceptions=True)
-        for tenant, outcome in zip(selected, outcomes, strict=True):
-            if isinstance(outcome, StoreError):  # the store logs its outages itself, rate-limited
-                result.tenants[tenant.id].error = f"state store failing: {outcome}"
-                log.debug("tenant stopped by the state store", tenant=tenant.id, error=str(outcome))
-            elif isinstance(outcome, BaseException):
-                result.tenants[tenant.id].error = f"internal error: {type(outcome).__name__}"
-                log.error("tenant task crashed", tenant=tenant.id, exc_info=outcome)
+        # One task per tenant in one task group; each catches its own failure (_tenant_task),
+        # so a crash in one tenant never cancels the others. Cancelling the cycle (the daemon's
+        # grace period, a removed tenant) cancels them all.
+        async with anyio.create_task_group() as group:
+            for tenant in selected:
+                group.start_soon(
+                    self._tenant_task,
+                    tenant,
+                    result.tenants[tenant.id],
+                    days,
+                    name=f"tenant:{tenant.id}",
+                )
         result.seconds = time.monotonic() - started
         await self._prune_if_due()
         return result
@@ -283,6 +280,26 @@ class Collector:
             states,
             self.config.api.history_days,
         )
+
+    async def _tenant_task(
+        self,
+        tenant: TenantConfig,
+        summary: TenantResult,
+        days: Callable[[TenantConfig], Sequence[dt.date]] | None,
+    ) -> None:
+        try:
+            await self._run_tenant(tenant, summary, days)
+        except Exception as raised:
+            # The workers' failures, as they raised them (their task group wraps them): a failing
+            # store stops every worker of the tenant at once.
+            leaves = _leaves(raised)
+            exc = next((e for e in leaves if isinstance(e, StoreError)), leaves[0])
+            if isinstance(exc, StoreError):  # the store logs its outages itself, rate-limited
+                summary.error = f"state store failing: {exc}"
+                log.debug("tenant stopped by the state store", tenant=tenant.id, error=str(exc))
+            else:
+                summary.error = f"internal error: {type(exc).__name__}"
+                log.exception("tenant task crashed", tenant=tenant.id, exc_info=exc)
 
     async def _run_tenant(
         self,
@@ -313,11 +330,9 @@ class Collector:
             queue: asyncio.Queue[dt.date] = asyncio.Queue()
             for day in wanted:
                 queue.put_nowait(day)
-            workers = [
-                asyncio.create_task(self._tenant_worker(tenant, queue, summary, today))
-                for _ in range(min(self.per_tenant_inflight, len(wanted)))
-            ]
-            await asyncio.gather(*workers)
+            async with anyio.create_task_group() as workers:
+                for _ in range(min(self.per_tenant_inflight, len(wanted))):
+                    workers.start_soon(self._tenant_worker, tenant, queue, summary, today)
             summary.seconds = time.monotonic() - started
             if summary.error is not None:
                 self.notify(
@@ -467,3 +482,10 @@ class Collector:
         if summary.error is None and not exc.retryable:
             summary.error = exc.reason
         return True
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions inside ``exc``'s (nested) exception groups, or ``exc`` itself."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]

@@ -8,6 +8,10 @@ that use it.
 
 - fixture ``simulator_settings``: the settings of ``simulator`` (three demo tenants; override it);
 - fixture ``simulator``: a running fake Zencoder API on 127.0.0.1 for the duration of a test.
+
+The async fixture is a plain ``pytest.fixture``: anyio's pytest plugin (installed with anyio, a
+dependency of the collector) runs it for tests marked ``anyio``, on the asyncio backend when the
+test's ``anyio_backend`` fixture says so.
 """
 
 from __future__ import annotations
@@ -16,11 +20,6 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import pytest
-
-try:
-    from pytest_asyncio import fixture as async_fixture
-except ImportError:  # pragma: no cover - without pytest-asyncio, another async plugin must run it
-    async_fixture = pytest.fixture  # type: ignore[assignment]  # same call shape, other overloads
 
 if TYPE_CHECKING:
     from collector.simulator import Simulator, SimulatorSettings
@@ -34,7 +33,7 @@ def simulator_settings() -> SimulatorSettings:
     return SimulatorSettings(tenants=demo_tenants(3))
 
 
-@async_fixture
+@pytest.fixture
 async def simulator(simulator_settings: SimulatorSettings) -> AsyncIterator[Simulator]:
     """A running simulator on 127.0.0.1 (ephemeral port) for the duration of the test."""
     from collector.simulator import running_simulator

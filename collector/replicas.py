@@ -11,12 +11,11 @@ the tenants at their next heartbeat instead of after the expiry.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import datetime as dt
 import time
 from collections.abc import Awaitable, Callable, Collection
 
+import anyio
 import structlog
 
 from collector.errors import StoreError
@@ -30,14 +29,14 @@ OnChange = Callable[[Holdings], Awaitable[None]]
 
 
 class Replica:
-    """One daemon's membership: ``await start(...)``, then :meth:`run` as a task, :meth:`stop`."""
+    """One daemon's membership: :meth:`beat`, then :meth:`run` in a task group; :meth:`stop`."""
 
     def __init__(self, store: Store, ttl_seconds: float, metrics: Metrics) -> None:
         self.leases = ReplicaLeases(store, this_replica(), ttl=dt.timedelta(seconds=ttl_seconds))
         self.ttl = ttl_seconds
         self.interval = ttl_seconds / 3
         self.metrics = metrics
-        self._task: asyncio.Task[None] | None = None
+        self._scope = anyio.CancelScope()  # the heartbeat loop's
         self._registered_at: float | None = None  # monotonic time of the last good heartbeat
 
     def registration_problem(self) -> str | None:
@@ -81,22 +80,16 @@ class Replica:
             )
             await on_change(holdings)
 
-    def start(self, tenants: Callable[[], Collection[str]], on_change: OnChange) -> None:
-        """Beat every :attr:`interval` seconds in a task, until :meth:`stop`."""
-
-        async def forever() -> None:
+    async def run(self, tenants: Callable[[], Collection[str]], on_change: OnChange) -> None:
+        """Beat every :attr:`interval` seconds until :meth:`stop` (run it in a task group)."""
+        with self._scope:
             while True:
-                await asyncio.sleep(self.interval)
+                await anyio.sleep(self.interval)
                 await self.beat(tenants(), on_change)
-
-        self._task = asyncio.create_task(forever(), name="replica-heartbeat")
 
     async def stop(self) -> None:
         """Stop beating and hand every lease back."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        self._scope.cancel()
         handed = len(self.leases.tokens)
         try:
             await self.leases.leave()

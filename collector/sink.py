@@ -18,19 +18,20 @@ The host promises: ``write`` is never called concurrently on one instance; every
 the instance's ``timeout``; the batch already has the instance's PII policy applied; a raise of
 :class:`~collector.errors.SinkTransientError` (or any unexpected exception) is retried with backoff,
 :class:`~collector.errors.SinkPermanentError` dead-letters the batch at once. Blocking code belongs
-in :func:`run_blocking` (a worker thread), never on the event loop.
+in :func:`run_blocking` (a bounded pool of worker threads), never on the event loop.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal, ParamSpec, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 
+from collector.concurrency import run_sync
 from collector.models import Batch
 
 P = ParamSpec("P")
@@ -116,5 +117,9 @@ class Sink:
 
 
 async def run_blocking(func: Callable[P, R], /, *args: P.args, **kwargs: P.kwargs) -> R:
-    """Run blocking sink code in a worker thread so the event loop keeps fetching."""
-    return await asyncio.to_thread(func, *args, **kwargs)
+    """Run blocking sink code in a worker thread so the event loop keeps fetching.
+
+    The threads are the collector's (``runtime.worker_threads``, shared with the state store). A
+    call cancelled by the sink's ``timeout`` returns at once; its thread finishes on its own.
+    """
+    return await run_sync(functools.partial(func, *args, **kwargs), abandon_on_cancel=True)

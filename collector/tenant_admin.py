@@ -120,9 +120,9 @@ async def export_command(config: AppConfig, tenant: str, directory: Path) -> int
     if not any(rows.values()):
         print(f"error: the state store holds nothing for tenant {tenant!r}", file=sys.stderr)
         return EXIT_INCOMPLETE
-    import asyncio
+    from collector.concurrency import run_sync
 
-    files = await asyncio.to_thread(write_export, directory, tenant, rows)
+    files = await run_sync(write_export, directory, tenant, rows)
     counts = ", ".join(f"{name} {len(r)}" for name, r in rows.items())
     print(f"exported tenant {tenant} to {directory}: {counts} row(s); {len(files)} file(s)")
     return EXIT_OK

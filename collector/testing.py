@@ -14,7 +14,6 @@ tests that use it:
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import datetime as dt
 import inspect
@@ -22,6 +21,7 @@ import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
 
+import anyio
 import msgspec
 import pytest
 from pydantic import Field
@@ -239,7 +239,7 @@ class RecordingSinkConfig(SinkConfig):
     """Settings of the ``recording`` test sink."""
 
     type: str = "recording"
-    delay: float = Field(default=0.0, ge=0, description="Seconds each write takes (asyncio.sleep).")
+    delay: float = Field(default=0.0, ge=0, description="Seconds each write takes (anyio.sleep).")
 
 
 class RecordingSink(Sink):
@@ -263,7 +263,7 @@ class RecordingSink(Sink):
         self.write_calls += 1
         delay = getattr(self.config, "delay", 0.0)
         if delay:
-            await asyncio.sleep(delay)
+            await anyio.sleep(delay)
         self._record(batch)
 
     def _record(self, batch: Batch) -> None:
@@ -332,7 +332,7 @@ class FailingSink(RecordingSink):
             raise RuntimeError(f"sink {self.name}: crashing on purpose")
         self.hanging += 1
         try:
-            await asyncio.Event().wait()  # until cancelled by the host's timeout
+            await anyio.sleep_forever()  # until cancelled by the host's timeout
         finally:
             self.hanging -= 1
 
@@ -425,16 +425,20 @@ class SinkConformance:
             "(or set supports_broken_target = False)"
         )
 
+    @pytest.fixture
+    def anyio_backend(self) -> str:
+        """The suite runs on asyncio, as the collector does (anyio's pytest plugin runs it)."""
+        return "asyncio"
+
     def read_back(self, sink: Sink) -> Any:
         raise NotImplementedError(f"{type(self).__name__} must implement read_back(sink)")
 
     # helpers
 
     async def _call(self, operation: Awaitable[Any], what: str) -> Any:
-        try:
-            return await asyncio.wait_for(operation, self.operation_timeout)
-        except TimeoutError:
-            pytest.fail(f"{what} did not finish within {self.operation_timeout} s")
+        with anyio.move_on_after(self.operation_timeout):
+            return await operation
+        pytest.fail(f"{what} did not finish within {self.operation_timeout} s")
 
     async def _build(self, factory: SinkFactory) -> Sink:
         made = factory()
@@ -465,7 +469,7 @@ class SinkConformance:
 
     # the contract
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_declares_the_contract(self, sink_factory: SinkFactory) -> None:
         """The sink class has a valid type name and a SinkConfig model with a JSON schema."""
         sink = await self._build(sink_factory)
@@ -476,7 +480,7 @@ class SinkConformance:
         assert sink_class.Config.model_json_schema()["type"] == "object"
         await self._call(sink.aclose(), "aclose()")
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_stores_what_it_is_given(self, sink_factory: SinkFactory) -> None:
         """Every tenant, day and (if stored) user of a written batch can be read back."""
         batch = make_batch(("acme", "globex"), 2)
@@ -488,7 +492,7 @@ class SinkConformance:
                 for user in td.users:
                     assert user.user in text, f"user {user.user} of {td.tenant} {td.day} not stored"
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_redelivery_is_idempotent(self, sink_factory: SinkFactory) -> None:
         """Writing the same batch twice (at-least-once delivery) stores exactly what once does."""
         batch = make_batch(("acme", "globex"), 2)
@@ -496,7 +500,7 @@ class SinkConformance:
         assert "acme" in "\n".join(_leaves(once)), "read_back returned nothing after a write"
         assert await self._stored(sink_factory, batch, batch) == once
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_refetch_replaces(self, sink_factory: SinkFactory) -> None:
         """A changed re-fetch of a day replaces it: gone users and an idle day leave no old rows."""
         first = make_batch(("acme", "globex"), 2, users=4)
@@ -506,14 +510,14 @@ class SinkConformance:
             sink_factory, second
         )
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_partitions_are_independent(self, sink_factory: SinkFactory) -> None:
         """Batches of different tenant-days add up; writing one day never disturbs another."""
         batch = make_batch(("acme", "globex"), 3)
         separately = await self._stored(sink_factory, batch[:2], batch[2:4], batch[4:])
         assert separately == await self._stored(sink_factory, batch)
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_empty_batch(self, sink_factory: SinkFactory) -> None:
         """An empty batch is accepted and changes nothing."""
         batch = make_batch(("acme",), 1)
@@ -522,7 +526,7 @@ class SinkConformance:
             sink_factory, batch
         )
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_idle_day(self, sink_factory: SinkFactory) -> None:
         """A day without any activity (no users, IDEs or languages) is stored, idempotently."""
         idle = [make_tenant_day("acme", DEFAULT_DAY, 0)]
@@ -530,7 +534,7 @@ class SinkConformance:
         assert "acme" in "\n".join(_leaves(stored))
         assert await self._stored(sink_factory, idle, idle) == stored
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_unicode(self, sink_factory: SinkFactory) -> None:
         """Non-ASCII and CSV/JSON-hostile names survive the round trip unchanged."""
         batch = make_batch(("acme",), 1, users=len(UNICODE_EMAILS), unicode=True)
@@ -543,7 +547,7 @@ class SinkConformance:
             assert name in text, f"{name!r} did not survive"
         assert await self._stored(sink_factory, batch, batch) == stored
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_broken_target_raises_sink_error(
         self, request: pytest.FixtureRequest
     ) -> None:
@@ -563,7 +567,7 @@ class SinkConformance:
         finally:
             await self._call(sink.aclose(), "aclose()")
 
-    @pytest.mark.asyncio
+    @pytest.mark.anyio
     async def test_conformance_close_is_clean(self, sink_factory: SinkFactory) -> None:
         """aclose() works after use, twice in a row, and on a sink that was never opened."""
         sink = await self._new(sink_factory)

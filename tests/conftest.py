@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -54,3 +55,23 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
     with admin.begin() as conn:
         conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
     admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def anyio_backend() -> str:
+    """Every async test runs on asyncio, the collector's runtime (anyio's pytest plugin)."""
+    return "asyncio"
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_pycollect_makeitem(
+    collector: pytest.Module | pytest.Class, name: str, obj: object
+) -> Iterator[object]:
+    """Mark every coroutine test ``anyio`` before anyio's own hook looks for the mark, so test
+    modules need no marks of their own (what pytest-asyncio's auto mode did); every test uses
+    ``anyio_backend``, so a plain test may take an async fixture too (anyio runs it)."""
+    if collector.istestfunction(obj, name):
+        pytest.mark.usefixtures("anyio_backend")(obj)
+        if inspect.iscoroutinefunction(obj):
+            pytest.mark.anyio(obj)
+    return (yield)

@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from pydantic import SecretStr
 from structlog.testing import capture_logs
@@ -559,3 +560,23 @@ async def test_a_value_the_sqlite_sink_cannot_store_dead_letters_that_day_only(
     stats = delivery.stats()["warehouse"]
     assert (stats.delivered, stats.dead_lettered, stats.failed) == (3, 1, 1)
     await delivery.aclose()
+
+
+class SlowCloseSink(RecordingSink):
+    """Takes a moment to close (a flush over the network): a point where a cancel would land."""
+
+    async def aclose(self) -> None:
+        await anyio.sleep(0.01)
+        await super().aclose()
+
+
+async def test_sinks_are_closed_even_when_the_shutdown_is_cancelled(store: Store) -> None:
+    """aclose() closes every opened sink in a shielded scope: a cancelled caller still closes
+    them (files flushed, connections released), within each sink's timeout."""
+    sinks: dict[str, Sink] = {"a": SlowCloseSink("a"), "b": SlowCloseSink("b")}
+    delivery = deliverer(store, sinks)
+    assert await delivery.run_until_drained() is True  # opens both sinks
+    with anyio.CancelScope() as scope:
+        scope.cancel()
+        await delivery.aclose()
+    assert [sink.closed for sink in sinks.values() if isinstance(sink, RecordingSink)] == [1, 1]

@@ -3,13 +3,13 @@ store) on the real PostgreSQL; and the migration of a version-1 state to version
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import shutil
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import anyio
 import pytest
 import sqlalchemy
 
@@ -106,7 +106,7 @@ async def test_leases_of_a_silent_replica_are_taken_after_expiry(
         before = dict(silent.tokens)
         assert len(before) == 5
 
-        await asyncio.sleep(1.2)  # past the silent replica's expiry
+        await anyio.sleep(1.2)  # past the silent replica's expiry
         taken = await survivor.beat(TENANTS)
 
         assert taken.gained == set(before)
@@ -134,7 +134,7 @@ async def test_a_stale_token_cannot_write_day_outbox_or_delivery(
         await old.beat(["acme"])
         day = sample_day("acme", dt.date(2026, 1, 5))
         assert await old.store.record_fetched([(day, "{}")]) == [True]
-        await asyncio.sleep(1.2)
+        await anyio.sleep(1.2)
         await new.beat(["acme"])  # the old holder is paused past its expiry: taken over
 
         later = sample_day("acme", dt.date(2026, 1, 6))

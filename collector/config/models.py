@@ -298,6 +298,18 @@ class StateConfig(_Model):
         return found
 
 
+class RuntimeConfig(_Model):
+    """How the process runs its work (changes take effect after a restart)."""
+
+    worker_threads: int = Field(
+        default=8,
+        ge=1,
+        le=256,
+        description="Worker threads for blocking work (state store SQL, file and database sinks); "
+        "more calls than this wait their turn.",
+    )
+
+
 class ServerConfig(_Model):
     """The ops HTTP server (/healthz /readyz /metrics /status)."""
 
@@ -480,6 +492,7 @@ class AppConfig(_Model):
     collection: CollectionConfig = Field(default_factory=CollectionConfig)
     state: StateConfig = Field(default_factory=StateConfig)
     server: ServerConfig = Field(default_factory=ServerConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
     files: FilesConfig = Field(default_factory=FilesConfig)
     sinks: dict[str, SerializeAsAny[SinkConfig]] = Field(
         default_factory=dict, description="Sink instances by name; the name is the routing key."

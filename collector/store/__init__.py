@@ -1,8 +1,9 @@
 """The state database: every fetched tenant-day, durably, and each sink's outbox over them.
 
 SQLite (the default: one file in WAL mode) or PostgreSQL (``postgresql+psycopg://``), through a
-synchronous SQLAlchemy engine driven by :func:`asyncio.to_thread`, so the event loop never waits on
-the disk. docs/architecture.md ("State store and outbox") describes it for operators; in short:
+synchronous SQLAlchemy engine driven in worker threads (:func:`collector.concurrency.run_sync`,
+``runtime.worker_threads`` of them), so the event loop never waits on the disk.
+docs/architecture.md ("State store and outbox") describes it for operators; in short:
 
 - ``tenant_day``: per tenant and day, the status, attempts, content hash and the raw API ``data``
   object, plus a *version*: the content hash, suffixed ``:final`` once the day is final, so a day

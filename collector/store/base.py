@@ -8,7 +8,7 @@ fetches it again, and a rolled-back delivery mark only means an idempotent redel
 ``synchronous=FULL`` (``?synchronous=full`` in the URL) adds an fsync per commit for those who
 want that last window closed too, at the price of a disk flush per batch.
 
-Writers: one at a time per process (an :class:`asyncio.Lock`, SQLite only), each transaction
+Writers: one at a time per process (an :class:`anyio.Lock`, SQLite only), each transaction
 opened with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken by another process
 (``replay`` next to a running daemon); ``busy_timeout`` is 5 s. Readers never wait for writers
 (WAL). PostgreSQL needs no lock: row locks (``SELECT ... FOR UPDATE``, keys in sorted order) and
@@ -28,7 +28,6 @@ Files (SQLite): the database, its ``-wal``/``-shm`` files and its directory are 
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -38,6 +37,7 @@ from collections.abc import Callable, Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Self, TypeVar
 
+import anyio
 import structlog
 from sqlalchemy import (
     ColumnElement,
@@ -55,6 +55,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 
+from collector.concurrency import run_sync
 from collector.errors import StoreError
 from collector.files import create_private_file, ensure_private_dir
 from collector.models import TenantDay
@@ -258,7 +259,7 @@ class StoreBase:
         self.lease_scope: frozenset[str] | None = None
         self._now = clock
         # SQLite has one writer at a time: queueing ours here keeps them off busy_timeout.
-        self._write_lock = asyncio.Lock() if engine.dialect.name == "sqlite" else None
+        self._write_lock = anyio.Lock() if engine.dialect.name == "sqlite" else None
         self._closed = threading.Event()
         # Hot statements, compiled once: the dialect is fixed per store (see .hot).
         self._hot_statements: HotStatements | None = None
@@ -297,8 +298,10 @@ class StoreBase:
         while another collector holds it. ``shared_group``: files and directories created are
         group-readable (``files.shared_group``).
         """
-        return await asyncio.to_thread(
-            cls._open_sync, url, synchronous, clock, exclusive, shared_group
+        # Abandoned when cancelled (a stop while a database does not answer the connect): the
+        # thread ends with the driver's own timeout.
+        return await run_sync(
+            cls._open_sync, url, synchronous, clock, exclusive, shared_group, abandon_on_cancel=True
         )
 
     @classmethod
@@ -460,14 +463,17 @@ class StoreBase:
         return result
 
     async def _read(self, fn: Callable[[Connection], T]) -> T:
-        return await asyncio.to_thread(self._run, fn, False)
+        # A cancelled read is abandoned: its thread only reads, and the caller moves on at once.
+        return await run_sync(self._run, fn, False, abandon_on_cancel=True)
 
     async def _write(self, fn: Callable[[Connection], T], *, fenced: bool = True) -> T:
         """Run ``fn`` in a write transaction; ``fenced=False`` only for writes that are no
         tenant's work (registering sinks), which a replica makes for every tenant."""
         lock = self._write_lock or contextlib.nullcontext()
         async with lock:
-            return await asyncio.to_thread(self._run, fn, True, fenced)
+            # A cancelled write waits for its transaction to end (a few milliseconds): the write
+            # lock must not pass to the next writer while this one still holds SQLite's lock.
+            return await run_sync(self._run, fn, True, fenced)
 
     def private(
         self, items: Sequence[tuple[TenantDay, StoredPayload]]
@@ -499,6 +505,6 @@ class StoreBase:
         afterwards."""
         if not self._closed.is_set():
             self._closed.set()
-            await asyncio.to_thread(self._engine.dispose)
+            await run_sync(self._engine.dispose)
             if self._state_lock is not None:
                 self._state_lock.release()

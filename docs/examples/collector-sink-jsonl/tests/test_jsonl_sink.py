@@ -14,6 +14,12 @@ from collector.plugin_manager import SinkRegistry, make_plugin_manager
 from collector.testing import SinkConformance, SinkFactory, make_batch
 
 
+@pytest.fixture
+def anyio_backend() -> str:
+    """Async tests run on asyncio, the collector's runtime (anyio's pytest plugin runs them)."""
+    return "asyncio"
+
+
 class TestJsonlConformance(SinkConformance):
     """Runs every test of the sink contract against JsonlSink."""
 
@@ -46,6 +52,7 @@ def jsonl_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.jsonl"))
 
 
+@pytest.mark.anyio
 async def test_one_file_per_tenant_day(tmp_path: Path) -> None:
     """Each tenant-day is one file, ROOT/TENANT/DAY.jsonl, starting with its usage_daily row."""
     sink = JsonlSink("lines", JsonlConfig(path=tmp_path))
