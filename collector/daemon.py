@@ -656,6 +656,7 @@ class Daemon:
         health = runtime.store.health
         m.state_store_up.set(0 if health.failing else 1)
         m.state_store_errors.set(health.failures)
+        m.replica_fenced_writes.set(runtime.store.fenced_writes)
         # The client keeps counting for tenants a reload removed; export configured ones only.
         configured = {t.id for t in self._tenants(runtime.config)}
         m.start_series(tenants=configured, sinks=runtime.config.sinks)
