@@ -39,6 +39,8 @@ TAKEOVER_SLACK = 15.0  # process scheduling on a loaded CI machine, the new hold
 HELD = "zencoder_collector_replica_leases_held"
 LOSSES = "zencoder_collector_replica_lease_losses_total"
 FENCED = "zencoder_collector_replica_fenced_writes_total"
+SINK_FAILURES = "zencoder_collector_sink_failures_total"
+SINKS = ("warehouse", "sheets", "hook")
 
 
 @pytest.fixture
@@ -247,8 +249,8 @@ async def test_three_replicas_survive_a_kill_mid_cycle_and_deliver_each_day_once
     """Three replicas over 60 tenants hold each tenant exactly once (fair share + 1 at most);
     after one is SIGKILLed mid-cycle the two others collect every one of its tenants within the
     lease expiry plus a heartbeat (plus slack), and every tenant-day the simulator served is in
-    the shared SQLite sink and CSV sink exactly once and was delivered to the webhook with one
-    body per webhook-id."""
+    the shared SQLite sink and CSV sink exactly once (no write to them failed) and was delivered
+    to the webhook with one body per webhook-id."""
     async with (
         _cluster(tmp_path, state_url, TENANTS, latency=LATENCY, concurrency=CONCURRENCY) as cluster,
         contextlib.AsyncExitStack() as stack,
@@ -284,6 +286,11 @@ async def test_three_replicas_survive_a_kill_mid_cycle_and_deliver_each_day_once
         assert [(await d.get("/readyz"))[0] for d in survivors] == [200, 200]
         await _everything_delivered_once(cluster)
         for daemon in survivors:
+            # Three processes on one SQLite file and one CSV directory: no write failed (the
+            # SQLite writers queue on its lock within busy_timeout).
+            metrics = await daemon.metrics()
+            failures = {s: metrics[f'{SINK_FAILURES}{{sink="{s}"}}'] for s in SINKS}
+            assert failures == dict.fromkeys(SINKS, 0.0)
             assert await daemon.stop() == 0
 
 
