@@ -416,7 +416,7 @@ class ApiClient:
             self.metrics.requests[(tenant.id, "transport_error")] += 1
             raise
         finally:
-            self.limiter.release()
+            self.limiter.release(tenant.id)
             self.metrics.request_seconds[tenant.id] += time.monotonic() - started
         self.metrics.requests[(tenant.id, _status_outcome(reply.status))] += 1
         return reply

@@ -31,7 +31,7 @@ from collector.simulator import (
     running_simulator,
 )
 from tests.client_helpers import DAY, TODAY, api_config, closed_port, sim_config, tenant_config
-from tests.servers import EchoingApi
+from tests.servers import EchoingApi, SlowConnectRelay
 
 SIM_TENANTS = demo_tenants(3)
 A, B, C = SIM_TENANTS
@@ -387,6 +387,32 @@ async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
             await asyncio.gather(*jobs)
         assert server.stats.responses[429] == 0
         assert server.stats.responses[200] == 6 * 20
+
+
+async def test_no_429_when_a_tenants_first_requests_reach_the_api_late() -> None:
+    """Paced at exactly the API's limit (5/s, burst 5), a tenant whose first requests open new
+    connections that reach the API 0.3 s late, while the next ones reuse warm connections and
+    arrive at once, is never answered 429."""
+    tenant = demo_tenants(1)[0]
+    settings = SimulatorSettings(tenants=[tenant], today=TODAY, latency=0.02, rate_limit=5)
+    limit = RateLimitConfig(per_second=5, burst=5)
+    async with (
+        running_simulator(settings) as server,
+        SlowConnectRelay(server.base_url, delay=0.3) as relay,
+    ):
+        # Tokens come straight from the simulator; usage requests go through the slow relay.
+        config = api_config(relay.base_url, server.token_url, max_concurrency=5, rate_limit=limit)
+        async with ApiClient(config) as client:
+            with no_wait():
+                await asyncio.gather(
+                    *(
+                        client.fetch_day(tenant_config(tenant), DAY - dt.timedelta(days=i))
+                        for i in range(12)
+                    )
+                )
+        assert server.stats.responses[200] == 12
+        assert server.stats.responses[429] == 0
+        assert relay.connections == 5  # five fresh connections, then only warm ones
 
 
 # --- what the server says, and what it must not make us repeat ----------------------------------

@@ -1,4 +1,5 @@
-"""Token buckets, Retry-After pauses and the fair concurrency cap, on a virtual clock."""
+"""Token buckets, charging on answer, Retry-After pauses and the fair concurrency cap, on a virtual
+clock."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import pytest
 
 from collector.config import RateLimitConfig
 from collector.ratelimit import (
-    SEND_JITTER_MARGIN,
     FairSemaphore,
+    InFlightBucket,
     Rate,
     RateLimiter,
     TokenBucket,
@@ -201,14 +202,12 @@ async def test_slot_reports_the_time_waited() -> None:
     tasks = [asyncio.create_task(request()) for _ in range(3)]
     await clock.run_until(5)
     await asyncio.gather(*tasks)
-    # 2/s, plus the one-time margin before the send pace's first refill.
-    margin = SEND_JITTER_MARGIN
-    assert waited == pytest.approx([0.0, 0.5 + margin, 1.0 + margin])
+    assert waited == pytest.approx([0.0, 0.5, 1.0])
 
 
 async def test_requests_that_queued_for_a_slot_leave_at_the_bucket_pace() -> None:
-    """Tokens granted 0.1 s apart to requests that then wait for busy slots are not sent in a
-    bunch when the slots free up: the sends keep the tenant's pace."""
+    """Requests of a tenant that wait for busy slots are not sent in a bunch when the slots free
+    up: a request granted but not yet answered holds its token, so the sends keep the pace."""
     clock = VirtualClock()
     limiter = RateLimiter(Rate(1000.0, 1000), max_concurrency=3, clock=clock, sleep=clock.sleep)
     small = Rate(10.0, 1)
@@ -227,8 +226,7 @@ async def test_requests_that_queued_for_a_slot_leave_at_the_bucket_pace() -> Non
     requests = [asyncio.create_task(request()) for _ in range(3)]
     await clock.run_until(5)
     await asyncio.gather(*hogs, *requests)
-    margin = SEND_JITTER_MARGIN
-    assert sent == pytest.approx([1.0, 1.1 + margin, 1.2 + margin])
+    assert sent == pytest.approx([1.0, 1.1, 1.2])
 
 
 async def test_a_pause_that_arrives_while_queued_for_a_slot_is_respected() -> None:
@@ -254,6 +252,74 @@ async def test_a_pause_that_arrives_while_queued_for_a_slot_is_respected() -> No
     await clock.run_until(20)
     await asyncio.gather(hogging, waiting)
     assert sent == [pytest.approx(10.0)]
+
+
+async def test_a_token_refills_from_the_answer_not_the_grant() -> None:
+    """At 1/s, burst 1, a request answered 3 s after its grant lets the next one go at 4 s, one
+    refill after the latest moment the API can have counted it (not at 1 s)."""
+    clock = VirtualClock()
+    limiter = RateLimiter(Rate(1.0, 1), max_concurrency=4, clock=clock, sleep=clock.sleep)
+    sent: list[float] = []
+
+    async def request(seconds_in_flight: float) -> None:
+        async with limiter.slot("acme"):
+            sent.append(clock.now)
+            await clock.sleep(seconds_in_flight)
+
+    tasks = [asyncio.create_task(request(3.0)), asyncio.create_task(request(0.0))]
+    await clock.run_until(10)
+    await asyncio.gather(*tasks)
+    assert sent == pytest.approx([0.0, 4.0])
+
+
+async def test_requests_in_flight_count_against_the_burst() -> None:
+    """With burst 3, three requests in flight keep a fourth waiting however long they take, and
+    the first answer lets it go one refill later."""
+    clock = VirtualClock()
+    bucket = InFlightBucket(Rate(10.0, 3), clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        await bucket.acquire()
+    assert bucket.in_flight == 3
+    done, _ = await acquire_all(bucket, 1, clock)
+    await clock.run_until(60)
+    assert done == []
+    bucket.answered()
+    await clock.run_until(120)
+    assert [t for _, t in done] == pytest.approx([60.1])
+    assert clock.sleeps == 1  # waiting for an answer is not polling
+
+
+async def test_a_request_that_never_left_takes_no_token() -> None:
+    """A grant cancelled while it waited for a slot is withdrawn: the tenant's next request is
+    granted at once, as if the cancelled one had never been asked for."""
+    clock = VirtualClock()
+    limiter = RateLimiter(Rate(1.0, 1), max_concurrency=1, clock=clock, sleep=clock.sleep)
+    await limiter.concurrency.acquire("hog")
+    queued = asyncio.create_task(limiter.acquire("acme"))
+    await settle()
+    assert limiter.bucket("acme").in_flight == 1
+    queued.cancel()
+    await settle()
+    assert limiter.bucket("acme").in_flight == 0
+    limiter.concurrency.release()  # the hog leaves; the slot is free again
+    assert await limiter.acquire("acme") == 0.0
+    limiter.release("acme")
+
+
+async def test_answers_during_a_pause_take_no_token() -> None:
+    """Answers that come back during a Retry-After pause are not charged again after it: the
+    bucket restarts from one token when the pause ends, then keeps its rate."""
+    clock = VirtualClock()
+    bucket = InFlightBucket(Rate(4.0, 4), clock=clock, sleep=clock.sleep)
+    for _ in range(3):
+        await bucket.acquire()
+    bucket.pause(10)
+    clock.now = 2
+    for _ in range(3):
+        bucket.answered()
+    done, _ = await acquire_all(bucket, 2, clock)
+    await clock.run_until(20)
+    assert [t for _, t in done] == pytest.approx([10.0, 10.25])
 
 
 async def test_concurrency_cap_holds() -> None:
