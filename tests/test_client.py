@@ -373,7 +373,7 @@ async def test_a_big_backfill_does_not_starve_small_tenants() -> None:
 
 async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
     """Paced at exactly the API's limit, with requests queueing for scarce slots, no request is
-    answered 429: sends are paced, not just grants, and the first refill allows for jitter."""
+    answered 429: a request granted but still queued holds its token until it is answered."""
     tenants = demo_tenants(6)
     settings = SimulatorSettings(tenants=tenants, today=TODAY, latency=0.02, rate_limit=10)
     limit = RateLimitConfig(per_second=10, burst=10)
