@@ -32,6 +32,7 @@ import hashlib
 import json
 from collections import Counter
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -248,6 +249,27 @@ def payload_as_builtins(response: UsageResponse) -> dict[str, Any]:
     """The validated response as plain JSON-able Python (dates as ISO 8601 text)."""
     built: dict[str, Any] = msgspec.to_builtins(response, enc_hook=_encode_hook)
     return built
+
+
+# --- the stored state of a tenant-day ----------------------------------------------------------
+# Shared by the store (which records it) and the planner (which decides from it), so neither
+# imports the other.
+
+DayStatus = Literal["missing", "fetched", "final", "failed", "quarantined"]
+"""missing: never stored; fetched: stored while still settling; final: stored after it settled;
+failed: the last fetch failed (an earlier good payload, if any, is kept); quarantined: the last
+answer was a 200 whose body failed validation (the body is stored apart, an earlier good payload
+is kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DayState:
+    """What the store knows about one tenant-day, as far as planning is concerned."""
+
+    status: DayStatus
+    final: bool = False
+    attempts: int = 0
+    content_hash: str | None = None
 
 
 # --- normalized records -------------------------------------------------------------------------

@@ -58,9 +58,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from collector.concurrency import run_sync
 from collector.errors import StoreError
 from collector.files import create_private_file, ensure_private_dir
-from collector.models import TenantDay
+from collector.models import DayStatus, TenantDay
 from collector.pii import PayloadPolicy, StoredPayload
-from collector.planner import DayStatus
 from collector.store.fencing import (
     FENCE_SETTING,
     fencing_error,

@@ -15,8 +15,7 @@ from sqlalchemy import (
     update,
 )
 
-from collector.models import TenantDay
-from collector.planner import DayState, DayStatus
+from collector.models import DayState, DayStatus, TenantDay
 from collector.store.base import Key, as_status, dump_json, short
 from collector.store.outbox import OutboxStore
 from collector.store.prepared import rows_by_key
