@@ -23,7 +23,9 @@ from structlog.testing import capture_logs
 
 from collector.deliverer import Deliverer
 from collector.errors import SinkPermanentError, SinkTransientError
+from collector.hookspecs import hookimpl
 from collector.models import Batch, TenantDay, normalize, parse_usage
+from collector.plugin_manager import Notifier, make_plugin_manager
 from collector.retry import no_wait
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
@@ -170,6 +172,34 @@ def deliverer(
     return Deliverer(store, sinks, configs, **kw)
 
 
+class DeliveryAlerts:
+    """A plugin recording every collector_sink_delivery_failed call it receives."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    @hookimpl
+    def collector_sink_delivery_failed(
+        self, sink: str, tenant: str, day: dt.date, error: str, dead_lettered: bool
+    ) -> None:
+        self.calls.append(
+            {
+                "sink": sink,
+                "tenant": tenant,
+                "day": day,
+                "error": error,
+                "dead_lettered": dead_lettered,
+            }
+        )
+
+
+def alerting_notifier(alerts: DeliveryAlerts) -> Notifier:
+    """A notifier over a plugin manager with ``alerts`` registered (as the runtime builds it)."""
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(alerts, name="alerts")
+    return Notifier(pm)
+
+
 async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
     """Poll ``condition`` on the event loop; returns the seconds it took."""
     started = time.monotonic()
@@ -238,12 +268,12 @@ async def test_a_poison_day_is_isolated_from_its_batch(store: Store) -> None:
     """A permanent refusal of a batch retries its days one by one; only the bad day is dead."""
     poison = ("acme", DAY + dt.timedelta(days=2))
     sink = PoisonSink("hook", poison, SinkPermanentError)
-    events: list[tuple[str, dict[str, Any]]] = []
+    alerts = DeliveryAlerts()
     delivery = deliverer(
         store,
         {"hook": sink},
         {"hook": config(batch_size=5)},
-        notify=lambda hook, kwargs: events.append((hook, kwargs)),
+        notifier=alerting_notifier(alerts),
     )
     await store.record_fetched(history(["acme"], 5))
     assert await delivery.run_until_drained() is False
@@ -253,17 +283,14 @@ async def test_a_poison_day_is_isolated_from_its_batch(store: Store) -> None:
     [dead] = await store.dead_letters("hook")
     assert ((dead.tenant, dead.day), dead.attempts) == (poison, 1)
     assert dead.error == "SinkPermanentError: row rejected: bad day"
-    assert events == [
-        (
-            "collector_sink_delivery_failed",
-            {
-                "sink": "hook",
-                "tenant": "acme",
-                "day": poison[1],
-                "error": "SinkPermanentError: row rejected: bad day",
-                "dead_lettered": True,
-            },
-        )
+    assert alerts.calls == [
+        {
+            "sink": "hook",
+            "tenant": "acme",
+            "day": poison[1],
+            "error": "SinkPermanentError: row rejected: bad day",
+            "dead_lettered": True,
+        }
     ]
     assert await store.backlog("hook") == 0
     assert delivery.stats()["hook"].dead_lettered == 1
@@ -275,12 +302,12 @@ async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
     """A day the sink keeps refusing while accepting others is given up after max_attempts."""
     poison = ("globex", DAY)
     sink = PoisonSink("hook", poison, SinkTransientError)
-    notified: list[bool] = []
+    alerts = DeliveryAlerts()
     delivery = deliverer(
         store,
         {"hook": sink},
         {"hook": config(batch_size=3, max_attempts=4)},
-        notify=lambda hook, kwargs: notified.append(kwargs["dead_lettered"]),
+        notifier=alerting_notifier(alerts),
         poll_interval=60,
     )
     runner = asyncio.create_task(delivery.run_forever())
@@ -301,6 +328,7 @@ async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
     [dead] = await store.dead_letters("hook")
     assert ((dead.tenant, dead.day), dead.attempts) == (poison, 4)
     # Three counted failures, then the fourth dead-letters it (plus uncounted retries in between).
+    notified = [call["dead_lettered"] for call in alerts.calls]
     assert notified.count(True) == 1
     assert notified[-1] is True
     assert 4 <= rounds < 30
