@@ -32,7 +32,7 @@ from collector.plugin_manager import (
 from collector.sink import Sink, SinkHost
 from collector.store import Store
 
-log = structlog.get_logger("collector.app")
+log = structlog.get_logger(__name__)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from pydantic import SecretStr
 
 from collector.errors import (
@@ -49,10 +50,10 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
-from collector.log import get_logger, register_token, scrub
+from collector.log import register_token, scrub
 from collector.retry import parse_retry_after
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 DEFAULT_LIFETIME = 3600.0
 """Seconds a token is trusted when ``expires_in`` is missing or unreadable."""

@@ -47,6 +47,8 @@ from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
 
+import structlog
+
 from collector import __version__
 from collector.auth import (
     AuthFailures,
@@ -75,7 +77,7 @@ from collector.errors import (
     ServerError,
     TransportError,
 )
-from collector.log import get_logger, scrub
+from collector.log import scrub
 from collector.models import UsageResponse, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (
@@ -87,7 +89,7 @@ from collector.retry import (
     waits_disabled,
 )
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 USAGE_PATH = "/api/v1/data/usage"
 MAX_BODY_BYTES = 32 * 1024 * 1024

@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collector.report.sources import ReportSource
     from collector.simulator import SimTenant
 
-log = structlog.get_logger("collector.cli")
+log = structlog.get_logger(__name__)
 
 
 def _load(args: argparse.Namespace) -> tuple[AppConfig, Plugins]:

@@ -60,7 +60,7 @@ from collector.status import status_snapshot
 from collector.store import StoreUnusable
 from collector.store.leases import Holdings
 
-log = structlog.get_logger("collector.daemon")
+log = structlog.get_logger(__name__)
 
 DEFAULT_GRACE = 20.0
 GRACE_ENV = "ZENCODER_COLLECTOR_SHUTDOWN_GRACE"

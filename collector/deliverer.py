@@ -46,10 +46,10 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import anyio
+import structlog
 
 from collector.concurrency import first_of
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError, StoreError
-from collector.log import get_logger
 from collector.models import TenantDay
 from collector.pii import apply_sink_policy
 from collector.plugin_manager import Notifier
@@ -57,7 +57,7 @@ from collector.retry import waits_disabled
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
 
-log = get_logger("collector.deliverer")
+log = structlog.get_logger(__name__)
 
 
 Key = tuple[str, dt.date]

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from collector.metrics import Metrics
     from collector.store import Store
 
-log = structlog.get_logger("collector.pipeline")
+log = structlog.get_logger(__name__)
 
 _WRITER_BATCH = 256
 _WRITER_LINGER = 0.05

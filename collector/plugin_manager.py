@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "collector.sinks"
 OWN_DISTRIBUTION = "zencoder-collector"
 
-log = structlog.get_logger("collector.plugins")
+log = structlog.get_logger(__name__)
 
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")

@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
+import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -30,10 +31,10 @@ from pydantic import (
 from collector.config.durations import Duration
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
 from collector.errors import ConfigProblem
-from collector.log import get_logger, register_secrets
+from collector.log import register_secrets
 from collector.sink import SinkConfig
 
-log = get_logger("collector.config")
+log = structlog.get_logger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Names Windows reserves for devices, with or without an extension ("nul", "con.txt"): a tenant id

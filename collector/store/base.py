@@ -76,7 +76,7 @@ from collector.store.schema import (
     upsert,
 )
 
-log = structlog.get_logger("collector.store")
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Key = tuple[str, dt.date]

@@ -55,7 +55,7 @@ from collector.store.schema import (
     version_of_day,
 )
 
-log = structlog.get_logger("collector.store")
+log = structlog.get_logger(__name__)
 
 
 class OutboxStore(PendingStore):

@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import structlog
 from pydantic import Field
 
 from collector.plugin import (
@@ -57,7 +58,6 @@ from collector.plugin import (
     create_temp_file,
     ensure_private_dir,
     fsync_directory,
-    get_logger,
     guard_row,
     hookimpl,
     run_blocking,
@@ -75,7 +75,7 @@ MARKER_FIRST: tuple[str, ...] = (
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class CsvSinkConfig(SinkConfig):

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import sqlalchemy as sa
+import structlog
 from pydantic import Field, SecretStr, model_validator
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -60,13 +61,12 @@ from collector.plugin import (
     TenantDay,
     create_private_file,
     ensure_private_dir,
-    get_logger,
     hookimpl,
     insert_for,
     run_blocking,
 )
 
-_log = get_logger(__name__)
+_log = structlog.get_logger(__name__)
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
