@@ -129,12 +129,6 @@ class FetchedDay:
     payload: str  # the response body as received: what the state store keeps
     digest: str  # sha256 of the body: the day's content hash
 
-    @property
-    def data(self) -> dict[str, Any]:
-        """The raw ``data`` object, unknown fields included (decoded on demand)."""
-        decoded: dict[str, Any] = json.loads(self.payload)["data"]
-        return decoded
-
 
 @dataclass
 class ClientMetrics:

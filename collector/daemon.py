@@ -662,10 +662,19 @@ class Daemon:
         for tenant in self._tenants(runtime.config):
             m.schedule_interval.set(schedule_seconds(runtime.config, tenant), tenant=tenant.id)
         client = runtime.client.metrics
+        token_failures: dict[str, float] = {}
+        for (tenant_id, outcome), count in dict(client.token_requests).items():
+            if outcome != "ok":
+                token_failures[tenant_id] = token_failures.get(tenant_id, 0) + count
         for metric, values in (
             (m.rate_limit_wait, dict(client.rate_limit_wait_seconds)),
             (m.token_refreshes, dict(client.token_refreshes)),
             (m.fetch_retries, dict(client.retries)),
+            (m.api_request_seconds, dict(client.request_seconds)),
+            (m.api_bad_responses, dict(client.bad_responses)),
+            (m.token_request_failures, token_failures),
+            (m.retry_wait_seconds, dict(client.retry_wait_seconds)),
+            (m.retry_after_clamped, dict(client.retry_after_clamped)),
         ):
             for tenant_id, value in values.items():
                 if tenant_id in configured:
