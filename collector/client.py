@@ -38,7 +38,6 @@ with it has it replaced by ``***`` before anything reads or stores it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -78,7 +77,7 @@ from collector.errors import (
     TransportError,
 )
 from collector.log import scrub
-from collector.models import UsageResponse, parse_usage
+from collector.models import UsageResponse, body_digest, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (
     Retrier,
@@ -547,5 +546,5 @@ class ApiClient:
             day=day,
             response=response,
             payload=payload,
-            digest=hashlib.sha256(body).hexdigest(),
+            digest=body_digest(body),
         )

@@ -23,9 +23,9 @@ import asyncio
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -92,8 +92,8 @@ class CycleResult:
         return sum(r.fetched for r in self.tenants.values())
 
 
-Payload = Mapping[str, Any] | str
-"""The response body as received (kept as is), or its ``data`` object."""
+Payload = str
+"""The response body as received (the state store keeps it as is)."""
 
 
 class _StoreWriter:

@@ -29,7 +29,7 @@ from aiohttp import web
 from moto.server import ThreadedMotoServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay, tenant_day_from_body
 
 # --- S3 -------------------------------------------------------------------------------------------
 
@@ -385,6 +385,6 @@ def sample_day(
              "ides": ides, "languages": languages}
         ],
     }  # fmt: skip
-    response = parse_usage(json.dumps({"status": "success", "data": data}), tenant=tenant)
+    body = json.dumps({"status": "success", "data": data}).encode()
     fetched = fetched_at or dt.datetime(2024, 5, 7, 3, 0, tzinfo=dt.UTC)
-    return normalize(tenant, day, response, fetched_at=fetched, final=final)
+    return tenant_day_from_body(tenant, day, body, fetched_at=fetched, final=final)

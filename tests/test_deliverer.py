@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from collector.deliverer import Deliverer
 from collector.errors import SinkPermanentError, SinkTransientError
 from collector.hookspecs import hookimpl
-from collector.models import Batch, TenantDay, normalize, parse_usage
+from collector.models import Batch, TenantDay, tenant_day_from_body
 from collector.plugin_manager import Notifier, make_plugin_manager
 from collector.retry import no_wait
 from collector.sink import Sink, SinkConfig
@@ -36,20 +36,20 @@ DAY = dt.date(2025, 1, 10)
 EMAIL = "ada@acme.example"
 
 
-def fetched(tenant: str, day: dt.date, messages: int = 5) -> tuple[TenantDay, dict[str, Any]]:
-    """One fetched tenant-day as the pipeline stores it: normalized record plus raw ``data``."""
+def fetched(tenant: str, day: dt.date, messages: int = 5) -> tuple[TenantDay, str]:
+    """One fetched tenant-day as the pipeline stores it: derived from its body, body kept."""
     data = {
         "period": {"start": day.isoformat(), "end": day.isoformat(), "days": 1},
         "summary": {"total_active_users": 1, "total_messages": messages},
         "users": [{"email": EMAIL, "messages": messages, "ides": ["VS Code"], "languages": ["Go"]}],
         "daily": [{"day": day.isoformat(), "active_users": 1, "messages": messages}],
     }
-    response = parse_usage(json.dumps({"status": "success", "data": data}))
+    body = json.dumps({"status": "success", "data": data})
     fetched_at = dt.datetime(2025, 1, 20, tzinfo=dt.UTC)
-    return normalize(tenant, day, response, fetched_at=fetched_at, final=True), data
+    return tenant_day_from_body(tenant, day, body.encode(), fetched_at=fetched_at, final=True), body
 
 
-def history(tenants: Sequence[str], count: int) -> list[tuple[TenantDay, dict[str, Any]]]:
+def history(tenants: Sequence[str], count: int) -> list[tuple[TenantDay, str]]:
     return [fetched(t, DAY + dt.timedelta(days=i)) for t in tenants for i in range(count)]
 
 

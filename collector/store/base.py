@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -106,19 +105,6 @@ def chunks(values: Sequence[T]) -> list[Sequence[T]]:
 
 def short(text: str) -> str:
     return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
-
-
-def dump_json(data: Mapping[str, Any] | str) -> str:
-    """The stored payload: the API's response body.
-
-    Text is the body as received and is kept as it is (no second encoding); a mapping is the
-    body's ``data`` object and is wrapped in the success envelope.
-    """
-    if isinstance(data, str):
-        return data
-    return json.dumps(
-        {"status": "success", "data": data}, separators=(",", ":"), ensure_ascii=False, default=str
-    )
 
 
 def as_status(value: str) -> DayStatus:
