@@ -334,11 +334,6 @@ class AuthFailures:
         remaining = (until if until is not None else 0.0) - self.clock()
         return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, remaining))
 
-    def failures_in_a_row(self, tenant_id: str) -> int:
-        """Authentication failures since the tenant's last success."""
-        streak = self._streaks.get(tenant_id)
-        return streak.count if streak is not None else 0
-
     def reason(self, tenant_id: str) -> str | None:
         """The last failure's reason, while a streak lasts."""
         streak = self._streaks.get(tenant_id)
@@ -471,11 +466,6 @@ class TokenProvider:
         self._post = post_json
         self._on_token_request = on_token_request
         self._inflight: dict[str, asyncio.Task[TokenState]] = {}
-
-    @property
-    def refreshing(self) -> int:
-        """Token requests in flight."""
-        return len(self._inflight)
 
     async def token_for(self, tenant: Credentials) -> TokenState:
         """A token for the tenant that is not due for refresh (or a still-valid fallback)."""

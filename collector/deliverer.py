@@ -179,7 +179,6 @@ class Deliverer:
             for name, sink in sinks.items()
         }
         self._stopping = anyio.Event()  # "cleared" by a new event when a run starts
-        self._synced = False
 
     # --- public surface ---------------------------------------------------------------------------
 

@@ -149,12 +149,6 @@ def _decode_hook(type_: type, value: Any) -> Any:
     raise NotImplementedError
 
 
-def _encode_hook(value: Any) -> Any:
-    if isinstance(value, ApiDate | LastActive):
-        return value.isoformat()
-    raise NotImplementedError
-
-
 class _Payload(msgspec.Struct, frozen=True, gc=False):
     """A part of the API's answer; unknown fields are ignored.
 
@@ -242,12 +236,6 @@ def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageRespons
         raise BadResponse(
             "HTTP 200 with JSON nested too deeply to read", tenant=tenant, status=200
         ) from None
-
-
-def payload_as_builtins(response: UsageResponse) -> dict[str, Any]:
-    """The validated response as plain JSON-able Python (dates as ISO 8601 text)."""
-    built: dict[str, Any] = msgspec.to_builtins(response, enc_hook=_encode_hook)
-    return built
 
 
 # --- the stored state of a tenant-day ----------------------------------------------------------

@@ -199,7 +199,7 @@ def test_success_in_between_resets_the_streak() -> None:
     failures.record_failure("acme", "401")
     failures.record_success("acme")
     assert not failures.record_failure("acme", "401")
-    assert failures.failures_in_a_row("acme") == 1
+    assert failures.record_failure("acme", "401")  # the second since the success parks
 
 
 def test_the_same_failure_seen_twice_counts_once() -> None:
@@ -207,7 +207,7 @@ def test_the_same_failure_seen_twice_counts_once() -> None:
     failures = AuthFailures(clock=FakeClock())
     failures.record_failure("acme", "rejected", event=("token-request", 7))
     assert not failures.record_failure("acme", "rejected", event=("token-request", 7))
-    assert failures.failures_in_a_row("acme") == 1
+    assert failures.record_failure("acme", "rejected", event=("token-request", 8))  # second
 
 
 def test_park_doubles_up_to_six_hours_and_logs_once_per_park() -> None:
@@ -236,7 +236,8 @@ def test_changed_credentials_lift_the_park() -> None:
     failures.record_failure("acme", "401", fingerprint="old")
     assert failures.is_parked("acme", "old")
     assert not failures.is_parked("acme", "new")
-    assert failures.failures_in_a_row("acme") == 0
+    # The streak started again: one failure with the new credentials does not park.
+    assert not failures.record_failure("acme", "401", fingerprint="new")
 
 
 # --- token lifecycle against the simulator ------------------------------------------------------

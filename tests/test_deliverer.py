@@ -490,7 +490,7 @@ async def test_complete_routes_unregister_sinks_no_longer_configured(store: Stor
     assert await store.backlog("old") == 2
     delivery = deliverer(store, {"new": RecordingSink("new")}, complete_routes=True)
     assert await delivery.run_until_drained() is True
-    assert set(await store.registered_sinks()) == {"new"}
+    assert {s.sink for s in (await store.status_snapshot()).sinks} == {"new"}
     assert await store.backlog("old") == 0
 
 

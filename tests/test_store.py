@@ -269,7 +269,7 @@ async def test_a_removed_sink_that_returns_gets_only_what_it_lacks(store: Store)
     await store.record_fetched(days("acme", 3))
     await store.mark_delivered("hook", (await store.pending("hook"))[:2])
     await store.sync_sinks({"warehouse": None}, remove_missing=True)
-    assert set(await store.registered_sinks()) == {"warehouse"}
+    assert {s.sink for s in (await store.status_snapshot()).sinks} == {"warehouse"}
     assert await store.backlog("hook") == 0
     assert await store.sync_sinks({"warehouse": None, "hook": None}) == {"warehouse": 0, "hook": 1}
 

@@ -28,6 +28,7 @@ from pydantic import (
     model_validator,
 )
 
+from collector.concurrency import DEFAULT_WORKER_THREADS
 from collector.config.durations import Duration
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
 from collector.errors import ConfigProblem
@@ -303,7 +304,7 @@ class RuntimeConfig(_Model):
     """How the process runs its work (changes take effect after a restart)."""
 
     worker_threads: int = Field(
-        default=8,
+        default=DEFAULT_WORKER_THREADS,
         ge=1,
         le=256,
         description="Worker threads for blocking work (state store SQL, file and database sinks); "
