@@ -105,4 +105,4 @@ async def test_status_lists_quarantined_days_and_days_that_aged_out(store: Store
             "received_at": as_json["quarantined"][0]["received_at"],
         }
     ]
-    json.dumps(snapshot.to_dict())
+    json.dumps([t.to_dict() for t in snapshot.tenants])  # JSON-ready, as /status serves it

@@ -159,15 +159,6 @@ class StoreHealth:
         """True from a failed operation until the next one that succeeds."""
         return self.error is not None
 
-    def snapshot(self) -> dict[str, Any]:
-        """The ``state_store`` object of ``/status``."""
-        return {
-            "state": "failing" if self.failing else "ok",
-            "error": self.error,
-            "since": self.since.isoformat() if self.since else None,
-            "errors": self.failures,
-        }
-
     def failed(self, error: str) -> None:
         with self._lock:
             self.failures += 1
