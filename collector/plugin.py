@@ -17,7 +17,9 @@ What is here, by purpose:
 - files: owner-only (or group-shared) files and directories (:func:`ensure_private_dir`,
   :func:`create_private_file`, :func:`create_temp_file`, :func:`file_mode`, :func:`dir_mode`,
   :func:`fsync_directory`) and the spreadsheet formula guard for CSV cells
-  (:func:`guard_formula`, :func:`guard_row`);
+  (:func:`guard_formula`, :func:`guard_row`); the CSV partition layout shared by the csv sink,
+  ``export csv`` and ``report --sink`` (:func:`csv_partition_path`, :data:`CSV_MARKER_FIRST`,
+  :mod:`collector.csv_layout`);
 - the records a sink receives: :class:`Batch`, :class:`TenantDay` and its four record types;
 - the data model: the SQLModel table models :class:`UsageDaily`, :class:`UsageDailyIde`,
   :class:`UsageDailyLanguage`, :class:`UsageUserDaily` (:mod:`collector.tables`), their
@@ -38,6 +40,8 @@ What is here, by purpose:
 
 from __future__ import annotations
 
+from collector.csv_layout import MARKER_FIRST as CSV_MARKER_FIRST
+from collector.csv_layout import partition_path as csv_partition_path
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
 from collector.files import (
     create_private_file,
@@ -75,6 +79,7 @@ from collector.tables import (
 )
 
 __all__ = [
+    "CSV_MARKER_FIRST",
     "KEYS",
     "USAGE_COLUMNS",
     "USAGE_MODELS",
@@ -105,6 +110,7 @@ __all__ = [
     "apply_pii",
     "create_private_file",
     "create_temp_file",
+    "csv_partition_path",
     "dir_mode",
     "ensure_private_dir",
     "file_mode",
