@@ -272,7 +272,7 @@ class StateConfig(_Model):
         return value
 
     def connection_url(self) -> str:
-        """The URL to connect with, ``password`` inserted (never log this; see ``redacted_url``)."""
+        """The URL to connect with, ``password`` inserted (never log this)."""
         if self.password is None:
             return self.url
         parts = urlsplit(self.url)
@@ -281,15 +281,6 @@ class StateConfig(_Model):
         port = f":{parts.port}" if parts.port else ""
         secret = quote(self.password.get_secret_value(), safe="")
         return parts._replace(netloc=f"{user}:{secret}@{host}{port}").geturl()
-
-    @property
-    def redacted_url(self) -> str:
-        """The URL with any password replaced by ``***``, safe for logs and status."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
 
     def secret_values(self) -> list[str]:
         """The password (from ``password`` or written inside the URL) and the ``pii_key``."""
