@@ -60,6 +60,22 @@ class TenantReport:
 
 
 @dataclass(frozen=True, slots=True)
+class UnregisteredSink:
+    """A configured sink the state store does not know yet (no run since it was added; the run
+    that registers it queues the stored history for it)."""
+
+    sink: str
+    backlog: int
+    dead_letters: int = 0
+    lag_seconds: float = 0.0
+    last_success_at: dt.datetime | None = None
+    last_error: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True, slots=True)
 class StateStoreStatus:
     """The ``state_store`` object of ``/status``: is the state store failing, since when, why."""
 
@@ -93,7 +109,7 @@ class Status:
     generated_at: dt.datetime
     history_start: dt.date
     tenants: list[TenantReport]
-    sinks: list[SinkState]
+    sinks: list[SinkState | UnregisteredSink]
     replicas: list[ReplicaRow] | None = None
     state_store: StateStoreStatus | None = None
     daemon: DaemonStatus | None = None
@@ -148,23 +164,10 @@ async def status_snapshot(
     )
     replicas = await store.replicas() if config.state.replicas else None
     configured = set(config.sinks)
-    sinks = [s for s in stored.sinks if s.sink in configured]
+    sinks: list[SinkState | UnregisteredSink] = [s for s in stored.sinks if s.sink in configured]
     known = {s.sink for s in sinks}
     for name in sorted(configured - known):
-        # Configured but not registered yet (no run since it was added): its whole history waits.
-        sinks.append(
-            SinkState(
-                sink=name,
-                routes=None,
-                backlog=await store.backlog(name),
-                dead_letters=0,
-                lag_seconds=0.0,
-                oldest_queued_at=None,
-                last_success_at=None,
-                last_error=None,
-                last_error_at=None,
-            )
-        )
+        sinks.append(UnregisteredSink(sink=name, backlog=await store.backlog(name)))
     tenants: list[TenantReport] = []
     for tenant in stored.tenants:
         tenant_id = tenant.tenant

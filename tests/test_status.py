@@ -214,3 +214,26 @@ async def test_status_command_reads_the_store(populated: tuple[Path, AppConfig])
         "acme": 3,
         "globex": 0,
     }
+
+
+async def test_a_configured_sink_not_yet_registered_shows_its_waiting_history(
+    tmp_path: Path,
+) -> None:
+    """A sink in the config that no run has registered yet is listed (nothing queued for it
+    until a run registers it), and its JSON has the fields of a sink with nothing delivered."""
+    _, config = _config(tmp_path)
+    store = await Store.open(config.state.connection_url())
+    try:
+        await store.record_fetched(days("acme", 3))
+        snapshot = await status_snapshot(config, store)
+    finally:
+        await store.aclose()
+    assert [(s.sink, s.backlog) for s in snapshot.sinks] == [("hook", 0), ("warehouse", 0)]
+    assert snapshot.to_dict()["sinks"][0] == {
+        "sink": "hook",
+        "backlog": 0,
+        "dead_letters": 0,
+        "lag_seconds": 0.0,
+        "last_success_at": None,
+        "last_error": None,
+    }
