@@ -38,7 +38,6 @@ with it has it replaced by ``***`` before anything reads or stores it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -46,6 +45,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
+
+import structlog
 
 from collector import __version__
 from collector.auth import (
@@ -75,8 +76,8 @@ from collector.errors import (
     ServerError,
     TransportError,
 )
-from collector.log import get_logger, scrub
-from collector.models import UsageResponse, parse_usage
+from collector.log import scrub
+from collector.models import UsageResponse, body_digest, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (
     Retrier,
@@ -87,7 +88,7 @@ from collector.retry import (
     waits_disabled,
 )
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 USAGE_PATH = "/api/v1/data/usage"
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -126,12 +127,6 @@ class FetchedDay:
     response: UsageResponse
     payload: str  # the response body as received: what the state store keeps
     digest: str  # sha256 of the body: the day's content hash
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The raw ``data`` object, unknown fields included (decoded on demand)."""
-        decoded: dict[str, Any] = json.loads(self.payload)["data"]
-        return decoded
 
 
 @dataclass
@@ -551,5 +546,5 @@ class ApiClient:
             day=day,
             response=response,
             payload=payload,
-            digest=hashlib.sha256(body).hexdigest(),
+            digest=body_digest(body),
         )

@@ -20,18 +20,18 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import socket
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import boto3  # type: ignore[import-untyped]  # no stubs; test-only setup client
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay, tenant_day_from_body
+from tests.client_helpers import closed_port
 
 # --- S3 -------------------------------------------------------------------------------------------
 
@@ -343,10 +343,28 @@ class S3ErrorServer:
 
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens (the port was just released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{closed_port()}"
+
+
+class TcpServer:
+    """A raw TCP server on 127.0.0.1 for tests that script the bytes; subclasses define ``_serve``.
+
+    ``async with`` starts it on an ephemeral port (``url``) and closes it on exit.
+    """
+
+    url: str
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
 
 # --- sample data ----------------------------------------------------------------------------------
@@ -387,9 +405,9 @@ def sample_day(
              "ides": ides, "languages": languages}
         ],
     }  # fmt: skip
-    response = parse_usage(json.dumps({"status": "success", "data": data}), tenant=tenant)
+    body = json.dumps({"status": "success", "data": data}).encode()
     fetched = fetched_at or dt.datetime(2024, 5, 7, 3, 0, tzinfo=dt.UTC)
-    return normalize(tenant, day, response, fetched_at=fetched, final=final)
+    return tenant_day_from_body(tenant, day, body, fetched_at=fetched, final=final)
 
 
 # --- a relay whose new connections are slow -------------------------------------------------------

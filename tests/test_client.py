@@ -30,7 +30,15 @@ from collector.simulator import (
     demo_tenants,
     running_simulator,
 )
-from tests.client_helpers import DAY, TODAY, api_config, closed_port, sim_config, tenant_config
+from tests.client_helpers import (
+    DAY,
+    TODAY,
+    api_config,
+    body_data,
+    closed_port,
+    sim_config,
+    tenant_config,
+)
 from tests.servers import EchoingApi, SlowConnectRelay
 
 SIM_TENANTS = demo_tenants(3)
@@ -52,7 +60,7 @@ async def test_fetch_day_returns_the_simulators_data(sim: Simulator) -> None:
         fetched = await client.fetch_day(tenant_config(A), DAY)
     assert isinstance(fetched, FetchedDay)
     assert (fetched.tenant, fetched.day) == (A.id, DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert fetched.response.data.period.start == DAY
     assert [e.day for e in fetched.response.data.daily] in ([DAY], [])
     assert sim.stats.log[-1].param == DAY.isoformat()
@@ -64,7 +72,7 @@ async def test_api_key_mode_needs_no_token(sim: Simulator) -> None:
     tenant = TenantConfig(id=A.id, api_key=A.api_key)
     async with ApiClient(sim_config(sim)) as client:
         fetched = await client.fetch_day(tenant, DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sum(sim.stats.token_requests.values()) == 0
 
 
@@ -85,7 +93,7 @@ async def test_401_on_a_cached_token_refreshes_once_and_retries_once(sim: Simula
         await client.fetch_day(tenant, DAY)
         sim.faults.revoke_tokens(A.id)
         fetched = await client.fetch_day(tenant, DAY, retry=False)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sim.stats.token_requests[A.client_id] == 2
     assert sim.stats.responses[401] == 1
     assert sim.stats.usage_requests[A.id] == 2
@@ -101,7 +109,7 @@ async def test_retry_after_seconds_is_honoured(sim: Simulator) -> None:
     async with ApiClient(sim_config(sim)) as client:
         with no_wait():
             fetched = await client.fetch_day(tenant_config(A), DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert client.metrics.retries[A.id] == 1
     assert client.metrics.retry_wait_seconds[A.id] == 7
     assert sim.stats.responses[429] == 1
@@ -191,7 +199,7 @@ async def test_transient_500s_are_retried_to_success(sim: Simulator) -> None:
     async with ApiClient(sim_config(sim)) as client:
         with no_wait():
             fetched = await client.fetch_day(tenant_config(A), DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sim.stats.usage_requests[A.id] == 3
 
 
