@@ -395,8 +395,8 @@ class ApiClient:
         self, tenant: Credentials, query: str, headers: Mapping[str, str]
     ) -> HttpReply:
         rate = getattr(tenant, "rate_limit", None)
-        # acquire/release rather than ``async with limiter.slot()``: a generator-based context
-        # manager costs a few microseconds per request, and every request passes here.
+        # acquire/release rather than a context manager: a generator-based one costs a few
+        # microseconds per request, and every request passes here.
         waited = await self.limiter.acquire(tenant.id, rate)
         self.metrics.rate_limit_wait_seconds[tenant.id] += waited
         started = time.monotonic()

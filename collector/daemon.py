@@ -676,6 +676,9 @@ class Daemon:
         m.start_series(tenants=configured, sinks=runtime.config.sinks)
         for tenant in self._tenants(runtime.config):
             m.schedule_interval.set(schedule_seconds(runtime.config, tenant), tenant=tenant.id)
+        slots = runtime.client.limiter.concurrency
+        m.api_requests_in_flight.set(slots.in_use)
+        m.api_requests_queued.set(slots.waiting)
         client = runtime.client.metrics
         token_failures: dict[str, float] = {}
         for (tenant_id, outcome), count in dict(client.token_requests).items():

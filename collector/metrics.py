@@ -261,6 +261,16 @@ class Metrics:
         self.asyncio_tasks = gauge(
             "asyncio_tasks", "asyncio tasks alive in the daemon's loop.", none
         )
+        self.api_requests_in_flight = gauge(
+            "api_requests_in_flight",
+            "API requests holding one of the api.max_concurrency slots.",
+            none,
+        )
+        self.api_requests_queued = gauge(
+            "api_requests_queued",
+            "API requests allowed by their tenant's rate limit, waiting for a concurrency slot.",
+            none,
+        )
         self.state_store_up = gauge(
             "state_store_up", "0 while the state store fails (e.g. a full disk), else 1.", none
         )

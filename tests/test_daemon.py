@@ -407,6 +407,28 @@ async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
     assert metrics['zencoder_collector_sink_failures_total{sink="warehouse"}'] == 0
     assert metrics["process_resident_memory_bytes"] > 0
     assert any(key.startswith("zencoder_collector_build_info{") for key in metrics)
+    # Between cycles no request holds or waits for a concurrency slot (none leaked).
+    assert metrics["zencoder_collector_api_requests_in_flight"] == 0
+    assert metrics["zencoder_collector_api_requests_queued"] == 0
+
+
+async def test_metrics_show_requests_in_flight_and_queued_for_a_slot(tmp_path: Path) -> None:
+    """While a cycle of more requests than ``max_concurrency`` (32) waits on a slow API, /metrics
+    shows every slot in flight and the rest queued."""
+    tenants = demo_tenants(40)
+    async with running_simulator(SimulatorSettings(tenants=tenants, latency=1.0)) as sim:
+        config = daemon_config(tmp_path, sim, tenants, lookback=2, every="1h")
+        async with DaemonProcess(config) as d:
+            await eventually(lambda: d.listen is not None, within=30, what="ops", daemon=d)
+
+            async def saturated() -> bool:
+                metrics = await d.metrics()
+                return (
+                    metrics.get("zencoder_collector_api_requests_in_flight") == 32
+                    and metrics.get("zencoder_collector_api_requests_queued", 0) > 0
+                )
+
+            await eventually(saturated, within=30, what="every slot busy, more queued", daemon=d)
 
 
 def test_schedule_seconds_is_the_interval_or_cron_gap_plus_jitter(tmp_path: Path) -> None:

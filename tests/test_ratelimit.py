@@ -4,8 +4,10 @@ clock."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import heapq
 import itertools
+from collections.abc import AsyncIterator
 
 import pytest
 
@@ -17,6 +19,19 @@ from collector.ratelimit import (
     RateLimiter,
     TokenBucket,
 )
+
+
+@contextlib.asynccontextmanager
+async def slot(
+    limiter: RateLimiter, tenant: str, rate: RateLimitConfig | None = None
+) -> AsyncIterator[float]:
+    """Hold permission for one request as the client does (acquire, then release in finally);
+    yields the seconds spent waiting."""
+    waited = await limiter.acquire(tenant, rate)
+    try:
+        yield waited
+    finally:
+        limiter.release(tenant)
 
 
 class VirtualClock:
@@ -154,7 +169,7 @@ async def test_tenant_pause_does_not_touch_other_tenants() -> None:
     finished: dict[str, float] = {}
 
     async def request(tenant: str) -> None:
-        async with limiter.slot(tenant):
+        async with slot(limiter, tenant):
             finished[tenant] = clock.now
 
     tasks = [asyncio.create_task(request("slowpoke")), asyncio.create_task(request("other"))]
@@ -180,7 +195,7 @@ async def test_global_bucket_is_shared_by_all_tenants() -> None:
     times: list[float] = []
 
     async def request(tenant: str) -> None:
-        async with limiter.slot(tenant) as waited:
+        async with slot(limiter, tenant) as waited:
             times.append(waited)
 
     tasks = [asyncio.create_task(request(t)) for t in ("a", "b", "c")]
@@ -196,7 +211,7 @@ async def test_slot_reports_the_time_waited() -> None:
     waited: list[float] = []
 
     async def request() -> None:
-        async with limiter.slot("acme") as seconds:
+        async with slot(limiter, "acme") as seconds:
             waited.append(seconds)
 
     tasks = [asyncio.create_task(request()) for _ in range(3)]
@@ -214,11 +229,11 @@ async def test_requests_that_queued_for_a_slot_leave_at_the_bucket_pace() -> Non
     sent: list[float] = []
 
     async def hog() -> None:
-        async with limiter.slot("big"):
+        async with slot(limiter, "big"):
             await clock.sleep(1.0)
 
     async def request() -> None:
-        async with limiter.slot("small", small):
+        async with slot(limiter, "small", small):
             sent.append(clock.now)
 
     hogs = [asyncio.create_task(hog()) for _ in range(3)]
@@ -237,11 +252,11 @@ async def test_a_pause_that_arrives_while_queued_for_a_slot_is_respected() -> No
     sent: list[float] = []
 
     async def hog() -> None:
-        async with limiter.slot("big"):
+        async with slot(limiter, "big"):
             await clock.sleep(1.0)
 
     async def request() -> None:
-        async with limiter.slot("paused"):
+        async with slot(limiter, "paused"):
             sent.append(clock.now)
 
     hogging = asyncio.create_task(hog())
@@ -262,7 +277,7 @@ async def test_a_token_refills_from_the_answer_not_the_grant() -> None:
     sent: list[float] = []
 
     async def request(seconds_in_flight: float) -> None:
-        async with limiter.slot("acme"):
+        async with slot(limiter, "acme"):
             sent.append(clock.now)
             await clock.sleep(seconds_in_flight)
 
@@ -331,7 +346,7 @@ async def test_concurrency_cap_holds() -> None:
 
     async def request(tenant: str) -> None:
         nonlocal inside, peak
-        async with limiter.slot(tenant):
+        async with slot(limiter, tenant):
             inside += 1
             peak = max(peak, inside)
             await release.wait()
