@@ -27,7 +27,7 @@ What is here, by purpose:
 - the errors a sink raises: :class:`SinkError` and its transient/permanent subclasses;
 - PII helpers: :class:`Pseudonymizer` and :func:`apply_pii`, for sinks that pseudonymize on their
   own (the host already applies each sink's configured policy before ``write``);
-- logging: :func:`get_logger` (structlog, secrets redacted, tenant bound in context),
+- logging (log through ``structlog.get_logger(__name__)``, redacted by the host):
   :func:`register_secrets` (hide a sink's own secret strings, such as a token in its URL) and
   :func:`scrub` (text from a remote server, made safe to put in an error);
 - retries inside a write (a sink with its own HTTP calls): :class:`RetryPolicy`, :func:`sleep`
@@ -54,7 +54,7 @@ from collector.files import (
     guard_row,
 )
 from collector.hookspecs import hookimpl
-from collector.log import get_logger, register_secrets, scrub
+from collector.log import register_secrets, scrub
 from collector.models import (
     Batch,
     DailyRecord,
@@ -115,7 +115,6 @@ __all__ = [
     "ensure_private_dir",
     "file_mode",
     "fsync_directory",
-    "get_logger",
     "guard_formula",
     "guard_row",
     "hookimpl",

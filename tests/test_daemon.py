@@ -373,8 +373,9 @@ async def test_readyz_waits_for_an_unreachable_state_store(
 async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
     tmp_path: Path,
 ) -> None:
-    """A running daemon's /metrics has every configured tenant's error counter at 0, its
-    schedule interval, the API requests by outcome, the process_* metrics and build_info."""
+    """A running daemon's /metrics has every configured tenant's error counters at 0, its
+    schedule interval, the API requests by outcome and their time, the process_* metrics and
+    build_info."""
     tenants = demo_tenants(2)
     lookback = 2
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
@@ -394,9 +395,40 @@ async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
         )
         ok = f'zencoder_collector_api_requests_total{{outcome="ok",tenant="{tenant.id}"}}'
         assert metrics[ok] >= lookback
+        # The client's own counters are mirrored: request time grew, nothing failed.
+        assert metrics[f'zencoder_collector_api_request_seconds_total{{tenant="{tenant.id}"}}'] > 0
+        for quiet in (
+            "api_bad_responses_total",
+            "token_request_failures_total",
+            "fetch_retry_wait_seconds_total",
+            "retry_after_clamped_total",
+        ):
+            assert metrics[f'zencoder_collector_{quiet}{{tenant="{tenant.id}"}}'] == 0
     assert metrics['zencoder_collector_sink_failures_total{sink="warehouse"}'] == 0
     assert metrics["process_resident_memory_bytes"] > 0
     assert any(key.startswith("zencoder_collector_build_info{") for key in metrics)
+    # Between cycles no request holds or waits for a concurrency slot (none leaked).
+    assert metrics["zencoder_collector_api_requests_in_flight"] == 0
+    assert metrics["zencoder_collector_api_requests_queued"] == 0
+
+
+async def test_metrics_show_requests_in_flight_and_queued_for_a_slot(tmp_path: Path) -> None:
+    """While a cycle of more requests than ``max_concurrency`` (32) waits on a slow API, /metrics
+    shows every slot in flight and the rest queued."""
+    tenants = demo_tenants(40)
+    async with running_simulator(SimulatorSettings(tenants=tenants, latency=1.0)) as sim:
+        config = daemon_config(tmp_path, sim, tenants, lookback=2, every="1h")
+        async with DaemonProcess(config) as d:
+            await eventually(lambda: d.listen is not None, within=30, what="ops", daemon=d)
+
+            async def saturated() -> bool:
+                metrics = await d.metrics()
+                return (
+                    metrics.get("zencoder_collector_api_requests_in_flight") == 32
+                    and metrics.get("zencoder_collector_api_requests_queued", 0) > 0
+                )
+
+            await eventually(saturated, within=30, what="every slot busy, more queued", daemon=d)
 
 
 def test_schedule_seconds_is_the_interval_or_cron_gap_plus_jitter(tmp_path: Path) -> None:

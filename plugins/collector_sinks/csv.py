@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import structlog
 from pydantic import Field
 
 from collector.plugin import (
@@ -59,7 +60,6 @@ from collector.plugin import (
     csv_partition_path,
     ensure_private_dir,
     fsync_directory,
-    get_logger,
     guard_row,
     hookimpl,
     run_blocking,
@@ -71,7 +71,7 @@ COLUMNS = USAGE_COLUMNS
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class CsvSinkConfig(SinkConfig):
