@@ -117,15 +117,11 @@ async def test_an_unchanged_refetch_leaves_what_a_pending_delivery_carries(store
     first = await Store.open(store_url)
     await first.sync_sinks({"warehouse": None})
     await first.record_fetched([fetched("acme")])
-    later, data = fetched("acme")
-    later = normalize(
-        "acme",
-        DAY,
-        parse_usage(json.dumps({"status": "success", "data": data})),
-        fetched_at=FETCHED_AT + dt.timedelta(hours=1),
-        final=False,
+    _, body = fetched("acme")
+    later = tenant_day_from_body(
+        "acme", DAY, body.encode(), fetched_at=FETCHED_AT + dt.timedelta(hours=1), final=False
     )
-    assert await first.record_fetched([(later, data)]) == [False]
+    assert await first.record_fetched([(later, body)]) == [False]
     await first.aclose()
     second = await Store.open(store_url)
     try:
