@@ -46,6 +46,9 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger(__name__)
 
+HANDED_OVER = "tenant handed to another replica (lease lost); nothing more written"
+"""A replica's tenant cycle whose write the store refused for a stale fencing token."""
+
 _WRITER_BATCH = 256
 _WRITER_LINGER = 0.05
 
@@ -66,7 +69,7 @@ class TenantResult:
     failed: int = 0
     quarantined: int = 0  # of the failed days, those whose 200 body failed validation
     error: str | None = None
-    skipped: str | None = None
+    skipped: str | None = None  # credentials parked, or handed to another replica (HANDED_OVER)
     seconds: float = 0.0
     last_failure: str | None = None  # reason of the last failed day, retryable ones included
 
@@ -290,6 +293,18 @@ class Collector:
             # The workers' failures, as they raised them (their task group wraps them): a failing
             # store stops every worker of the tenant at once.
             leaves = _leaves(raised)
+            fenced = next((e for e in leaves if isinstance(e, StaleLease)), None)
+            if fenced is not None:
+                # Not a store failure: the database is fine and refused this replica's write
+                # because another replica holds the tenant now (counted by the store in
+                # replica_fenced_writes_total). The new holder collects it; nothing to retry.
+                summary.skipped = HANDED_OVER
+                log.info(
+                    "tenant handed to another replica; its cycle ends here",
+                    tenant=tenant.id,
+                    refused=str(fenced),
+                )
+                return
             exc = next((e for e in leaves if isinstance(e, StoreError)), leaves[0])
             if isinstance(exc, StoreError):  # the store logs its outages itself, rate-limited
                 summary.error = f"state store failing: {exc}"

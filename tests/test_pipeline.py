@@ -9,10 +9,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from collector.app import Runtime, load, load_plugins, open_runtime
+from collector.metrics import Metrics
+from collector.pipeline import HANDED_OVER
 from collector.retry import no_wait
 from collector.simulator import (
     BAD_RESPONSE_MODES,
@@ -239,5 +243,56 @@ async def test_a_lost_tenant_does_not_fail_the_days_of_the_tenants_held(
     assert result.tenants["tenant-01"].ok
     assert len(held) == 5
     assert not result.tenants["tenant-02"].ok
-    assert "stale fencing token" in str(result.tenants["tenant-02"].error)
+    assert result.tenants["tenant-02"].skipped == HANDED_OVER
     assert lost == {}
+
+
+@pytest.mark.postgres
+async def test_a_write_refused_by_fencing_ends_the_cycle_as_handed_over(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """When another replica took the tenant over, the old holder's cycle ends as handed over
+    (no error, no failed day, logged once at info), its refused write is counted as fenced and
+    the state store stays healthy."""
+    from collector.store import Store
+    from collector.store.leases import ReplicaLeases, this_replica
+    from tests.postgres_helpers import fresh_schema
+
+    tenants = demo_tenants(1)
+    short = dt.timedelta(seconds=1)
+    metrics = Metrics()
+    with fresh_schema(postgres_url, "p") as (_, url):
+        async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+            config_path = write_config(
+                tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=3, sinks={},
+                extra={"state": {"url": url}},
+            )  # fmt: skip
+            plugins = load_plugins()
+            config = load(config_path, plugins)
+            async with open_runtime(config, plugins, metrics=metrics) as runtime:
+                assert runtime.collector is not None
+                old = ReplicaLeases(runtime.store, this_replica(), ttl=short)
+                await old.beat(["tenant-01"])
+                other_store = await Store.open(url)
+                try:
+                    await anyio.sleep(1.2)  # the old holder is paused past its lease's expiry
+                    taken = await ReplicaLeases(other_store, this_replica(), ttl=short).beat(
+                        ["tenant-01"]
+                    )
+                    with capture_logs() as logs:
+                        result = await runtime.collector.run_cycle()
+                    stored = await other_store.days_state("tenant-01")
+                finally:
+                    await other_store.aclose()
+                health = runtime.store.health
+                fenced = runtime.store.fenced_writes
+    assert taken.gained == {"tenant-01"}
+    outcome = result.tenants["tenant-01"]
+    assert (outcome.skipped, outcome.error, outcome.failed) == (HANDED_OVER, None, 0)
+    assert stored == {}
+    assert fenced >= 1
+    assert (health.failing, health.failures) == (False, 0)
+    handed = [e for e in logs if e["event"].startswith("tenant handed to another replica")]
+    assert [(e["log_level"], e["tenant"]) for e in handed] == [("info", "tenant-01")]
+    assert not [e for e in logs if e["log_level"] in ("warning", "error")]
+    assert metrics.fetch_errors.samples.get((("tenant", "tenant-01"),), 0.0) == 0
