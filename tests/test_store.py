@@ -295,6 +295,28 @@ async def test_a_removed_sink_that_returns_gets_only_what_it_lacks(store: Store)
     assert await store.sync_sinks({"warehouse": None, "hook": None}) == {"warehouse": 0, "hook": 1}
 
 
+async def test_a_sink_registered_by_another_process_is_queued_at_the_next_write(
+    store_url: str,
+) -> None:
+    """A store that already wrote days (and keeps the sink list it read) queues its next days
+    for a sink another store registered, or re-routed, meanwhile."""
+    writer, other = await Store.open(store_url), await Store.open(store_url)
+    try:
+        await writer.sync_sinks({"warehouse": None})
+        await writer.record_fetched([fetched("acme")])
+        await other.sync_sinks({"warehouse": None, "hook": ["acme"]})
+
+        await writer.record_fetched([fetched("acme", DAY + dt.timedelta(days=1))])
+        assert await writer.backlog("hook") == 2  # the history, then the new day
+        await other.sync_sinks({"warehouse": None, "hook": ["globex"]})
+        await writer.record_fetched([fetched("acme", DAY + dt.timedelta(days=2))])
+        assert await writer.backlog("hook") == 0
+        assert await writer.backlog("warehouse") == 3
+    finally:
+        await writer.aclose()
+        await other.aclose()
+
+
 async def test_prune_keeps_payloads_a_sink_still_needs(store: Store) -> None:
     """Retention drops old final payloads only after every routed sink has them."""
     await store.sync_sinks({"warehouse": None, "hook": ["acme"]})

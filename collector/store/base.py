@@ -69,6 +69,8 @@ from collector.store.hot import HotStatements
 from collector.store.lock import StateLock, StoreUnusable, refuse_truncated
 from collector.store.schema import (
     SCHEMA_VERSION,
+    SEQ_KEY,
+    SINKS_GENERATION_KEY,
     metadata,
     schema_version,
     store_meta,
@@ -411,15 +413,28 @@ class StoreBase:
                             version=SCHEMA_VERSION, applied_at=self._now()
                         )
                     )
-                conn.execute(upsert(conn, store_meta, ["key"]), [{"key": "seq", "value": 0}])
+                conn.execute(
+                    upsert(conn, store_meta, ["key"]),
+                    [{"key": SEQ_KEY, "value": 0}, {"key": SINKS_GENERATION_KEY, "value": 0}],
+                )
 
-    def _run(self, fn: Callable[[Connection], T], write: bool, fenced: bool = True) -> T:
+    def _run(
+        self,
+        fn: Callable[[Connection], T],
+        write: bool,
+        fenced: bool = True,
+        one_statement: bool = False,
+    ) -> T:
         if self._closed.is_set():
             raise StoreError("the state store is closed")
         try:
             with self._engine.connect() as conn:
                 if write:
                     conn.execution_options(collector_write=True)
+                elif one_statement and conn.dialect.name == "postgresql":
+                    # A single SELECT is consistent on its own: without a transaction it is one
+                    # statement for the server instead of three (BEGIN, it, COMMIT).
+                    conn.execution_options(isolation_level="AUTOCOMMIT")
                 with conn.begin():
                     fence = self.fence
                     if write and fenced and fence is not None:
@@ -443,9 +458,11 @@ class StoreBase:
             self.health.succeeded()
         return result
 
-    async def _read(self, fn: Callable[[Connection], T]) -> T:
+    async def _read(self, fn: Callable[[Connection], T], *, one_statement: bool = False) -> T:
+        """Run ``fn`` in a read transaction; ``one_statement``: ``fn`` runs a single statement,
+        which then needs no transaction (PostgreSQL)."""
         # A cancelled read is abandoned: its thread only reads, and the caller moves on at once.
-        return await run_sync(self._run, fn, False, abandon_on_cancel=True)
+        return await run_sync(self._run, fn, False, True, one_statement, abandon_on_cancel=True)
 
     async def _write(self, fn: Callable[[Connection], T], *, fenced: bool = True) -> T:
         """Run ``fn`` in a write transaction; ``fenced=False`` only for writes that are no
@@ -471,7 +488,7 @@ class StoreBase:
         successful probe ends the outage, so readiness returns when space does.
         """
         if not self.health.failing:
-            await self._read(lambda conn: conn.execute(select(1)).scalar())
+            await self._read(lambda conn: conn.execute(select(1)).scalar(), one_statement=True)
             return
         stamp = int(self._now().timestamp())
         await self._write(

@@ -20,6 +20,8 @@ from collector.store.base import Key, as_status, short
 from collector.store.outbox import OutboxStore
 from collector.store.prepared import rows_by_key
 from collector.store.schema import (
+    SEQ_KEY,
+    SINKS_GENERATION_KEY,
     delivery,
     tenant_day,
     upsert,
@@ -74,7 +76,7 @@ class DaysStore(OutboxStore):
         unchanged = [key for key in keys if before.get(key, (None, True))[0] == latest[key]]
         readers: dict[Key, int] = {}
         if changed:
-            first_seq = self._allocate_seq(conn, len(changed))
+            first_seq, sinks_generation = self._allocate_seq(conn, len(changed))
             values: list[Any] = []
             queued: list[tuple[Key, int, str]] = []
             for seq, key in enumerate(changed, first_seq):
@@ -99,7 +101,7 @@ class DaysStore(OutboxStore):
                 )
                 queued.append((key, seq, version))
             hot.store_days.execute(conn, values)
-            readers = self._queue(conn, queued, now)
+            readers = self._queue(conn, queued, now, sinks_generation)
         if unchanged:
             params = []
             for key in unchanged:
@@ -118,15 +120,25 @@ class DaysStore(OutboxStore):
             hot.refresh.executemany(conn, params)
         return flags, readers
 
-    def _allocate_seq(self, conn: Connection, count: int) -> int:
-        """Reserve ``count`` queue positions and return the first; the row lock orders writers."""
+    def _allocate_seq(self, conn: Connection, count: int) -> tuple[int, int | None]:
+        """Reserve ``count`` queue positions (the row lock orders writers): the first, and the
+        sink table's change count (:data:`SINKS_GENERATION_KEY`; None if the row is missing)."""
         hot = self._hot(conn)
-        hot.reserve_seq.execute(conn, (count, "seq"))
-        top = hot.top_seq.execute(conn, ("seq",)).scalar_one()
-        return int(top) - count + 1
+        if hot.top_seq is None:
+            top, generation = hot.reserve_seq.execute(
+                conn, (count, SEQ_KEY, SINKS_GENERATION_KEY)
+            ).one()
+        else:
+            hot.reserve_seq.execute(conn, (count, SEQ_KEY))
+            top, generation = hot.top_seq.execute(conn, (SEQ_KEY, SINKS_GENERATION_KEY)).one()
+        return int(top) - count + 1, None if generation is None else int(generation)
 
     def _queue(
-        self, conn: Connection, queued: Sequence[tuple[Key, int, str]], now: Any
+        self,
+        conn: Connection,
+        queued: Sequence[tuple[Key, int, str]],
+        now: Any,
+        sinks_generation: int | None,
     ) -> dict[Key, int]:
         """Queue new versions (key, queue position, version) for every sink routed to their
         tenant, unless it has them. Returns, per tenant-day, how many sinks it was queued for."""
@@ -135,7 +147,7 @@ class DaysStore(OutboxStore):
         no = codec.flag(False)
         values: list[Any] = []
         readers: dict[Key, int] = {}
-        for name, routed in self._registered(conn).items():
+        for name, routed in self._registered_as_of(conn, sinks_generation).items():
             for key, seq, version in queued:
                 if routed is None or key[0] in routed:
                     readers[key] = readers.get(key, 0) + 1
@@ -185,7 +197,7 @@ class DaysStore(OutboxStore):
                 for day, status, final, attempts, digest in result
             }
 
-        return await self._read(work)
+        return await self._read(work, one_statement=True)
 
     async def prune_payloads(self, older_than_days: int, today: dt.date | None = None) -> int:
         """Retention: drop the raw payload of final days older than ``older_than_days`` days.

@@ -44,11 +44,13 @@ from collector.store.base import (
 from collector.store.pending import PendingStore
 from collector.store.schema import (
     IS_DEAD,
+    SINKS_GENERATION_KEY,
     DeadLetter,
     UtcDateTime,
     delivery,
     dialect_insert,
     sink_table,
+    store_meta,
     tenant_day,
     tenants_in,
     upsert,
@@ -64,6 +66,8 @@ class OutboxStore(PendingStore):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._routes: dict[str, frozenset[str]] = {}  # parsed `sink.routes` JSON, by its text
+        # The sink list as last read, with the sink table's change count it was read at.
+        self._sinks_read: tuple[int, Registered] | None = None
 
     def _registered(self, conn: Connection) -> Registered:
         found: Registered = {}
@@ -79,6 +83,18 @@ class OutboxStore(PendingStore):
                 routed = self._routes[routes] = frozenset(json.loads(routes))
             found[name] = routed
         self._sink_count = len(found)
+        return found
+
+    def _registered_as_of(self, conn: Connection, generation: int | None) -> Registered:
+        """The registered sinks, read again only when the sink table's change count
+        (:data:`SINKS_GENERATION_KEY`, read in this transaction) moved since the last read: any
+        process's :meth:`sync_sinks` moves it. None (no count stored): always read."""
+        last = self._sinks_read
+        if last is not None and generation is not None and last[0] == generation:
+            return last[1]
+        found = self._registered(conn)
+        # Read after the count, in the same transaction: at least as new as that count says.
+        self._sinks_read = None if generation is None else (generation, found)
         return found
 
     async def sync_sinks(self, routes: Routes, *, remove_missing: bool = False) -> dict[str, int]:
@@ -103,10 +119,12 @@ class OutboxStore(PendingStore):
         now = self._now()
         known = self._registered(conn)
         queued: dict[str, int] = {}
+        changed = False
         for name, routed in wanted.items():
             queued[name] = 0
             if name in known and known[name] == routed:
                 continue
+            changed = True
             added: ColumnElement[bool] = tenants_in(tenant_day.c.tenant, routed)
             if name in known:
                 before = known[name]
@@ -141,6 +159,13 @@ class OutboxStore(PendingStore):
                 .values(queued_seq=None, queued_version=None, queued_at=None, updated_at=now)
             )
             conn.execute(delete(sink_table).where(sink_table.c.name.in_(gone)))
+        if changed or gone:
+            # Every store (of every process) reads the sink list again at its next write.
+            conn.execute(
+                update(store_meta)
+                .where(store_meta.c.key == SINKS_GENERATION_KEY)
+                .values(value=store_meta.c.value + 1)
+            )
         return queued
 
     def _enqueue_history(
@@ -303,7 +328,7 @@ class OutboxStore(PendingStore):
     async def backlog(self, sink: str, tenants: Collection[str] | None = None) -> int:
         """How many tenant-days wait for ``sink``."""
         if tenants is None:
-            return await self._read(lambda conn: self._backlog(conn, sink))
+            return await self._read(lambda conn: self._backlog(conn, sink), one_statement=True)
         query = (
             select(func.count())
             .select_from(delivery)

@@ -139,7 +139,7 @@ class PendingStore(StoreBase):
             batch.read = read
             return batch, broken
 
-        batch, broken = await self._read(work)
+        batch, broken = await self._read(work, one_statement=True)
         if broken:
             await self._set_aside(sink, broken)
         return batch

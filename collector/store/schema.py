@@ -115,6 +115,12 @@ store_meta = Table(
     Column("value", BigInteger, nullable=False),
 )
 
+SEQ_KEY = "seq"
+"""``store_meta`` row of the last outbox position handed out."""
+SINKS_GENERATION_KEY = "sinks"
+"""``store_meta`` row counting changes of the ``sink`` table (registered sinks and their routes):
+a store keeps the sink list it read while this count stays the same."""
+
 tenant_day = Table(
     "tenant_day",
     metadata,
