@@ -41,7 +41,8 @@ from typing import Any, TextIO, cast
 
 
 def _import_structlog_without_rich() -> None:
-    """Import structlog with ``rich`` hidden from it, unless something imported rich already.
+    """Import structlog with ``rich`` hidden from it, unless structlog or rich is loaded already
+    (the CLI imports this module before any command module, which import structlog too).
 
     structlog imports rich, when installed, at import time for two features we do not use: its
     console renderer's rich tracebacks (we pass ``plain_traceback``) and the locals of its dict
