@@ -11,7 +11,7 @@ import datetime as dt
 from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import structlog
 
@@ -24,10 +24,10 @@ from collector.pii import raw_body_policy, raw_payload_policy
 from collector.pipeline import Collector, utc_today
 from collector.plugin_manager import (
     CollectorPluginManager,
+    Notifier,
     SinkRegistry,
     configure_plugins,
     make_plugin_manager,
-    notify,
 )
 from collector.sink import Sink, SinkHost
 from collector.store import Store
@@ -37,18 +37,19 @@ if TYPE_CHECKING:
     # imports) stays out of run --once, backfill and the other commands.
     from collector.metrics import Metrics
 
-log = structlog.get_logger("collector.app")
+log = structlog.get_logger(__name__)
 
 
 @dataclass
 class Plugins:
-    """The plugin manager and the sink types it registered."""
+    """The plugin manager, the sink types it registered and the notifier of its hooks."""
 
     pm: CollectorPluginManager
     registry: SinkRegistry
+    notifier: Notifier = field(init=False)
 
-    def notify(self, hook: str, kwargs: dict[str, Any]) -> None:
-        notify(self.pm, hook, **kwargs)
+    def __post_init__(self) -> None:
+        self.notifier = Notifier(self.pm)
 
 
 def load_plugins() -> Plugins:
@@ -110,7 +111,7 @@ def build_deliverer(
         sinks,
         {name: config.sinks[name] for name in sinks},
         {name: routes[name] for name in sinks},
-        notify=plugins.notify,
+        notifier=plugins.notifier,
         # Only a full sink set may unregister sinks that left the config (``replay`` opens one).
         complete_routes=only_sinks is None,
     )
@@ -161,7 +162,7 @@ async def open_runtime(
                 client,
                 store,
                 deliverer,
-                notify=plugins.notify,
+                notifier=plugins.notifier,
                 today=today,
                 metrics=metrics,
             ) as collector:

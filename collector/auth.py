@@ -39,6 +39,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import structlog
 from pydantic import SecretStr
 
 from collector.errors import (
@@ -49,10 +50,10 @@ from collector.errors import (
     ServerError,
     TransientApiError,
 )
-from collector.log import get_logger, register_token, scrub
+from collector.log import register_token, scrub
 from collector.retry import parse_retry_after
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 DEFAULT_LIFETIME = 3600.0
 """Seconds a token is trusted when ``expires_in`` is missing or unreadable."""
@@ -333,11 +334,6 @@ class AuthFailures:
         remaining = (until if until is not None else 0.0) - self.clock()
         return dt.datetime.now(dt.UTC) + dt.timedelta(seconds=max(0.0, remaining))
 
-    def failures_in_a_row(self, tenant_id: str) -> int:
-        """Authentication failures since the tenant's last success."""
-        streak = self._streaks.get(tenant_id)
-        return streak.count if streak is not None else 0
-
     def reason(self, tenant_id: str) -> str | None:
         """The last failure's reason, while a streak lasts."""
         streak = self._streaks.get(tenant_id)
@@ -470,11 +466,6 @@ class TokenProvider:
         self._post = post_json
         self._on_token_request = on_token_request
         self._inflight: dict[str, asyncio.Task[TokenState]] = {}
-
-    @property
-    def refreshing(self) -> int:
-        """Token requests in flight."""
-        return len(self._inflight)
 
     async def token_for(self, tenant: Credentials) -> TokenState:
         """A token for the tenant that is not due for refresh (or a still-valid fallback)."""

@@ -38,7 +38,6 @@ with it has it replaced by ``***`` before anything reads or stores it.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import time
 from collections import Counter, defaultdict
@@ -46,6 +45,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol
+
+import structlog
 
 from collector import __version__
 from collector.auth import (
@@ -75,8 +76,8 @@ from collector.errors import (
     ServerError,
     TransportError,
 )
-from collector.log import get_logger, scrub
-from collector.models import UsageResponse, parse_usage
+from collector.log import scrub
+from collector.models import UsageResponse, body_digest, parse_usage
 from collector.ratelimit import RateLimiter, RateSettings
 from collector.retry import (
     Retrier,
@@ -87,7 +88,7 @@ from collector.retry import (
     waits_disabled,
 )
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 USAGE_PATH = "/api/v1/data/usage"
 MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -126,12 +127,6 @@ class FetchedDay:
     response: UsageResponse
     payload: str  # the response body as received: what the state store keeps
     digest: str  # sha256 of the body: the day's content hash
-
-    @property
-    def data(self) -> dict[str, Any]:
-        """The raw ``data`` object, unknown fields included (decoded on demand)."""
-        decoded: dict[str, Any] = json.loads(self.payload)["data"]
-        return decoded
 
 
 @dataclass
@@ -400,8 +395,8 @@ class ApiClient:
         self, tenant: Credentials, query: str, headers: Mapping[str, str]
     ) -> HttpReply:
         rate = getattr(tenant, "rate_limit", None)
-        # acquire/release rather than ``async with limiter.slot()``: a generator-based context
-        # manager costs a few microseconds per request, and every request passes here.
+        # acquire/release rather than a context manager: a generator-based one costs a few
+        # microseconds per request, and every request passes here.
         waited = await self.limiter.acquire(tenant.id, rate)
         self.metrics.rate_limit_wait_seconds[tenant.id] += waited
         started = time.monotonic()
@@ -416,7 +411,7 @@ class ApiClient:
             self.metrics.requests[(tenant.id, "transport_error")] += 1
             raise
         finally:
-            self.limiter.release()
+            self.limiter.release(tenant.id)
             self.metrics.request_seconds[tenant.id] += time.monotonic() - started
         self.metrics.requests[(tenant.id, _status_outcome(reply.status))] += 1
         return reply
@@ -551,5 +546,5 @@ class ApiClient:
             day=day,
             response=response,
             payload=payload,
-            digest=hashlib.sha256(body).hexdigest(),
+            digest=body_digest(body),
         )

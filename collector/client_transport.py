@@ -48,11 +48,12 @@ from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 import aiohttp
+import structlog
 
 from collector.auth import HttpReply
-from collector.log import get_logger, register_secrets
+from collector.log import register_secrets
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 BODY_MEMORY_BUDGET = 256 * 1024 * 1024
 """Bytes all response bodies being read may hold together (process-wide). 256 MiB: 64 concurrent

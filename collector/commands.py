@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from collector.report.sources import ReportSource
     from collector.simulator import SimTenant
 
-log = structlog.get_logger("collector.cli")
+log = structlog.get_logger(__name__)
 
 
 def _load(args: argparse.Namespace) -> tuple[AppConfig, Plugins]:
@@ -336,7 +336,7 @@ async def status(args: argparse.Namespace) -> int:
         snapshot = await status_snapshot(config, store)
     finally:
         await store.aclose()
-    print(dump_json(snapshot) if args.json else render_status(snapshot))
+    print(dump_json(snapshot.to_dict()) if args.json else render_status(snapshot))
     return EXIT_OK
 
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import random
@@ -56,11 +57,19 @@ from collector.replicas import Replica
 from collector.retry import waits_disabled
 from collector.server import make_app, serving
 from collector.sink import Sink
-from collector.status import status_snapshot
+from collector.status import (
+    CycleSummary,
+    DaemonStatus,
+    Starting,
+    StateStoreStatus,
+    Status,
+    TenantReport,
+    status_snapshot,
+)
 from collector.store import StoreUnusable
 from collector.store.leases import Holdings
 
-log = structlog.get_logger("collector.daemon")
+log = structlog.get_logger(__name__)
 
 DEFAULT_GRACE = 20.0
 GRACE_ENV = "ZENCODER_COLLECTOR_SHUTDOWN_GRACE"
@@ -141,7 +150,7 @@ class Daemon:
         self.next_run: dict[str, dt.datetime] = {}
         # Each running cycle's cancel scope: a removed tenant's cycle is cancelled through it.
         self.running: dict[str, anyio.CancelScope] = {}
-        self.last_results: dict[str, dict[str, Any]] = {}
+        self.last_results: dict[str, CycleSummary] = {}
         # anyio events cannot be cleared: "clear" is a new event (see _sleep).
         self._wake = anyio.Event()
         self._cycle_ended = anyio.Event()
@@ -407,16 +416,16 @@ class Daemon:
 
     def _record(self, result: CycleResult) -> None:
         for tenant_id, r in result.tenants.items():
-            self.last_results[tenant_id] = {
-                "planned": r.planned,
-                "fetched": r.fetched,
-                "changed": r.changed,
-                "failed": r.failed,
-                "error": r.error,
-                "skipped": r.skipped,
-                "seconds": round(r.seconds, 3),
-                "finished_at": dt.datetime.now(dt.UTC).isoformat(),
-            }
+            self.last_results[tenant_id] = CycleSummary(
+                planned=r.planned,
+                fetched=r.fetched,
+                changed=r.changed,
+                failed=r.failed,
+                error=r.error,
+                skipped=r.skipped,
+                seconds=round(r.seconds, 3),
+                finished_at=dt.datetime.now(dt.UTC),
+            )
             if r.ok:
                 self.metrics.last_success.set(time.time(), tenant=tenant_id)
 
@@ -611,11 +620,11 @@ class Daemon:
             return f"state store unreachable: {type(exc).__name__}"
         return None
 
-    async def status(self) -> dict[str, Any]:
-        """The ``/status`` JSON: the store's snapshot plus what only the daemon knows."""
+    async def status(self) -> Status | Starting:
+        """The ``/status`` document: the store's snapshot plus what only the daemon knows."""
         runtime = self._runtime
         if runtime is None:
-            return {"state": "starting", "tenants": [], "sinks": []}
+            return Starting()
         snapshot = await status_snapshot(
             runtime.config,
             runtime.store,
@@ -624,21 +633,27 @@ class Daemon:
             parked={t.id: runtime.client.parked_until(t) for t in runtime.config.tenants},
         )
         health = runtime.store.health
-        snapshot["state_store"] = health.snapshot()
+        tenants = snapshot.tenants
         if health.failing:
             # Nothing can be written while it fails, so the store's own tenant rows cannot say
             # why a tenant is behind: its last cycle, kept here in memory, does.
-            for tenant in snapshot["tenants"]:
-                error = (tenant.get("last_cycle") or {}).get("error")
-                if error and str(error).startswith("state store"):
-                    tenant["state"], tenant["last_error"] = "failing", error
-        snapshot["daemon"] = {
-            "state": "stopping" if self._stopping.is_set() else "running",
-            "running_cycles": sorted(self.running),
-            "asyncio_tasks": len(asyncio.all_tasks()),
-            "sink_lanes": {name: stats.state for name, stats in self._sink_stats().items()},
-        }
-        return snapshot
+            tenants = [_failing_with_the_state_store(report) for report in tenants]
+        return dataclasses.replace(
+            snapshot,
+            tenants=tenants,
+            state_store=StateStoreStatus(
+                state="failing" if health.failing else "ok",
+                error=health.error,
+                since=health.since,
+                errors=health.failures,
+            ),
+            daemon=DaemonStatus(
+                state="stopping" if self._stopping.is_set() else "running",
+                running_cycles=sorted(self.running),
+                asyncio_tasks=len(asyncio.all_tasks()),
+                sink_lanes={name: stats.state for name, stats in self._sink_stats().items()},
+            ),
+        )
 
     def _sink_stats(self) -> dict[str, SinkStats]:
         runtime = self._runtime
@@ -661,11 +676,23 @@ class Daemon:
         m.start_series(tenants=configured, sinks=runtime.config.sinks)
         for tenant in self._tenants(runtime.config):
             m.schedule_interval.set(schedule_seconds(runtime.config, tenant), tenant=tenant.id)
+        slots = runtime.client.limiter.concurrency
+        m.api_requests_in_flight.set(slots.in_use)
+        m.api_requests_queued.set(slots.waiting)
         client = runtime.client.metrics
+        token_failures: dict[str, float] = {}
+        for (tenant_id, outcome), count in dict(client.token_requests).items():
+            if outcome != "ok":
+                token_failures[tenant_id] = token_failures.get(tenant_id, 0) + count
         for metric, values in (
             (m.rate_limit_wait, dict(client.rate_limit_wait_seconds)),
             (m.token_refreshes, dict(client.token_refreshes)),
             (m.fetch_retries, dict(client.retries)),
+            (m.api_request_seconds, dict(client.request_seconds)),
+            (m.api_bad_responses, dict(client.bad_responses)),
+            (m.token_request_failures, token_failures),
+            (m.retry_wait_seconds, dict(client.retry_wait_seconds)),
+            (m.retry_after_clamped, dict(client.retry_after_clamped)),
         ):
             for tenant_id, value in values.items():
                 if tenant_id in configured:
@@ -682,39 +709,42 @@ class Daemon:
             m.sink_delivered.set(delivered, sink=name)
             m.sink_failures.set(failed, sink=name)
         snapshot = await self.status()
-        for tenant in snapshot["tenants"]:
-            tenant_id = tenant["tenant"]
-            if tenant_id not in configured:
+        for report in snapshot.tenants:
+            stored = report.stored
+            if stored.tenant not in configured:
                 continue
-            m.days_complete.set(tenant["days_complete"], tenant=tenant_id)
-            m.days_failed.set(tenant.get("days_failed") or 0, tenant=tenant_id)
-            m.days_quarantined.set(tenant.get("days_quarantined") or 0, tenant=tenant_id)
-            m.tenant_auth_failed.set(1 if tenant.get("auth_failed_until") else 0, tenant=tenant_id)
-            for gauge, key in (
-                (m.last_success, "last_success_at"),
-                (m.last_fetch, "last_fetched_at"),
-                (m.next_run, "next_run_at"),
+            m.days_complete.set(stored.days_complete, tenant=stored.tenant)
+            m.days_failed.set(stored.days_failed, tenant=stored.tenant)
+            m.days_quarantined.set(stored.days_quarantined, tenant=stored.tenant)
+            m.tenant_auth_failed.set(1 if stored.auth_failed_until else 0, tenant=stored.tenant)
+            for gauge, moment in (
+                (m.last_success, stored.last_success_at),
+                (m.last_fetch, stored.last_fetched_at),
+                (m.next_run, stored.next_run_at),
             ):
-                stamp = _timestamp(tenant.get(key))
-                if stamp is not None:
-                    gauge.set(stamp, tenant=tenant_id)
-        for sink in snapshot["sinks"]:
-            m.sink_backlog.set(sink["backlog"], sink=sink["sink"])
-            m.sink_dead_letters.set(sink["dead_letters"], sink=sink["sink"])
-            m.sink_lag.set(sink.get("lag_seconds") or 0.0, sink=sink["sink"])
+                if moment is not None:
+                    gauge.set(_timestamp(moment), tenant=stored.tenant)
+        if isinstance(snapshot, Status):
+            for sink in snapshot.sinks:
+                m.sink_backlog.set(sink.backlog, sink=sink.sink)
+                m.sink_dead_letters.set(sink.dead_letters, sink=sink.sink)
+                m.sink_lag.set(sink.lag_seconds, sink=sink.sink)
 
 
-def _timestamp(value: Any) -> float | None:
-    """Unix seconds of a datetime or ISO string (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        value = dt.datetime.fromisoformat(value)
-    if isinstance(value, dt.datetime):
-        if value.tzinfo is None:
-            value = value.replace(tzinfo=dt.UTC)
-        return float(value.timestamp())
-    return None
+def _timestamp(moment: dt.datetime) -> float:
+    """Unix seconds of a datetime (a naive one is UTC, as the state store keeps them)."""
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.UTC)
+    return float(moment.timestamp())
+
+
+def _failing_with_the_state_store(report: TenantReport) -> TenantReport:
+    """The tenant failing with its last cycle's error when that error is the state store's."""
+    error = report.last_cycle.error if report.last_cycle is not None else None
+    if error is None or not error.startswith("state store"):
+        return report
+    stored = dataclasses.replace(report.stored, last_error=error)
+    return TenantReport(stored, "failing", report.last_cycle)
 
 
 async def run_daemon(

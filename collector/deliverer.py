@@ -46,18 +46,18 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 import anyio
+import structlog
 
 from collector.concurrency import first_of
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError, StoreError
-from collector.log import get_logger
 from collector.models import TenantDay
 from collector.pii import apply_sink_policy
-from collector.plugin_manager import Notify, no_notify
+from collector.plugin_manager import Notifier
 from collector.retry import waits_disabled
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
 
-log = get_logger("collector.deliverer")
+log = structlog.get_logger(__name__)
 
 
 Key = tuple[str, dt.date]
@@ -157,7 +157,7 @@ class Deliverer:
         configs: Mapping[str, SinkConfig],
         routes: Mapping[str, Collection[str] | None] | None = None,
         *,
-        notify: Notify = no_notify,
+        notifier: Notifier | None = None,
         complete_routes: bool = False,
         poll_interval: float = 30.0,
         linger: float = LINGER,
@@ -168,7 +168,7 @@ class Deliverer:
         self._store = store
         self._routes = {name: (routes or {}).get(name) for name in sinks}
         self._complete_routes = complete_routes
-        self._notify = notify
+        self._notifier = notifier or Notifier()
         self._poll_interval = poll_interval
         self._linger = linger
         self._backoff_initial = backoff_initial
@@ -179,7 +179,6 @@ class Deliverer:
             for name, sink in sinks.items()
         }
         self._stopping = anyio.Event()  # "cleared" by a new event when a run starts
-        self._synced = False
 
     # --- public surface ---------------------------------------------------------------------------
 
@@ -554,19 +553,10 @@ class Deliverer:
         lane.retry_at[key] = time.monotonic() + min(wait, self._backoff_max)
 
     def _tell(self, lane: _Lane, td: TenantDay, reason: str, *, dead_lettered: bool) -> None:
-        try:
-            self._notify(
-                "collector_sink_delivery_failed",
-                {
-                    "sink": lane.name,
-                    "tenant": td.tenant,
-                    "day": td.day,
-                    "error": reason,
-                    "dead_lettered": dead_lettered,
-                },
-            )
-        except Exception:  # a broken notification hook must not stop delivery
-            log.exception("delivery notification failed", sink=lane.name)
+        # The notifier logs and swallows what a plugin raises: delivery goes on.
+        self._notifier.sink_delivery_failed(
+            sink=lane.name, tenant=td.tenant, day=td.day, error=reason, dead_lettered=dead_lettered
+        )
 
     def _record_error(self, lane: _Lane, reason: str) -> None:
         lane.stats.last_error = reason

@@ -29,12 +29,10 @@ from pathlib import Path
 from typing import TextIO
 
 from collector.config.models import tenant_id_problem
+from collector.csv_layout import day_is_complete, partition_path
 from collector.errors import CollectorError
 from collector.files import create_temp_file, ensure_private_dir, fsync_directory, guard_formula
 from collector.tables import USAGE_COLUMNS as COLUMNS
-
-MARKER = "usage_daily"
-"""The table whose partition the csv sink publishes last: its presence means a complete day."""
 
 _INTEGER = re.compile(r"^-?[0-9]+$")
 
@@ -126,8 +124,7 @@ def export_csv(
     days = list(_days(since, until))
     # The complete days: those whose marker the sink has published (it comes last).
     complete = {
-        tenant: [d for d in days if (root / tenant / MARKER / f"{d.isoformat()}.csv").is_file()]
-        for tenant in tenant_ids
+        tenant: [d for d in days if day_is_complete(root, tenant, d)] for tenant in tenant_ids
     }
     ensure_private_dir(out, shared_group)
     result = ExportResult()
@@ -139,10 +136,9 @@ def export_csv(
             writer.writerow(header)
             count = 0
             for tenant in tenant_ids:
-                table_dir = root / tenant / table
                 for day in complete[tenant]:
                     try:
-                        rows = _partition_rows(table_dir / f"{day.isoformat()}.csv", header)
+                        rows = _partition_rows(partition_path(root, tenant, table, day), header)
                     except FileNotFoundError:  # being replaced by the sink right now
                         continue
                     seen_partitions.add((tenant, day))

@@ -15,10 +15,11 @@ Pluggy only registers and notifies. It never sits on the async hot path: the hos
 when a tenant is purged, and the notification hooks (``collector_tenant_cycle_started``,
 ``collector_tenant_day_collected``, ``collector_tenant_day_failed``,
 ``collector_tenant_cycle_done``, ``collector_tenant_failed``, ``collector_sink_delivery_failed``)
-through :func:`collector.plugin_manager.notify`, which calls each implementation on its own and
-logs and swallows what it raises, so one broken alerting plugin can neither stop the others nor
-the collector. Notification hooks run on the event loop thread:
-keep them quick and non-blocking (hand slow work to a thread or a queue of your own).
+through :class:`collector.plugin_manager.Notifier`: one typed method per hook, calling it through
+pluggy (wrappers run) once per implementing plugin, logging and swallowing what a plugin raises, so
+one broken alerting plugin can neither stop the others nor the collector. Notification hooks run
+on the event loop thread: keep them quick and non-blocking (hand slow work to a thread or a queue
+of your own).
 
 A hookimpl may accept a subset of a hook's arguments (pluggy passes only the names it asks for),
 so a hook that later gains an argument keeps working with older plugins. Every hook below is

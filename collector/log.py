@@ -3,7 +3,7 @@
 ::
 
     configure_logging("info", secrets=cfg.secret_values())
-    log = get_logger(__name__)
+    log = structlog.get_logger(__name__)
     with structlog.contextvars.bound_contextvars(tenant="acme"):
         log.info("fetched", day="2024-05-01")   # every line inside carries tenant=acme
 
@@ -37,7 +37,7 @@ import sys
 import threading
 from collections import deque
 from collections.abc import Iterable
-from typing import Any, TextIO, cast
+from typing import Any, TextIO
 
 
 def _import_structlog_without_rich() -> None:
@@ -63,17 +63,11 @@ def _import_structlog_without_rich() -> None:
 _import_structlog_without_rich()
 
 import structlog  # noqa: E402 - after the import above, which already loaded it
-from structlog.typing import (  # noqa: E402
-    EventDict,
-    FilteringBoundLogger,
-    Processor,
-    WrappedLogger,
-)
+from structlog.typing import EventDict, Processor, WrappedLogger  # noqa: E402
 
 __all__ = [
     "MIN_SECRET_LENGTH",
     "configure_logging",
-    "get_logger",
     "redact",
     "redact_secrets",
     "register_secrets",
@@ -342,11 +336,6 @@ def configure_logging(
     root.setLevel(threshold)
 
 
-def get_logger(name: str) -> FilteringBoundLogger:
-    """A structlog logger whose lines carry ``logger=name``."""
-    return cast(FilteringBoundLogger, structlog.get_logger(name))
-
-
 class _NamedWriteLogger(structlog.WriteLogger):
     def __init__(self, file: TextIO, name: str) -> None:
         super().__init__(file)
@@ -354,7 +343,7 @@ class _NamedWriteLogger(structlog.WriteLogger):
 
 
 class _NamedWriteLoggerFactory:
-    """Like ``structlog.WriteLoggerFactory``, keeping the name given to ``get_logger``."""
+    """Like ``structlog.WriteLoggerFactory``, keeping the name given to ``structlog.get_logger``."""
 
     def __init__(self, file: TextIO) -> None:
         self._file = file

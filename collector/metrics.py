@@ -162,6 +162,31 @@ class Metrics:
             "Retried API requests (5xx, 429, timeouts, network errors).",
             tenant,
         )
+        self.api_request_seconds = counter(
+            "api_request_seconds_total",
+            "Seconds usage API requests took, sending to the end of the body (no waits).",
+            tenant,
+        )
+        self.api_bad_responses = counter(
+            "api_bad_responses_total",
+            "200 answers whose body failed validation (each quarantined its day).",
+            tenant,
+        )
+        self.token_request_failures = counter(
+            "token_request_failures_total",
+            "Token requests that got no token (credentials rejected, endpoint failing).",
+            tenant,
+        )
+        self.retry_wait_seconds = counter(
+            "fetch_retry_wait_seconds_total",
+            "Seconds waited before retrying API requests (backoff or Retry-After).",
+            tenant,
+        )
+        self.retry_after_clamped = counter(
+            "retry_after_clamped_total",
+            "Retry-After values over the 15-minute cap, clamped to it.",
+            tenant,
+        )
         self.api_requests = counter(
             "api_requests_total",
             "Usage API requests by outcome: ok, unauthorized, rate_limited (429/503), "
@@ -235,6 +260,16 @@ class Metrics:
         )
         self.asyncio_tasks = gauge(
             "asyncio_tasks", "asyncio tasks alive in the daemon's loop.", none
+        )
+        self.api_requests_in_flight = gauge(
+            "api_requests_in_flight",
+            "API requests holding one of the api.max_concurrency slots.",
+            none,
+        )
+        self.api_requests_queued = gauge(
+            "api_requests_queued",
+            "API requests allowed by their tenant's rate limit, waiting for a concurrency slot.",
+            none,
         )
         self.state_store_up = gauge(
             "state_store_up", "0 while the state store fails (e.g. a full disk), else 1.", none

@@ -29,9 +29,9 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Annotated, Any, Final, Literal
 
 import msgspec
@@ -149,12 +149,6 @@ def _decode_hook(type_: type, value: Any) -> Any:
     raise NotImplementedError
 
 
-def _encode_hook(value: Any) -> Any:
-    if isinstance(value, ApiDate | LastActive):
-        return value.isoformat()
-    raise NotImplementedError
-
-
 class _Payload(msgspec.Struct, frozen=True, gc=False):
     """A part of the API's answer; unknown fields are ignored.
 
@@ -244,10 +238,25 @@ def parse_usage(body: bytes | str, *, tenant: str | None = None) -> UsageRespons
         ) from None
 
 
-def payload_as_builtins(response: UsageResponse) -> dict[str, Any]:
-    """The validated response as plain JSON-able Python (dates as ISO 8601 text)."""
-    built: dict[str, Any] = msgspec.to_builtins(response, enc_hook=_encode_hook)
-    return built
+# --- the stored state of a tenant-day ----------------------------------------------------------
+# Shared by the store (which records it) and the planner (which decides from it), so neither
+# imports the other.
+
+DayStatus = Literal["missing", "fetched", "final", "failed", "quarantined"]
+"""missing: never stored; fetched: stored while still settling; final: stored after it settled;
+failed: the last fetch failed (an earlier good payload, if any, is kept); quarantined: the last
+answer was a 200 whose body failed validation (the body is stored apart, an earlier good payload
+is kept)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DayState:
+    """What the store knows about one tenant-day, as far as planning is concerned."""
+
+    status: DayStatus
+    final: bool = False
+    attempts: int = 0
+    content_hash: str | None = None
 
 
 # --- normalized records -------------------------------------------------------------------------
@@ -330,18 +339,27 @@ Batch = Sequence[TenantDay]
 """What a sink's ``write`` receives: tenant-days, each complete, in delivery order."""
 
 
-def canonical_json(data: Mapping[str, Any]) -> str:
-    """A payload's ``data`` object as compact JSON with sorted keys."""
-    return json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False, default=str)
+def body_digest(body: bytes) -> str:
+    """A tenant-day's content hash: the SHA-256 (hex) of its 200 body as received.
 
-
-def content_hash(data: Mapping[str, Any] | str) -> str:
-    """A stable hash of a payload's ``data`` object (key order and whitespace do not matter).
-
-    Pass the :func:`canonical_json` text when it is already at hand, to encode only once.
+    The body is what the state store keeps, so its hash is computed with no second encoding. A
+    re-fetch that returned the same figures in another order counts as changed and is delivered
+    once more, which idempotent sinks absorb.
     """
-    canonical = data if isinstance(data, str) else canonical_json(data)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return hashlib.sha256(body).hexdigest()
+
+
+def tenant_day_from_body(
+    tenant: str, day: dt.date, body: bytes, *, fetched_at: dt.datetime, final: bool
+) -> TenantDay:
+    """A 200 body of a ``day=`` request, validated and normalized, with its content hash: what
+    the pipeline makes of a fetched body (the client parses it, :func:`normalize` builds the
+    records, :func:`body_digest` hashes it), ``reprocess`` of a kept one, and the testing kit of
+    the bodies it builds. :class:`BadResponse` if the body is not the documented payload."""
+    response = parse_usage(body, tenant=tenant)
+    return normalize(
+        tenant, day, response, fetched_at=fetched_at, final=final, digest=body_digest(body)
+    )
 
 
 def normalize(
@@ -351,9 +369,10 @@ def normalize(
     *,
     fetched_at: dt.datetime,
     final: bool,
-    digest: str | None = None,
+    digest: str,
 ) -> TenantDay:
-    """Turn a ``day=`` response into one :class:`TenantDay`.
+    """Turn a ``day=`` response into one :class:`TenantDay`; ``digest`` is its body's
+    :func:`body_digest`.
 
     A day with no activity may come back with an empty ``daily`` list: that is a valid day with
     zero users, not an error. A ``period`` or a ``daily`` entry for another date is a bad
@@ -395,8 +414,6 @@ def normalize(
     _reject_duplicates(tenant, day, "ide_name", [i.ide_name for i in ides])
     _reject_duplicates(tenant, day, "language_name", [x.language_name for x in languages])
     _reject_duplicates(tenant, day, "users[].email", [u.user for u in users], show=False)
-    if digest is None:
-        digest = content_hash(payload_as_builtins(response)["data"])
     return TenantDay(tenant, day, fetched_at, final, daily, ides, languages, users, digest)
 
 

@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import json
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from collector.models import Batch, TenantDay, UserDayRecord
@@ -123,8 +123,8 @@ def apply_sink_policy(batch: Batch, config: SinkConfig) -> list[TenantDay]:
     return apply_pii(batch, config.pii, key)
 
 
-StoredPayload = Mapping[str, Any] | str
-"""What the state store keeps per day: the response body as text, or its ``data`` object."""
+StoredPayload = str
+"""What the state store keeps per day: the response body as text."""
 PayloadPolicy = Callable[[TenantDay, StoredPayload], tuple[TenantDay, StoredPayload]]
 
 
@@ -140,9 +140,7 @@ def pseudonymize_payload(
     if not tenant_day.users:
         return tenant_day, payload
     private = pseudonymizer.apply(tenant_day)
-    body: dict[str, Any] = (
-        json.loads(payload) if isinstance(payload, str) else {"status": "success", "data": payload}
-    )
+    body: dict[str, Any] = json.loads(payload)
     data = dict(body["data"])
     data["users"] = [
         {

@@ -23,9 +23,9 @@ import asyncio
 import datetime as dt
 import json
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import anyio
 import structlog
@@ -34,7 +34,7 @@ from collector import planner
 from collector.auth import secret_values
 from collector.errors import ApiError, AuthError, BadResponse, CollectorError, StoreError
 from collector.models import TenantDay, normalize
-from collector.plugin_manager import Notify, no_notify
+from collector.plugin_manager import Notifier
 from collector.store.fencing import StaleLease
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from collector.metrics import Metrics
     from collector.store import Store
 
-log = structlog.get_logger("collector.pipeline")
+log = structlog.get_logger(__name__)
 
 _WRITER_BATCH = 256
 _WRITER_LINGER = 0.05
@@ -92,8 +92,8 @@ class CycleResult:
         return sum(r.fetched for r in self.tenants.values())
 
 
-Payload = Mapping[str, Any] | str
-"""The response body as received (kept as is), or its ``data`` object."""
+Payload = str
+"""The response body as received (the state store keeps it as is)."""
 
 
 class _StoreWriter:
@@ -185,7 +185,7 @@ class Collector:
         store: Store,
         deliverer: Deliverer | None = None,
         *,
-        notify: Notify = no_notify,
+        notifier: Notifier | None = None,
         today: Callable[[], dt.date] = utc_today,
         per_tenant_inflight: int = 2,
         metrics: Metrics | None = None,
@@ -194,7 +194,7 @@ class Collector:
         self.client = client
         self.store = store
         self.deliverer = deliverer
-        self.notify = notify
+        self.notifier = notifier or Notifier()
         self.today = today
         self.per_tenant_inflight = per_tenant_inflight
         self.metrics = metrics
@@ -213,10 +213,7 @@ class Collector:
                 self.metrics.usage_active_users.set(item.daily.active_users, tenant=tenant)
                 self.metrics.usage_messages.set(item.daily.messages, tenant=tenant)
         for item, flag in zip(items, changed, strict=True):
-            self.notify(
-                "collector_tenant_day_collected",
-                {"tenant": item.tenant, "day": item.day, "changed": flag},
-            )
+            self.notifier.tenant_day_collected(tenant=item.tenant, day=item.day, changed=flag)
 
     async def __aenter__(self) -> Collector:
         self._writer.start()
@@ -324,9 +321,7 @@ class Collector:
                     days(tenant), today, self.config.api.history_days
                 )
             summary.planned = len(wanted)
-            self.notify(
-                "collector_tenant_cycle_started", {"tenant": tenant.id, "planned": len(wanted)}
-            )
+            self.notifier.tenant_cycle_started(tenant=tenant.id, planned=len(wanted))
             queue: asyncio.Queue[dt.date] = asyncio.Queue()
             for day in wanted:
                 queue.put_nowait(day)
@@ -335,9 +330,7 @@ class Collector:
                     workers.start_soon(self._tenant_worker, tenant, queue, summary, today)
             summary.seconds = time.monotonic() - started
             if summary.error is not None:
-                self.notify(
-                    "collector_tenant_failed", {"tenant": tenant.id, "error": summary.error}
-                )
+                self.notifier.tenant_failed(tenant=tenant.id, error=summary.error)
                 await self.store.set_tenant_error(
                     tenant.id, summary.error, auth_failed_until=self.client.parked_until(tenant)
                 )
@@ -407,17 +400,11 @@ class Collector:
             summary.changed += int(changed)
 
     def _notify_day_failed(self, tenant: str, day: dt.date, error: str) -> None:
-        self.notify("collector_tenant_day_failed", {"tenant": tenant, "day": day, "error": error})
+        self.notifier.tenant_day_failed(tenant=tenant, day=day, error=error)
 
     def _notify_done(self, tenant: str, summary: TenantResult, error: str | None) -> None:
-        self.notify(
-            "collector_tenant_cycle_done",
-            {
-                "tenant": tenant,
-                "fetched": summary.fetched,
-                "failed": summary.failed,
-                "error": error,
-            },
+        self.notifier.tenant_cycle_done(
+            tenant=tenant, fetched=summary.fetched, failed=summary.failed, error=error
         )
 
     async def _fetch(

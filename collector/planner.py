@@ -23,27 +23,11 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Literal
 
-DayStatus = Literal["missing", "fetched", "final", "failed", "quarantined"]
-"""missing: never stored; fetched: stored while still settling; final: stored after it settled;
-failed: the last fetch failed (an earlier good payload, if any, is kept); quarantined: the last
-answer was a 200 whose body failed validation (the body is stored apart, an earlier good payload
-is kept)."""
+from collector.models import DayState
 
 DEFAULT_HISTORY_DAYS = 90
 """How many days the API serves, today included (``api.history_days``)."""
-
-
-@dataclass(frozen=True, slots=True)
-class DayState:
-    """What the store knows about one tenant-day, as far as planning is concerned."""
-
-    status: DayStatus
-    final: bool = False
-    attempts: int = 0
-    content_hash: str | None = None
 
 
 def is_final(day: dt.date, today: dt.date, settle_days: int) -> bool:

@@ -17,7 +17,9 @@ What is here, by purpose:
 - files: owner-only (or group-shared) files and directories (:func:`ensure_private_dir`,
   :func:`create_private_file`, :func:`create_temp_file`, :func:`file_mode`, :func:`dir_mode`,
   :func:`fsync_directory`) and the spreadsheet formula guard for CSV cells
-  (:func:`guard_formula`, :func:`guard_row`);
+  (:func:`guard_formula`, :func:`guard_row`); the CSV partition layout shared by the csv sink,
+  ``export csv`` and ``report --sink`` (:func:`csv_partition_path`, :data:`CSV_MARKER_FIRST`,
+  :mod:`collector.csv_layout`);
 - the records a sink receives: :class:`Batch`, :class:`TenantDay` and its four record types;
 - the data model: the SQLModel table models :class:`UsageDaily`, :class:`UsageDailyIde`,
   :class:`UsageDailyLanguage`, :class:`UsageUserDaily` (:mod:`collector.tables`), their
@@ -25,7 +27,7 @@ What is here, by purpose:
 - the errors a sink raises: :class:`SinkError` and its transient/permanent subclasses;
 - PII helpers: :class:`Pseudonymizer` and :func:`apply_pii`, for sinks that pseudonymize on their
   own (the host already applies each sink's configured policy before ``write``);
-- logging: :func:`get_logger` (structlog, secrets redacted, tenant bound in context),
+- logging (log through ``structlog.get_logger(__name__)``, redacted by the host):
   :func:`register_secrets` (hide a sink's own secret strings, such as a token in its URL) and
   :func:`scrub` (text from a remote server, made safe to put in an error);
 - retries inside a write (a sink with its own HTTP calls): :class:`RetryPolicy`, :func:`sleep`
@@ -38,6 +40,8 @@ What is here, by purpose:
 
 from __future__ import annotations
 
+from collector.csv_layout import MARKER_FIRST as CSV_MARKER_FIRST
+from collector.csv_layout import partition_path as csv_partition_path
 from collector.errors import SinkError, SinkPermanentError, SinkTransientError
 from collector.files import (
     create_private_file,
@@ -50,7 +54,7 @@ from collector.files import (
     guard_row,
 )
 from collector.hookspecs import hookimpl
-from collector.log import get_logger, register_secrets, scrub
+from collector.log import register_secrets, scrub
 from collector.models import (
     Batch,
     DailyRecord,
@@ -75,6 +79,7 @@ from collector.tables import (
 )
 
 __all__ = [
+    "CSV_MARKER_FIRST",
     "KEYS",
     "USAGE_COLUMNS",
     "USAGE_MODELS",
@@ -105,11 +110,11 @@ __all__ = [
     "apply_pii",
     "create_private_file",
     "create_temp_file",
+    "csv_partition_path",
     "dir_mode",
     "ensure_private_dir",
     "file_mode",
     "fsync_directory",
-    "get_logger",
     "guard_formula",
     "guard_row",
     "hookimpl",

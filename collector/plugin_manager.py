@@ -13,8 +13,8 @@ Every sink, first-party or third-party, arrives the same way: an entry point in 
 
 :class:`SinkRegistry` turns the ``collector_register_sinks`` answers into ``type -> class`` and
 ``type -> Config`` maps (the latter is what :func:`collector.config.load_config` takes as
-``sink_types``). :func:`notify` and :class:`Notifier` call the notification hooks one
-implementation at a time, because pluggy stops at the first implementation that raises.
+``sink_types``). :class:`Notifier` calls the notification hooks through pluggy, one typed method
+per hook, each plugin on its own, because pluggy stops at the first implementation that raises.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from __future__ import annotations
 import importlib.metadata as metadata
 import json
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, cast
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "collector.sinks"
 OWN_DISTRIBUTION = "zencoder-collector"
 
-log = structlog.get_logger("collector.plugins")
+log = structlog.get_logger(__name__)
 
 _TYPE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
 _REQUIREMENT_NAME = re.compile(r"^\s*([A-Za-z0-9][A-Za-z0-9._-]*)")
@@ -426,78 +426,115 @@ def _origin_of(plugin: object) -> PluginOrigin:
 
 # --- calling hooks ------------------------------------------------------------------------------
 
-Notify = Callable[[str, dict[str, Any]], None]
-"""``notify(hook_name, kwargs)``: calls a notification hook (pluggy); must not raise. The
-pipeline and the deliverer take one; the runtime binds :func:`notify` to its plugin manager."""
-
-
-def no_notify(hook: str, kwargs: dict[str, Any]) -> None:
-    """The notifier of a pipeline or deliverer built without plugins: calls nothing."""
-    return None
-
-
-def notify(pm: pluggy.PluginManager, hook_name: str, /, **kwargs: Any) -> int:
-    """Call a notification hook's implementations one by one; return how many of them raised.
-
-    Each implementation gets only the arguments it asks for. An exception is logged (plugin,
-    hook, error) and swallowed, and the remaining implementations still run. Wrapper hookimpls are
-    not supported on notification hooks and are skipped.
-    """
-    caller = getattr(pm.hook, hook_name, None)
-    spec = caller.spec if caller is not None else None
-    if caller is None or spec is None or not hook_name.startswith("collector_"):
-        raise ValueError(f"{hook_name} is not a collector hook")
-    if set(kwargs) != set(spec.argnames):
-        raise TypeError(f"{hook_name} takes {spec.argnames}, got {sorted(kwargs)}")
-    failures = 0
-    for impl in reversed(caller.get_hookimpls()):
-        if impl.hookwrapper or impl.wrapper:
-            log.warning("wrapper hookimpl skipped", plugin=impl.plugin_name, hook=hook_name)
-            continue
-        try:
-            impl.function(*[kwargs[name] for name in impl.argnames])
-        except Exception as exc:  # an alerting plugin's bug must never stop the collector
-            failures += 1
-            log.warning(
-                "plugin hook raised", plugin=impl.plugin_name, hook=hook_name, error=_describe(exc)
-            )
-            # The traceback is for the plugin's authors: at debug, so a hook failing on every
-            # event does not fill the log.
-            log.debug(
-                "plugin hook traceback",
-                plugin=impl.plugin_name,
-                hook=hook_name,
-                exc_info=(type(exc), exc, exc.__traceback__),
-            )
-    return failures
+_HookCallers = list[tuple[str, pluggy.HookCaller]]
 
 
 class Notifier:
-    """Typed shortcuts for the notification hooks (see :mod:`collector.hookspecs`)."""
+    """The notification hooks of :mod:`collector.hookspecs`, one typed method each.
 
-    def __init__(self, pm: pluggy.PluginManager) -> None:
+    Each method has its hook's exact signature and calls it through pluggy
+    (``pm.hook.<name>(...)``), so wrapper hookimpls run and the hook's arguments are checked by
+    the type checker at every call site. Pluggy ends a hook call at the first implementation that
+    raises; so that one broken plugin disturbs neither the caller nor the other plugins, a hook
+    implemented by several plugins is called once per plugin, through
+    :meth:`pluggy.PluginManager.subset_hook_caller` (the hook without the other plugins'
+    implementations, the wrappers kept), in pluggy's order. What a call raises is logged (plugin,
+    hook, error; the traceback at debug) and swallowed. Each method returns how many plugins
+    raised. The per-plugin callers are built once and again only when the hook's
+    implementations change (a plugin registered or unregistered).
+    """
+
+    def __init__(self, pm: pluggy.PluginManager | None = None) -> None:
+        if pm is None:  # a pipeline or deliverer built without plugins: the hooks, no plugins
+            pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+            pm.add_hookspecs(hookspecs)
         self.pm = pm
+        self._callers: dict[str, tuple[tuple[pluggy.HookImpl, ...], _HookCallers]] = {}
+
+    def tenant_cycle_started(self, tenant: str, planned: int) -> int:
+        return self._call(
+            self.pm.hook.collector_tenant_cycle_started, tenant=tenant, planned=planned
+        )
 
     def tenant_day_collected(self, tenant: str, day: date, changed: bool) -> int:
-        return notify(
-            self.pm, "collector_tenant_day_collected", tenant=tenant, day=day, changed=changed
+        return self._call(
+            self.pm.hook.collector_tenant_day_collected, tenant=tenant, day=day, changed=changed
+        )
+
+    def tenant_day_failed(self, tenant: str, day: date, error: str) -> int:
+        return self._call(
+            self.pm.hook.collector_tenant_day_failed, tenant=tenant, day=day, error=error
+        )
+
+    def tenant_cycle_done(self, tenant: str, fetched: int, failed: int, error: str | None) -> int:
+        return self._call(
+            self.pm.hook.collector_tenant_cycle_done,
+            tenant=tenant,
+            fetched=fetched,
+            failed=failed,
+            error=error,
         )
 
     def tenant_failed(self, tenant: str, error: str) -> int:
-        return notify(self.pm, "collector_tenant_failed", tenant=tenant, error=error)
+        return self._call(self.pm.hook.collector_tenant_failed, tenant=tenant, error=error)
 
     def sink_delivery_failed(
         self, sink: str, tenant: str, day: date, error: str, dead_lettered: bool
     ) -> int:
-        return notify(
-            self.pm,
-            "collector_sink_delivery_failed",
+        return self._call(
+            self.pm.hook.collector_sink_delivery_failed,
             sink=sink,
             tenant=tenant,
             day=day,
             error=error,
             dead_lettered=dead_lettered,
         )
+
+    def _call(self, hook: pluggy.HookCaller, **kwargs: object) -> int:
+        failures = 0
+        for plugin_name, caller in self._per_plugin(hook):
+            try:
+                caller(**kwargs)
+            except Exception as exc:  # an alerting plugin's bug must never stop the collector
+                failures += 1
+                log.warning(
+                    "plugin hook raised", plugin=plugin_name, hook=hook.name, error=_describe(exc)
+                )
+                # The traceback is for the plugin's authors: at debug, so a hook failing on every
+                # event does not fill the log.
+                log.debug(
+                    "plugin hook traceback",
+                    plugin=plugin_name,
+                    hook=hook.name,
+                    exc_info=(type(exc), exc, exc.__traceback__),
+                )
+        return failures
+
+    def _per_plugin(self, hook: pluggy.HookCaller) -> _HookCallers:
+        """One caller per implementing plugin, last registered first (pluggy's order)."""
+        impls = tuple(hook.get_hookimpls())
+        cached = self._callers.get(hook.name)
+        if cached is not None and cached[0] == impls:
+            return cached[1]
+        plain = [impl for impl in impls if not (impl.wrapper or impl.hookwrapper)]
+        callers: _HookCallers
+        if len(plain) <= 1:
+            # Nothing another plugin could stop: the hook itself (none at all when no plugin
+            # implements it, the common case on the hot path).
+            callers = [(plain[0].plugin_name if plain else "wrappers", hook)] if impls else []
+        else:
+            others = [impl.plugin for impl in plain]
+            callers = [
+                (
+                    impl.plugin_name,
+                    self.pm.subset_hook_caller(
+                        hook.name, [p for p in others if p is not impl.plugin]
+                    ),
+                )
+                for impl in reversed(plain)
+            ]
+        self._callers[hook.name] = (impls, callers)
+        return callers
 
 
 def configure_plugins(pm: pluggy.PluginManager, config: AppConfig) -> None:

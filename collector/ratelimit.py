@@ -2,8 +2,8 @@
 
 Every usage request passes three gates, in this order:
 
-1. **the tenant's token bucket** (``per_second`` tokens per second, up to ``burst`` saved up), so
-   no tenant exceeds its own API budget; a 429/503 ``Retry-After`` :meth:`RateLimiter.pause`\\ s
+1. **the tenant's bucket** (``per_second`` tokens per second, up to ``burst`` saved up), so no
+   tenant exceeds its own API budget; a 429/503 ``Retry-After`` :meth:`RateLimiter.pause`\\ s
    that tenant's bucket, and only that one;
 2. **the global token bucket**, if one is configured (a budget for the whole process);
 3. **the global concurrency cap** (``max_concurrency`` requests in flight across all tenants),
@@ -13,17 +13,26 @@ Every usage request passes three gates, in this order:
 
 The order matters for isolation: a request waits for its own tenant's budget *before* it
 competes for shared resources, so a throttled or paused tenant never holds a global slot while it
-waits. Once it has a slot, two checks guard the moment of sending, because the API's bucket
-counts arrivals, not our grants: a Retry-After that came in while the request queued sends it
-back to wait for the pause, and a second bucket per tenant paces the sends themselves (requests
-granted apart but released together by the cap would otherwise arrive as a burst; that wait is
-short and only follows such a bunch). That send pace starts its refill ``SEND_JITTER_MARGIN``
-late, once per tenant, because the first requests on new connections arrive later after being
-sent than the ones that follow.
+waits. A Retry-After that came in while a request queued for a slot sends it back to wait for the
+pause.
+
+**The tenant's bucket is charged when the answer comes back, not when the request is granted**
+(:class:`InFlightBucket`). The API's bucket counts *arrivals*, and we never see an arrival: a
+request reaches the API at some moment between its grant and its answer, later after the grant
+when it queued for a slot or opened a new connection (a tenant's first requests, on a loaded
+machine, reached the API 100-150 ms after the grant while the ones that followed on warm
+connections took a few ms). So the bucket takes each request's token at the latest moment the
+API can have counted it, its answer, and counts the requests granted but not yet answered as if
+they arrived now. The API's token bucket (``rate``, ``burst``, full before the first arrival) can
+only hold more than ours: whatever the delays, a tenant paced at exactly the API's documented
+limit is never answered 429. What it costs: the refill starts one response time later once per
+tenant, and a tenant never has more than ``burst`` requests in flight (with ``burst: 1``, one at
+a time).
 
 Waiting is FIFO within a bucket and never polls: one waiter at a time sleeps for exactly the time
-until the next token, the others queue on an ``asyncio.Lock`` (which wakes in FIFO order). The
-clock and the sleep function are injectable, so tests can run the limiter on virtual time.
+until the next token (or, when only an answer can free one, until an answer comes), the others
+queue on an ``asyncio.Lock`` (which wakes in FIFO order). The clock and the sleep function are
+injectable, so tests can run the limiter on virtual time.
 """
 
 from __future__ import annotations
@@ -32,22 +41,12 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Protocol
 
 Clock = Callable[[], float]
 Sleep = Callable[[float], Awaitable[None]]
-
-
-SEND_JITTER_MARGIN = 0.05
-"""Seconds by which the send pace of a tenant trails its bucket, once, at the start.
-
-The API's bucket counts arrivals. A tenant's first requests open new connections and arrive
-later after being sent than the ones that follow on warm connections, so a client that paces
-exactly at the limit sees its first refilled token arrive early and earns a 429 (and a whole
-second of Retry-After). Starting the refill this much later absorbs that jitter; it costs
-50 ms once per tenant, not per request."""
 
 
 class RateSettings(Protocol):
@@ -81,20 +80,21 @@ class Rate:
 class TokenBucket:
     """An async token bucket; :meth:`acquire` takes one token, waiting FIFO when there is none."""
 
+    _in_flight = 0
+    """Requests granted but not yet charged; always 0 here (see :class:`InFlightBucket`)."""
+
     def __init__(
         self,
         rate: Rate,
         *,
         clock: Clock = time.monotonic,
         sleep: Sleep = asyncio.sleep,
-        accrue_after: float = 0.0,
     ) -> None:
         self._clock = clock
         self._sleep = sleep
         self._rate = rate
-        self._tokens = float(rate.burst)
-        # Starts full; ``accrue_after`` delays the first refill (see ``SEND_JITTER_MARGIN``).
-        self._updated = clock() + accrue_after
+        self._tokens = float(rate.burst)  # starts full
+        self._updated = clock()
         self._paused_until = float("-inf")
         self._lock = asyncio.Lock()
 
@@ -140,30 +140,113 @@ class TokenBucket:
         return max(0.0, self._paused_until - self._clock())
 
     def delay(self) -> float:
-        """Seconds until a token would be available to a caller arriving now (ignores the queue)."""
+        """Seconds until a token would be available to a caller arriving now (ignores the queue).
+
+        ``inf`` when no wait is long enough: only an answer to a request in flight can free a
+        token (:class:`InFlightBucket` with ``burst`` requests in flight).
+        """
         now = self._clock()
         self._refill(now)
-        shortfall = max(0.0, 1.0 - self._tokens) / self._rate.per_second
+        needed = 1.0 + self._in_flight - self._tokens
+        if needed <= 0:
+            shortfall = 0.0
+        elif 1 + self._in_flight > self._rate.burst:
+            return float("inf")
+        else:
+            shortfall = needed / self._rate.per_second
         return max(0.0, self._paused_until - now) + shortfall
+
+    def _take(self) -> None:
+        self._tokens -= 1.0
+
+    async def _wait(self, seconds: float) -> None:
+        await self._sleep(seconds)
 
     async def acquire(self) -> float:
         """Take one token, waiting (FIFO) until one is available; returns the seconds waited."""
         started = self._clock()
         if not self._lock.locked():
-            # Nobody queued: take a token without the lock (every request passes here twice).
+            # Nobody queued: take a token without the lock (every request passes here).
             self._refill(started)
-            if self._tokens >= 1.0 and started >= self._paused_until:
-                self._tokens -= 1.0
+            if self._tokens - self._in_flight >= 1.0 and started >= self._paused_until:
+                self._take()
                 return 0.0
         async with self._lock:
             while True:
                 wait = self.delay()
                 if wait <= 0:
-                    self._tokens -= 1.0
+                    self._take()
                     return self._clock() - started
-                # Only the lock holder sleeps; a pause or rate change made meanwhile is seen on
-                # the next turn of the loop.
-                await self._sleep(wait)
+                # Only the lock holder waits; a pause, rate change or answer that comes
+                # meanwhile is seen on the next turn of the loop.
+                await self._wait(wait)
+
+
+class InFlightBucket(TokenBucket):
+    """A tenant's token bucket that charges each request when its answer comes back.
+
+    :meth:`acquire` grants a request while the tokens exceed the requests already in flight
+    (granted, not yet answered: counted as if they reached the API now), and takes no token;
+    :meth:`answered` takes it once the request's answer (or its failure) came back, the latest
+    moment the API can have counted it. :meth:`withdraw` gives back a grant whose request was
+    never sent. Every grant is paired with exactly one of the two.
+    """
+
+    def __init__(
+        self,
+        rate: Rate,
+        *,
+        clock: Clock = time.monotonic,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        super().__init__(rate, clock=clock, sleep=sleep)
+        self._in_flight = 0
+        self._answer: asyncio.Future[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Requests granted and not yet answered or withdrawn."""
+        return self._in_flight
+
+    def set_rate(self, rate: Rate) -> None:
+        """Change the rate (config reload); a larger burst may let a waiting request go."""
+        super().set_rate(rate)
+        self._wake()
+
+    def _take(self) -> None:
+        self._in_flight += 1
+
+    async def _wait(self, seconds: float) -> None:
+        if seconds != float("inf"):
+            await self._sleep(seconds)
+            return
+        answer = self._answer = asyncio.get_running_loop().create_future()
+        try:
+            await answer
+        finally:
+            self._answer = None
+
+    def _wake(self) -> None:
+        if self._answer is not None and not self._answer.done():
+            self._answer.set_result(None)
+
+    def answered(self) -> None:
+        """A granted request's answer came back, or it failed after it may have been sent.
+
+        Its token is taken now. During a pause nothing is taken: the pause restarts the bucket
+        from one token when it ends, which stands for whatever the API counted before.
+        """
+        now = self._clock()
+        self._refill(now)
+        if now >= self._paused_until:
+            self._tokens -= 1.0
+        self._in_flight = max(0, self._in_flight - 1)
+        self._wake()
+
+    def withdraw(self) -> None:
+        """A granted request was never sent (cancelled, or sent back by a pause): no token."""
+        self._in_flight = max(0, self._in_flight - 1)
+        self._wake()
 
 
 class FairSemaphore:
@@ -242,8 +325,7 @@ class RateLimiter:
         self._default = Rate.of(default_rate)
         self._clock = clock
         self._sleep = sleep
-        self._buckets: dict[str, TokenBucket] = {}
-        self._sent: dict[str, TokenBucket] = {}
+        self._buckets: dict[str, InFlightBucket] = {}
         self._global = (
             TokenBucket(Rate.of(global_rate), clock=clock, sleep=sleep)
             if global_rate is not None
@@ -251,12 +333,12 @@ class RateLimiter:
         )
         self.concurrency = FairSemaphore(max_concurrency)
 
-    def bucket(self, tenant: str, rate: RateSettings | None = None) -> TokenBucket:
+    def bucket(self, tenant: str, rate: RateSettings | None = None) -> InFlightBucket:
         """The tenant's bucket, created on first use; ``rate`` (if given) updates its rate."""
         bucket = self._buckets.get(tenant)
         if bucket is None:
             wanted = Rate.of(rate) if rate is not None else self._default
-            bucket = self._buckets[tenant] = TokenBucket(
+            bucket = self._buckets[tenant] = InFlightBucket(
                 wanted, clock=self._clock, sleep=self._sleep
             )
         elif rate is not None:
@@ -276,54 +358,35 @@ class RateLimiter:
     def forget(self, tenant: str) -> None:
         """Drop a removed tenant's bucket."""
         self._buckets.pop(tenant, None)
-        self._sent.pop(tenant, None)
 
-    def _sent_bucket(self, tenant: str, rate: Rate) -> TokenBucket:
-        sent = self._sent.get(tenant)
-        if sent is None:
-            sent = self._sent[tenant] = TokenBucket(
-                rate, clock=self._clock, sleep=self._sleep, accrue_after=SEND_JITTER_MARGIN
-            )
-        else:
-            sent.set_rate(rate)
-        return sent
-
-    @contextlib.asynccontextmanager
-    async def slot(self, tenant: str, rate: RateSettings | None = None) -> AsyncIterator[float]:
-        """Hold permission for one request; yields the seconds spent waiting for it."""
-        waited = await self.acquire(tenant, rate)
-        try:
-            yield waited
-        finally:
-            self.release()
-
-    def release(self) -> None:
-        """Give back the concurrency slot taken by :meth:`acquire`."""
+    def release(self, tenant: str) -> None:
+        """The request :meth:`acquire` allowed is over (answered or failed): give back its
+        concurrency slot and charge the tenant's bucket now."""
         self.concurrency.release()
+        bucket = self._buckets.get(tenant)
+        if bucket is not None:
+            bucket.answered()
 
     async def acquire(self, tenant: str, rate: RateSettings | None = None) -> float:
         """Wait for permission to send one request; returns the seconds waited.
 
-        Pair every successful call with :meth:`release` (or use :meth:`slot`).
+        Pair every successful call with :meth:`release` once the request is over (in a
+        ``finally``; the client does not use a context manager, which would cost a few
+        microseconds on every request).
         """
         started = self._clock()
         bucket = self.bucket(tenant, rate)
         while True:
             await bucket.acquire()
-            if self._global is not None:
-                await self._global.acquire()
-            await self.concurrency.acquire(tenant)
+            try:
+                if self._global is not None:
+                    await self._global.acquire()
+                await self.concurrency.acquire(tenant)
+            except BaseException:
+                bucket.withdraw()
+                raise
             if bucket.paused_for() <= 0:
-                break
+                return self._clock() - started
             # A Retry-After arrived while this request queued for a slot: never send into it.
             self.concurrency.release()
-        try:
-            # Tokens are granted at the pace of the bucket, but requests that then queued for a
-            # slot can leave together, and the API counts arrivals: the burst that follows a
-            # congested moment is what earns 429s. A second bucket paces the sends themselves;
-            # it only waits (briefly, holding the slot) right after such a bunch.
-            await self._sent_bucket(tenant, bucket.rate).acquire()
-        except BaseException:
-            self.concurrency.release()
-            raise
-        return self._clock() - started
+            bucket.withdraw()

@@ -23,7 +23,7 @@ from collector.metrics import Metrics
 from collector.store import Store
 from collector.store.leases import Holdings, ReplicaLeases, this_replica
 
-log = structlog.get_logger("collector.replicas")
+log = structlog.get_logger(__name__)
 
 OnChange = Callable[[Holdings], Awaitable[None]]
 

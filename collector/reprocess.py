@@ -18,12 +18,11 @@ Nothing here talks to the API, so it also recovers days the API no longer serves
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 
 from collector.errors import BadResponse
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay, tenant_day_from_body
 from collector.planner import is_final
 from collector.store import Store, StoredBody
 
@@ -62,14 +61,8 @@ def rederive(stored: StoredBody, *, final: bool) -> tuple[TenantDay, str]:
         raise BadResponse(
             "HTTP 200 with a body that is not UTF-8", tenant=stored.tenant, status=200
         ) from None
-    response = parse_usage(stored.body, tenant=stored.tenant)
-    item = normalize(
-        stored.tenant,
-        stored.day,
-        response,
-        fetched_at=stored.received_at,
-        final=final,
-        digest=hashlib.sha256(stored.body).hexdigest(),
+    item = tenant_day_from_body(
+        stored.tenant, stored.day, stored.body, fetched_at=stored.received_at, final=final
     )
     return item, text
 

@@ -47,10 +47,10 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+import structlog
 import tenacity
 
 from collector.errors import BadResponse, RateLimited
-from collector.log import get_logger
 
 T = TypeVar("T")
 
@@ -61,7 +61,7 @@ NO_WAIT_ENV = "COLLECTOR_TESTING_NO_WAIT"
 DEFAULT_RETRY_AFTER_MAX = 900.0
 """The longest a single Retry-After is honoured (seconds); longer values are clamped to this."""
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 _no_wait_depth = 0
 

@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage
@@ -33,7 +33,14 @@ from collector.metrics import Metrics
 
 _METRICS = web.AppKey("metrics", Metrics)
 
-StatusProvider = Callable[[], Awaitable[dict[str, Any]]]
+
+class StatusDocument(Protocol):
+    """What ``/status`` serves: a typed snapshot, turned into JSON only here."""
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+
+StatusProvider = Callable[[], Awaitable[StatusDocument]]
 ReadyCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, or the reason it is not."""
 
@@ -72,7 +79,7 @@ def make_app(
         )
 
     async def status_handler(_: web.Request) -> web.Response:
-        return web.json_response(await status(), dumps=_dumps)
+        return web.json_response((await status()).to_dict(), dumps=_dumps)
 
     app = web.Application()
     app[_METRICS] = metrics

@@ -34,7 +34,7 @@ if TYPE_CHECKING:
     from collector.app import Plugins
     from collector.config import AppConfig
 
-log = structlog.get_logger("collector.tenant")
+log = structlog.get_logger(__name__)
 
 
 def tenant_tables() -> list[Table]:

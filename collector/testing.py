@@ -6,7 +6,9 @@ tests that use it:
 
 - :class:`RecordingSink`, :class:`FailingSink` (transient, permanent, crash or hang) and the
   :data:`testing_sinks` plugin registering both;
-- :func:`make_tenant_day`, :func:`make_batch`, :func:`refetched`: consistent tenant-days;
+- :func:`make_tenant_day`, :func:`make_batch`, :func:`refetched`: consistent tenant-days, built
+  as the pipeline builds a fetched day (from an API body, parsed and normalized), and
+  :func:`usage_body`, that body;
 - :class:`SinkConformance`: the sink contract as tests, to subclass in a plugin's own tests
   (idempotent redelivery, re-fetch replaces, independent partitions, empty batch, idle day,
   unicode, error classification, clean close). docs/plugins.md describes all of it.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import inspect
+import json
 import re
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Any, ClassVar, Literal
@@ -35,7 +38,7 @@ from collector.models import (
     LanguageRecord,
     TenantDay,
     UserDayRecord,
-    content_hash,
+    tenant_day_from_body,
 )
 from collector.sink import Sink, SinkConfig
 
@@ -54,6 +57,7 @@ __all__ = [
     "make_tenant_day",
     "refetched",
     "testing_sinks",
+    "usage_body",
 ]
 
 # --- batch builders -----------------------------------------------------------------------------
@@ -158,25 +162,57 @@ def _assemble(
         fetched_at=fetched_at,
         final=final,
     )
-    digest = content_hash(
-        {
-            "daily": msgspec.structs.asdict(daily) | {"fetched_at": None, "final": None},
-            "ides": [msgspec.structs.asdict(r) for r in ide_rows],
-            "languages": [msgspec.structs.asdict(r) for r in language_rows],
-            "users": [msgspec.structs.asdict(r) for r in records],
-        }
+    figures = TenantDay(
+        tenant, day, fetched_at, final, daily, ide_rows, language_rows, tuple(records), ""
     )
-    return TenantDay(
-        tenant=tenant,
-        day=day,
-        fetched_at=fetched_at,
-        final=final,
-        daily=daily,
-        ides=ide_rows,
-        languages=language_rows,
-        users=tuple(records),
-        content_hash=digest,
+    # Built exactly as the pipeline builds a fetched day: from the API's body, parsed,
+    # normalized and hashed by the same function.
+    return tenant_day_from_body(
+        tenant, day, usage_body(figures).encode(), fetched_at=fetched_at, final=final
     )
+
+
+def usage_body(tenant_day: TenantDay) -> str:
+    """The API's 200 body for the figures of ``tenant_day`` (a ``day=`` answer): what the state
+    store keeps for a fetched day, and from which the pipeline derives exactly ``tenant_day``."""
+    day = tenant_day.day.isoformat()
+    daily = tenant_day.daily
+    data = {
+        "period": {"start": day, "end": day, "days": 1},
+        "summary": {"total_active_users": daily.active_users, "total_messages": daily.messages},
+        "users": [
+            {
+                "email": u.user,
+                "messages": u.messages,
+                "last_active": (
+                    u.last_active_at.isoformat()
+                    if u.last_active_at is not None
+                    else u.last_active.isoformat()
+                    if u.last_active is not None
+                    else None
+                ),
+                "ides": list(u.ides),
+                "languages": list(u.languages),
+            }
+            for u in tenant_day.users
+        ],
+        "daily": [
+            {
+                "day": day,
+                "active_users": daily.active_users,
+                "messages": daily.messages,
+                "ides": [
+                    {"ide_name": i.ide_name, "engaged_users": i.engaged_users}
+                    for i in tenant_day.ides
+                ],
+                "languages": [
+                    {"language_name": x.language_name, "engaged_users": x.engaged_users}
+                    for x in tenant_day.languages
+                ],
+            }
+        ],
+    }
+    return json.dumps({"status": "success", "data": data}, ensure_ascii=False)
 
 
 def make_batch(

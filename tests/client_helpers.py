@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 from typing import Any
 
+from collector.client import FetchedDay
 from collector.config import ApiConfig, RateLimitConfig, RetryConfig, TenantConfig
 from collector.simulator import SimTenant, Simulator
 
@@ -52,3 +54,9 @@ def closed_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def body_data(fetched: FetchedDay) -> dict[str, Any]:
+    """The ``data`` object of the body the client kept (what the state store stores)."""
+    data: dict[str, Any] = json.loads(fetched.payload)["data"]
+    return data

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import sqlite3
 import subprocess
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from collector.pipeline import utc_today
 from collector.simulator import SimTenant, Simulator
 
 REPO = Path(__file__).resolve().parent.parent
@@ -73,6 +75,46 @@ def write_config(
             config[key] = value
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
     return path
+
+
+def daemon_config(
+    tmp_path: Path,
+    sim: Simulator,
+    tenants: list[SimTenant],
+    *,
+    lookback: int,
+    every: str = "1s",
+    sinks: dict[str, Any] | None = None,
+    bad_secret_for: frozenset[str] = frozenset(),
+    **extra: Any,
+) -> Path:
+    """``tmp_path/config.yaml`` for a daemon test: :func:`write_config`, a cycle ``every`` (no
+    jitter), the ops server on an ephemeral port, and ``extra`` top-level sections on top."""
+    return write_config(
+        tmp_path / "config.yaml",
+        sim,
+        tenants,
+        workdir=tmp_path,
+        lookback_days=lookback,
+        sinks=sinks,
+        bad_secret_for=set(bad_secret_for),
+        extra={
+            "collection": {"schedule": {"every": every, "jitter": "0s"}},
+            "server": {"listen": "127.0.0.1:0"},
+            **extra,
+        },
+    )
+
+
+def window_days(lookback: int) -> list[str]:
+    """The ``lookback`` days up to today (UTC), oldest first, as ISO dates."""
+    today = utc_today()
+    return sorted((today - dt.timedelta(days=i)).isoformat() for i in range(lookback))
+
+
+def expected_days(tenants: list[SimTenant], lookback: int) -> list[tuple[str, str]]:
+    """Every (tenant, day) a collection of the last ``lookback`` days stores, sorted."""
+    return sorted((t.id, day) for t in tenants for day in window_days(lookback))
 
 
 async def run_cli(

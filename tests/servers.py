@@ -8,7 +8,9 @@
   scripted to answer an error status, redirect, or hang for the next requests, or to answer an
   error whose body echoes the whole request;
 - :class:`EchoingApi`: a usage API and token endpoint whose errors repeat the credentials they
-  were sent, for the canary tests.
+  were sent, for the canary tests;
+- :class:`SlowConnectRelay`: a TCP relay in front of a server whose new connections pass no byte
+  for a while (a distant API's handshakes), for the rate limiter's arrival tests.
 """
 
 from __future__ import annotations
@@ -18,18 +20,18 @@ import contextlib
 import datetime as dt
 import json
 import logging
-import socket
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 import boto3  # type: ignore[import-untyped]  # no stubs; test-only setup client
 from aiohttp import web
 from moto.server import ThreadedMotoServer
 from standardwebhooks.webhooks import Webhook, WebhookVerificationError
 
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay, tenant_day_from_body
+from tests.client_helpers import closed_port
 
 # --- S3 -------------------------------------------------------------------------------------------
 
@@ -341,10 +343,28 @@ class S3ErrorServer:
 
 def closed_port_url() -> str:
     """An http URL on 127.0.0.1 where nothing listens (the port was just released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    return f"http://127.0.0.1:{closed_port()}"
+
+
+class TcpServer:
+    """A raw TCP server on 127.0.0.1 for tests that script the bytes; subclasses define ``_serve``.
+
+    ``async with`` starts it on an ephemeral port (``url``) and closes it on exit.
+    """
+
+    url: str
+
+    async def __aenter__(self) -> Self:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        raise NotImplementedError
 
 
 # --- sample data ----------------------------------------------------------------------------------
@@ -385,6 +405,71 @@ def sample_day(
              "ides": ides, "languages": languages}
         ],
     }  # fmt: skip
-    response = parse_usage(json.dumps({"status": "success", "data": data}), tenant=tenant)
+    body = json.dumps({"status": "success", "data": data}).encode()
     fetched = fetched_at or dt.datetime(2024, 5, 7, 3, 0, tzinfo=dt.UTC)
-    return normalize(tenant, day, response, fetched_at=fetched, final=final)
+    return tenant_day_from_body(tenant, day, body, fetched_at=fetched, final=final)
+
+
+# --- a relay whose new connections are slow -------------------------------------------------------
+
+
+class SlowConnectRelay:
+    """A TCP relay to ``target_url``'s host and port whose new connections pass nothing for
+    ``delay`` seconds, as the TCP and TLS handshakes to a distant API would; requests on a
+    connection kept alive afterwards pass at once. ``base_url`` is the relay's own address."""
+
+    def __init__(self, target_url: str, delay: float) -> None:
+        host_port = target_url.split("://", 1)[1].split("/", 1)[0]
+        host, _, port = host_port.rpartition(":")
+        self._target = (host, int(port))
+        self._scheme = target_url.split("://", 1)[0]
+        self.delay = delay
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.base_url = ""
+
+    async def __aenter__(self) -> SlowConnectRelay:
+        self._server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        port = self._server.sockets[0].getsockname()[1]
+        self.base_url = f"{self._scheme}://127.0.0.1:{port}"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._server.wait_closed()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._tasks.add(task)
+        self.connections += 1
+        upstream_writer: asyncio.StreamWriter | None = None
+        try:
+            await asyncio.sleep(self.delay)
+            upstream_reader, upstream_writer = await asyncio.open_connection(*self._target)
+            await asyncio.gather(
+                self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer)
+            )
+        except OSError:
+            pass  # a side closed: the relay ends this connection too
+        finally:
+            self._tasks.discard(task)
+            for stream in (writer, upstream_writer):
+                if stream is not None:
+                    stream.close()
+
+    @staticmethod
+    async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while chunk := await reader.read(65536):
+                writer.write(chunk)
+                await writer.drain()
+        finally:
+            if writer.can_write_eof():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()

@@ -9,7 +9,7 @@ import gzip
 import pytest
 
 from collector.errors import BadResponse
-from collector.models import normalize, parse_usage
+from collector.models import tenant_day_from_body
 from collector.simulator import VARIANTS, SimTenant, Simulator, SimulatorSettings
 from tests.variant_corpus import Variant, corpus
 
@@ -40,12 +40,12 @@ def test_variant_outcome(case: Variant) -> None:
         low, high = case.expect["body_bytes"]
         assert low <= len(body) <= high
     if case.outcome == "accepted":
-        td = normalize("acme", case.day, parse_usage(body), fetched_at=FETCHED, final=True)
+        td = tenant_day_from_body("acme", case.day, body, fetched_at=FETCHED, final=True)
         case.check_accepted(td)
     else:
         assert case.outcome == "bad_response"
         with pytest.raises(BadResponse) as caught:
-            normalize("acme", case.day, parse_usage(body), fetched_at=FETCHED, final=True)
+            tenant_day_from_body("acme", case.day, body, fetched_at=FETCHED, final=True)
         case.check_reason(str(caught.value))
 
 

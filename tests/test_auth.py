@@ -34,7 +34,7 @@ from collector.simulator import (
     demo_tenants,
     running_simulator,
 )
-from tests.client_helpers import sim_config, tenant_config
+from tests.client_helpers import body_data, sim_config, tenant_config
 
 TODAY = dt.date(2025, 10, 1)
 DAY = dt.date(2025, 9, 30)
@@ -199,7 +199,7 @@ def test_success_in_between_resets_the_streak() -> None:
     failures.record_failure("acme", "401")
     failures.record_success("acme")
     assert not failures.record_failure("acme", "401")
-    assert failures.failures_in_a_row("acme") == 1
+    assert failures.record_failure("acme", "401")  # the second since the success parks
 
 
 def test_the_same_failure_seen_twice_counts_once() -> None:
@@ -207,7 +207,7 @@ def test_the_same_failure_seen_twice_counts_once() -> None:
     failures = AuthFailures(clock=FakeClock())
     failures.record_failure("acme", "rejected", event=("token-request", 7))
     assert not failures.record_failure("acme", "rejected", event=("token-request", 7))
-    assert failures.failures_in_a_row("acme") == 1
+    assert failures.record_failure("acme", "rejected", event=("token-request", 8))  # second
 
 
 def test_park_doubles_up_to_six_hours_and_logs_once_per_park() -> None:
@@ -236,7 +236,8 @@ def test_changed_credentials_lift_the_park() -> None:
     failures.record_failure("acme", "401", fingerprint="old")
     assert failures.is_parked("acme", "old")
     assert not failures.is_parked("acme", "new")
-    assert failures.failures_in_a_row("acme") == 0
+    # The streak started again: one failure with the new credentials does not park.
+    assert not failures.record_failure("acme", "401", fingerprint="new")
 
 
 # --- token lifecycle against the simulator ------------------------------------------------------
@@ -377,7 +378,7 @@ async def test_failed_refresh_keeps_the_still_valid_token(sim: Simulator) -> Non
         sim.faults.set_token(A.client_id, fail=True)
         second = await client.fetch_day(tenant, DAY, retry=False)
         third = await client.fetch_day(tenant, DAY, retry=False)
-    assert second.data == first.data == third.data
+    assert body_data(second) == body_data(first) == body_data(third)
     assert sim.stats.token_requests[A.client_id] == 2  # the postponed retry is not yet due
     assert sim.stats.responses[401] == 0
 
@@ -397,7 +398,7 @@ async def test_bad_credentials_fail_that_tenant_only(sim: Simulator) -> None:
     bad_results, good_results = outcomes[:5], outcomes[5:]
     assert all(isinstance(r, AuthError) for r in bad_results)
     assert "Invalid authentication" in str(bad_results[0])
-    assert [r.data for r in good_results] == [sim.day_data(B.id, d) for d in days]  # type: ignore[union-attr]
+    assert [body_data(r) for r in good_results] == [sim.day_data(B.id, d) for d in days]  # type: ignore[arg-type]
     assert sim.stats.token_requests[A.client_id] == 1
     for text in [*(str(r) for r in bad_results), repr(logs), repr(client.token_cache)]:
         assert "wrong-secret-canary-1234" not in text
@@ -468,7 +469,7 @@ async def test_fixed_credentials_lift_the_park(sim: Simulator) -> None:
         fixed = tenant_config(A)
         fetched = await client.fetch_day(fixed, DAY)
         assert client.parked_until(fixed) is None
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
 
 
 async def test_changed_secret_drops_the_cached_token(sim: Simulator) -> None:
@@ -505,6 +506,6 @@ async def test_no_wait_switch_applies_to_token_failures(sim: Simulator) -> None:
     async with ApiClient(api_config(sim)) as client:
         with no_wait():
             fetched = await client.fetch_day(tenant_config(A), DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sim.stats.token_requests[A.client_id] == 3
     assert client.metrics.token_requests[(A.id, "error")] == 2

@@ -30,8 +30,16 @@ from collector.simulator import (
     demo_tenants,
     running_simulator,
 )
-from tests.client_helpers import DAY, TODAY, api_config, closed_port, sim_config, tenant_config
-from tests.servers import EchoingApi
+from tests.client_helpers import (
+    DAY,
+    TODAY,
+    api_config,
+    body_data,
+    closed_port,
+    sim_config,
+    tenant_config,
+)
+from tests.servers import EchoingApi, SlowConnectRelay
 
 SIM_TENANTS = demo_tenants(3)
 A, B, C = SIM_TENANTS
@@ -52,7 +60,7 @@ async def test_fetch_day_returns_the_simulators_data(sim: Simulator) -> None:
         fetched = await client.fetch_day(tenant_config(A), DAY)
     assert isinstance(fetched, FetchedDay)
     assert (fetched.tenant, fetched.day) == (A.id, DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert fetched.response.data.period.start == DAY
     assert [e.day for e in fetched.response.data.daily] in ([DAY], [])
     assert sim.stats.log[-1].param == DAY.isoformat()
@@ -64,7 +72,7 @@ async def test_api_key_mode_needs_no_token(sim: Simulator) -> None:
     tenant = TenantConfig(id=A.id, api_key=A.api_key)
     async with ApiClient(sim_config(sim)) as client:
         fetched = await client.fetch_day(tenant, DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sum(sim.stats.token_requests.values()) == 0
 
 
@@ -85,7 +93,7 @@ async def test_401_on_a_cached_token_refreshes_once_and_retries_once(sim: Simula
         await client.fetch_day(tenant, DAY)
         sim.faults.revoke_tokens(A.id)
         fetched = await client.fetch_day(tenant, DAY, retry=False)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sim.stats.token_requests[A.client_id] == 2
     assert sim.stats.responses[401] == 1
     assert sim.stats.usage_requests[A.id] == 2
@@ -101,7 +109,7 @@ async def test_retry_after_seconds_is_honoured(sim: Simulator) -> None:
     async with ApiClient(sim_config(sim)) as client:
         with no_wait():
             fetched = await client.fetch_day(tenant_config(A), DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert client.metrics.retries[A.id] == 1
     assert client.metrics.retry_wait_seconds[A.id] == 7
     assert sim.stats.responses[429] == 1
@@ -191,7 +199,7 @@ async def test_transient_500s_are_retried_to_success(sim: Simulator) -> None:
     async with ApiClient(sim_config(sim)) as client:
         with no_wait():
             fetched = await client.fetch_day(tenant_config(A), DAY)
-    assert fetched.data == sim.day_data(A.id, DAY)
+    assert body_data(fetched) == sim.day_data(A.id, DAY)
     assert sim.stats.usage_requests[A.id] == 3
 
 
@@ -373,7 +381,7 @@ async def test_a_big_backfill_does_not_starve_small_tenants() -> None:
 
 async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
     """Paced at exactly the API's limit, with requests queueing for scarce slots, no request is
-    answered 429: sends are paced, not just grants, and the first refill allows for jitter."""
+    answered 429: a request granted but still queued holds its token until it is answered."""
     tenants = demo_tenants(6)
     settings = SimulatorSettings(tenants=tenants, today=TODAY, latency=0.02, rate_limit=10)
     limit = RateLimitConfig(per_second=10, burst=10)
@@ -387,6 +395,32 @@ async def test_pacing_at_the_apis_own_limit_earns_no_429() -> None:
             await asyncio.gather(*jobs)
         assert server.stats.responses[429] == 0
         assert server.stats.responses[200] == 6 * 20
+
+
+async def test_no_429_when_a_tenants_first_requests_reach_the_api_late() -> None:
+    """Paced at exactly the API's limit (5/s, burst 5), a tenant whose first requests open new
+    connections that reach the API 0.3 s late, while the next ones reuse warm connections and
+    arrive at once, is never answered 429."""
+    tenant = demo_tenants(1)[0]
+    settings = SimulatorSettings(tenants=[tenant], today=TODAY, latency=0.02, rate_limit=5)
+    limit = RateLimitConfig(per_second=5, burst=5)
+    async with (
+        running_simulator(settings) as server,
+        SlowConnectRelay(server.base_url, delay=0.3) as relay,
+    ):
+        # Tokens come straight from the simulator; usage requests go through the slow relay.
+        config = api_config(relay.base_url, server.token_url, max_concurrency=5, rate_limit=limit)
+        async with ApiClient(config) as client:
+            with no_wait():
+                await asyncio.gather(
+                    *(
+                        client.fetch_day(tenant_config(tenant), DAY - dt.timedelta(days=i))
+                        for i in range(12)
+                    )
+                )
+        assert server.stats.responses[200] == 12
+        assert server.stats.responses[429] == 0
+        assert relay.connections == 5  # five fresh connections, then only warm ones
 
 
 # --- what the server says, and what it must not make us repeat ----------------------------------

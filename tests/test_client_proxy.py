@@ -15,27 +15,19 @@ from collector.client import ApiClient
 from collector.errors import TransportError
 from collector.log import redact
 from collector.simulator import Simulator, SimulatorSettings, demo_tenants, running_simulator
-from tests.client_helpers import DAY, TODAY, closed_port, sim_config, tenant_config
+from tests.client_helpers import DAY, TODAY, body_data, closed_port, sim_config, tenant_config
+from tests.servers import TcpServer
 
 TENANT = demo_tenants(1)[0]
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 
-class ForwardProxy:
+class ForwardProxy(TcpServer):
     """A plain HTTP forward proxy on 127.0.0.1: absolute-form requests, one per connection."""
 
     def __init__(self) -> None:
         self.targets: list[str] = []
         self.credentials: list[str | None] = []  # Proxy-Authorization, decoded, per request
-
-    async def __aenter__(self) -> ForwardProxy:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        self.server.close()
-        await self.server.wait_closed()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
@@ -97,7 +89,7 @@ async def test_requests_go_through_the_proxy_the_environment_names(
         clean_proxy_env.setenv("HTTP_PROXY", proxy.url)
         async with ApiClient(sim_config(sim)) as client:
             fetched = await client.fetch_day(tenant_config(TENANT), DAY)
-    assert fetched.data == sim.day_data(TENANT.id, DAY)
+    assert body_data(fetched) == sim.day_data(TENANT.id, DAY)
     assert proxy.targets == [
         f"POST {sim.token_url}",
         f"GET {sim.base_url}/api/v1/data/usage?day={DAY.isoformat()}",

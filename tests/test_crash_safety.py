@@ -33,7 +33,7 @@ from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector_sinks.csv import COLUMNS
 from tests.daemon_process import DaemonProcess, eventually
-from tests.e2e import write_config
+from tests.e2e import daemon_config
 from tests.servers import WebhookReceiver
 
 KILLS = 32
@@ -173,12 +173,11 @@ async def test_kill_dash_nine_loses_and_duplicates_nothing(tmp_path: Path) -> No
         running_simulator(SimulatorSettings(tenants=sim_tenants, latency=0.05)) as sim,
         WebhookReceiver(HOOK_SECRET) as receiver,
     ):
-        config = write_config(
-            tmp_path / "config.yaml",
+        config = daemon_config(
+            tmp_path,
             sim,
             sim_tenants,
-            workdir=tmp_path,
-            lookback_days=LOOKBACK,
+            lookback=LOOKBACK,
             sinks={
                 "warehouse": {
                     "type": "sqlite",
@@ -192,10 +191,6 @@ async def test_kill_dash_nine_loses_and_duplicates_nothing(tmp_path: Path) -> No
                     "secret": HOOK_SECRET,
                     "batch_size": 4,
                 },
-            },
-            extra={
-                "collection": {"schedule": {"every": "1s", "jitter": "0s"}},
-                "server": {"listen": "127.0.0.1:0"},
             },
         )
         stop = asyncio.Event()

@@ -24,10 +24,9 @@ import yaml
 
 from collector.app import load, load_plugins
 from collector.daemon import DEFAULT_GRACE, grace_from_env, next_run_after, schedule_seconds
-from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
-from tests.e2e import write_config
+from tests.e2e import daemon_config, expected_days, window_days
 
 AFTER = dt.datetime(2026, 3, 4, 10, 7, 30, tzinfo=dt.UTC)
 
@@ -109,40 +108,6 @@ def test_grace_comes_from_the_environment() -> None:
 # --- the real process -----------------------------------------------------------------------------
 
 
-def _daemon_config(
-    tmp_path: Path,
-    sim: Any,
-    tenants: Any,
-    *,
-    lookback: int,
-    every: str = "1s",
-    bad_secret_for: frozenset[str] = frozenset(),
-    **extra: Any,
-) -> Path:
-    return write_config(
-        tmp_path / "config.yaml",
-        sim,
-        tenants,
-        workdir=tmp_path,
-        lookback_days=lookback,
-        bad_secret_for=set(bad_secret_for),
-        extra={
-            "collection": {"schedule": {"every": every, "jitter": "0s"}},
-            "server": {"listen": "127.0.0.1:0"},
-            **extra,
-        },
-    )
-
-
-def _window(lookback: int) -> list[str]:
-    today = utc_today()
-    return sorted((today - dt.timedelta(days=i)).isoformat() for i in range(lookback))
-
-
-def _expected(tenants: Any, lookback: int) -> list[tuple[str, str]]:
-    return sorted((t.id, day) for t in tenants for day in _window(lookback))
-
-
 def _stored_days(state_db: Path) -> set[tuple[str, str]]:
     """(tenant, day) of every fetched day in the state database."""
     with contextlib.closing(sqlite3.connect(state_db)) as conn:
@@ -160,7 +125,7 @@ async def test_sigterm_lets_a_busy_cycle_finish_and_exits_zero(
     tenants = demo_tenants(2)
     lookback = 8
     async with running_simulator(SimulatorSettings(tenants=tenants, latency=0.25)) as sim:
-        config = _daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
+        config = daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
         async with DaemonProcess(config, env={"ZENCODER_COLLECTOR_SHUTDOWN_GRACE": "20"}) as d:
             await eventually(
                 lambda: sum(sim.stats.usage_requests.values()) >= 2,
@@ -176,7 +141,7 @@ async def test_sigterm_lets_a_busy_cycle_finish_and_exits_zero(
         assert took < 15, took
         assert d.events("daemon stopped")
         assert not d.events("grace period over: cancelled in-flight cycles")
-        assert sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback)
+        assert sqlite_days(tmp_path / "usage.db") == expected_days(tenants, lookback)
 
 
 async def test_sigterm_past_the_grace_cancels_and_a_restart_completes(tmp_path: Path) -> None:
@@ -186,7 +151,7 @@ async def test_sigterm_past_the_grace_cancels_and_a_restart_completes(tmp_path: 
     tenants = demo_tenants(2)
     lookback = 20
     async with running_simulator(SimulatorSettings(tenants=tenants, latency=0.6)) as sim:
-        config = _daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
+        config = daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
         async with DaemonProcess(config, env={"ZENCODER_COLLECTOR_SHUTDOWN_GRACE": "1"}) as d:
             await eventually(
                 lambda: sim.stats.responses[200] >= 6, within=30, what="some days", daemon=d
@@ -205,14 +170,14 @@ async def test_sigterm_past_the_grace_cancels_and_a_restart_completes(tmp_path: 
         sim.faults.set(None, latency=0.0)
         async with DaemonProcess(config) as again:
             await eventually(
-                lambda: sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback),
+                lambda: sqlite_days(tmp_path / "usage.db") == expected_days(tenants, lookback),
                 within=40,
                 what="every day in the sink after the restart",
                 daemon=again,
             )
             assert await again.stop() == 0
     refetched = {(r.tenant, r.param) for r in list(sim.stats.log)[served_before:]}
-    recent = set(_window(2))  # today and yesterday (settle_days=1) are re-fetched by design
+    recent = set(window_days(2))  # today and yesterday (settle_days=1) are re-fetched by design
     assert not {(t, day) for t, day in committed if day not in recent} & refetched
 
 
@@ -221,7 +186,7 @@ async def test_a_second_sigterm_ends_the_grace_period_at_once(tmp_path: Path) ->
     daemon still exits 0."""
     tenants = demo_tenants(1)
     async with running_simulator(SimulatorSettings(tenants=tenants, latency=1.0)) as sim:
-        config = _daemon_config(tmp_path, sim, tenants, lookback=30, every="1h")
+        config = daemon_config(tmp_path, sim, tenants, lookback=30, every="1h")
         async with DaemonProcess(config, env={"ZENCODER_COLLECTOR_SHUTDOWN_GRACE": "60"}) as d:
             await eventually(
                 lambda: sim.stats.responses[200] >= 4, within=30, what="some days", daemon=d
@@ -251,11 +216,11 @@ async def test_sighup_adds_removes_changes_and_rejects(tmp_path: Path) -> None:
     tenants = demo_tenants(3)
     lookback = 3
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
-        config = _daemon_config(tmp_path, sim, tenants[:2], lookback=lookback)
+        config = daemon_config(tmp_path, sim, tenants[:2], lookback=lookback)
         async with DaemonProcess(config) as d:
             db = tmp_path / "usage.db"
             await eventually(
-                lambda: sqlite_days(db) == _expected(tenants[:2], lookback),
+                lambda: sqlite_days(db) == expected_days(tenants[:2], lookback),
                 within=30,
                 what="the first two tenants collected",
                 daemon=d,
@@ -263,7 +228,7 @@ async def test_sighup_adds_removes_changes_and_rejects(tmp_path: Path) -> None:
             tokens_before = sim.stats.token_requests["tenant-01-client"]
             # Replace tenant-02 with tenant-03; tenant-01's secret becomes a wrong one; a CSV
             # sink joins the SQLite one.
-            _daemon_config(
+            daemon_config(
                 tmp_path,
                 sim,
                 [tenants[0], tenants[2]],
@@ -286,7 +251,7 @@ async def test_sighup_adds_removes_changes_and_rejects(tmp_path: Path) -> None:
             # The new sink gets the stored history of tenant-01, whose fetching now fails.
             csv_root = tmp_path / "csv" / "tenant-01" / "usage_daily"
             await eventually(
-                lambda: sorted(p.stem for p in csv_root.glob("*.csv")) == _window(lookback),
+                lambda: sorted(p.stem for p in csv_root.glob("*.csv")) == window_days(lookback),
                 within=20,
                 what="tenant-01's history in the added CSV sink",
                 daemon=d,
@@ -373,7 +338,7 @@ async def test_readyz_waits_for_an_unreachable_state_store(
     via_proxy = real.set(host="127.0.0.1", port=port).render_as_string(hide_password=False)
     tenants = demo_tenants(1)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
-        config = _daemon_config(
+        config = daemon_config(
             tmp_path, sim, tenants, lookback=2, every="1h", state={"url": via_proxy}
         )
         async with DaemonProcess(config) as d:
@@ -408,15 +373,16 @@ async def test_readyz_waits_for_an_unreachable_state_store(
 async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
     tmp_path: Path,
 ) -> None:
-    """A running daemon's /metrics has every configured tenant's error counter at 0, its
-    schedule interval, the API requests by outcome, the process_* metrics and build_info."""
+    """A running daemon's /metrics has every configured tenant's error counters at 0, its
+    schedule interval, the API requests by outcome and their time, the process_* metrics and
+    build_info."""
     tenants = demo_tenants(2)
     lookback = 2
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
-        config = _daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
+        config = daemon_config(tmp_path, sim, tenants, lookback=lookback, every="1h")
         async with DaemonProcess(config) as d:
             await eventually(
-                lambda: sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback),
+                lambda: sqlite_days(tmp_path / "usage.db") == expected_days(tenants, lookback),
                 within=60,
                 what="the first cycle delivered",
                 daemon=d,
@@ -429,9 +395,40 @@ async def test_metrics_show_zero_counters_schedule_api_outcomes_and_process(
         )
         ok = f'zencoder_collector_api_requests_total{{outcome="ok",tenant="{tenant.id}"}}'
         assert metrics[ok] >= lookback
+        # The client's own counters are mirrored: request time grew, nothing failed.
+        assert metrics[f'zencoder_collector_api_request_seconds_total{{tenant="{tenant.id}"}}'] > 0
+        for quiet in (
+            "api_bad_responses_total",
+            "token_request_failures_total",
+            "fetch_retry_wait_seconds_total",
+            "retry_after_clamped_total",
+        ):
+            assert metrics[f'zencoder_collector_{quiet}{{tenant="{tenant.id}"}}'] == 0
     assert metrics['zencoder_collector_sink_failures_total{sink="warehouse"}'] == 0
     assert metrics["process_resident_memory_bytes"] > 0
     assert any(key.startswith("zencoder_collector_build_info{") for key in metrics)
+    # Between cycles no request holds or waits for a concurrency slot (none leaked).
+    assert metrics["zencoder_collector_api_requests_in_flight"] == 0
+    assert metrics["zencoder_collector_api_requests_queued"] == 0
+
+
+async def test_metrics_show_requests_in_flight_and_queued_for_a_slot(tmp_path: Path) -> None:
+    """While a cycle of more requests than ``max_concurrency`` (32) waits on a slow API, /metrics
+    shows every slot in flight and the rest queued."""
+    tenants = demo_tenants(40)
+    async with running_simulator(SimulatorSettings(tenants=tenants, latency=1.0)) as sim:
+        config = daemon_config(tmp_path, sim, tenants, lookback=2, every="1h")
+        async with DaemonProcess(config) as d:
+            await eventually(lambda: d.listen is not None, within=30, what="ops", daemon=d)
+
+            async def saturated() -> bool:
+                metrics = await d.metrics()
+                return (
+                    metrics.get("zencoder_collector_api_requests_in_flight") == 32
+                    and metrics.get("zencoder_collector_api_requests_queued", 0) > 0
+                )
+
+            await eventually(saturated, within=30, what="every slot busy, more queued", daemon=d)
 
 
 def test_schedule_seconds_is_the_interval_or_cron_gap_plus_jitter(tmp_path: Path) -> None:

@@ -6,25 +6,15 @@ drains when the receiver is back; the days the API could not serve are fetched b
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 from pathlib import Path
-from typing import Any
 
-from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
-from tests.e2e import run_cli, write_config
+from tests.e2e import daemon_config, expected_days, run_cli
 from tests.servers import WebhookReceiver
 
 HOOK_SECRET = "outage-test-secret"
-
-
-def _expected(tenants: Any, lookback: int) -> list[tuple[str, str]]:
-    today = utc_today()
-    return sorted(
-        (t.id, (today - dt.timedelta(days=i)).isoformat()) for t in tenants for i in range(lookback)
-    )
 
 
 def _csv_days(root: Path) -> list[tuple[str, str]]:
@@ -37,18 +27,17 @@ async def test_webhook_outage_keeps_other_sinks_current_and_drains_after(tmp_pat
     /metrics and ``status`` with nothing dead-lettered; when it recovers everything arrives."""
     tenants = demo_tenants(2)
     lookback = 4
-    expected = _expected(tenants, lookback)
+    expected = expected_days(tenants, lookback)
     async with (
         running_simulator(SimulatorSettings(tenants=tenants)) as sim,
         WebhookReceiver(HOOK_SECRET) as receiver,
     ):
         receiver.answer(503, times=1_000_000, headers={"Retry-After": "0"})
-        config = write_config(
-            tmp_path / "config.yaml",
+        config = daemon_config(
+            tmp_path,
             sim,
             tenants,
-            workdir=tmp_path,
-            lookback_days=lookback,
+            lookback=lookback,
             sinks={
                 "warehouse": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
                 "sheets": {"type": "csv", "path": str(tmp_path / "csv")},
@@ -59,10 +48,6 @@ async def test_webhook_outage_keeps_other_sinks_current_and_drains_after(tmp_pat
                     "max_retries": 0,
                     "max_attempts": 3,
                 },
-            },
-            extra={
-                "collection": {"schedule": {"every": "1s", "jitter": "0s"}},
-                "server": {"listen": "127.0.0.1:0"},
             },
         )
         async with DaemonProcess(config) as d:
@@ -120,19 +105,14 @@ async def test_api_outage_is_healed_by_later_cycles(tmp_path: Path) -> None:
     every missing day without any manual action."""
     tenants = demo_tenants(2)
     lookback = 5
-    expected = _expected(tenants, lookback)
+    expected = expected_days(tenants, lookback)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
         sim.faults.set(None, down=True)
-        config = write_config(
-            tmp_path / "config.yaml",
+        config = daemon_config(
+            tmp_path,
             sim,
             tenants,
-            workdir=tmp_path,
-            lookback_days=lookback,
-            extra={
-                "collection": {"schedule": {"every": "1s", "jitter": "0s"}},
-                "server": {"listen": "127.0.0.1:0"},
-            },
+            lookback=lookback,
         )
         async with DaemonProcess(config) as d:
             await eventually(

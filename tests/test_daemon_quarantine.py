@@ -6,13 +6,11 @@ for them once, and they heal without manual action once the API sends valid bodi
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
-from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
-from tests.e2e import write_config
+from tests.e2e import daemon_config, expected_days
 
 
 async def test_quarantined_days_show_in_status_and_metrics_and_heal(tmp_path: Path) -> None:
@@ -21,22 +19,14 @@ async def test_quarantined_days_show_in_status_and_metrics_and_heal(tmp_path: Pa
     are valid again, the days are stored and the quarantine is gone."""
     tenants = demo_tenants(2)
     lookback = 3
-    today = utc_today()
-    expected = sorted(
-        (t.id, (today - dt.timedelta(days=i)).isoformat()) for t in tenants for i in range(lookback)
-    )
+    expected = expected_days(tenants, lookback)
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
         sim.faults.set("tenant-02", bad_response="wrong_types")
-        config = write_config(
-            tmp_path / "config.yaml",
+        config = daemon_config(
+            tmp_path,
             sim,
             tenants,
-            workdir=tmp_path,
-            lookback_days=lookback,
-            extra={
-                "collection": {"schedule": {"every": "1s", "jitter": "0s"}},
-                "server": {"listen": "127.0.0.1:0"},
-            },
+            lookback=lookback,
         )
         async with DaemonProcess(config) as d:
             await eventually(

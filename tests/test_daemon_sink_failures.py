@@ -12,7 +12,7 @@ from pathlib import Path
 
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
-from tests.e2e import run_cli, write_config
+from tests.e2e import daemon_config, run_cli
 
 
 async def test_a_sink_that_cannot_open_shows_in_status_and_metrics(tmp_path: Path) -> None:
@@ -22,19 +22,15 @@ async def test_a_sink_that_cannot_open_shows_in_status_and_metrics(tmp_path: Pat
     blocker = tmp_path / "csv-root-is-a-file"
     blocker.write_text("not a directory")
     async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
-        config = write_config(
-            tmp_path / "config.yaml",
+        config = daemon_config(
+            tmp_path,
             sim,
             tenants,
-            workdir=tmp_path,
-            lookback_days=2,
+            lookback=2,
+            every="1h",
             sinks={
                 "warehouse": {"type": "sqlite", "path": str(tmp_path / "usage.db")},
                 "sheets": {"type": "csv", "path": str(blocker)},
-            },
-            extra={
-                "collection": {"schedule": {"every": "1h", "jitter": "0s"}},
-                "server": {"listen": "127.0.0.1:0"},
             },
         )
         async with DaemonProcess(config) as d:

@@ -5,41 +5,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import json
 import signal
 import sqlite3
 from pathlib import Path
 from typing import Any
 
-from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually, sqlite_days
 from tests.disk import fill, small_disk
-from tests.e2e import run_cli, write_config
+from tests.e2e import daemon_config, expected_days, run_cli
 
 FAILING = "state store failing: nothing new is stored until it recovers"
 
 
 def _config(tmp_path: Path, sim: Any, tenants: Any, state: Path, *, lookback: int) -> Path:
-    return write_config(
-        tmp_path / "config.yaml",
-        sim,
-        tenants,
-        workdir=tmp_path,
-        lookback_days=lookback,
-        extra={
-            "collection": {"schedule": {"every": "1s", "jitter": "0s"}},
-            "server": {"listen": "127.0.0.1:0"},
-            "state": {"url": f"sqlite:///{state}"},
-        },
-    )
-
-
-def _expected(tenants: Any, lookback: int) -> list[tuple[str, str]]:
-    today = utc_today()
-    return sorted(
-        (t.id, (today - dt.timedelta(days=i)).isoformat()) for t in tenants for i in range(lookback)
+    return daemon_config(
+        tmp_path, sim, tenants, lookback=lookback, state={"url": f"sqlite:///{state}"}
     )
 
 
@@ -97,7 +79,7 @@ async def test_a_full_state_disk_is_one_error_a_503_and_heals(tmp_path: Path) ->
                 await eventually(ready, within=30, what="/readyz 200 again", daemon=d)
                 assert d.events("state store recovered")
                 await eventually(
-                    lambda: sqlite_days(tmp_path / "usage.db") == _expected(tenants, lookback),
+                    lambda: sqlite_days(tmp_path / "usage.db") == expected_days(tenants, lookback),
                     within=90,
                     what="every day delivered after the disk had space again",
                     daemon=d,

@@ -23,7 +23,9 @@ from structlog.testing import capture_logs
 
 from collector.deliverer import Deliverer
 from collector.errors import SinkPermanentError, SinkTransientError
-from collector.models import Batch, TenantDay, normalize, parse_usage
+from collector.hookspecs import hookimpl
+from collector.models import Batch, TenantDay, tenant_day_from_body
+from collector.plugin_manager import Notifier, make_plugin_manager
 from collector.retry import no_wait
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
@@ -34,20 +36,20 @@ DAY = dt.date(2025, 1, 10)
 EMAIL = "ada@acme.example"
 
 
-def fetched(tenant: str, day: dt.date, messages: int = 5) -> tuple[TenantDay, dict[str, Any]]:
-    """One fetched tenant-day as the pipeline stores it: normalized record plus raw ``data``."""
+def fetched(tenant: str, day: dt.date, messages: int = 5) -> tuple[TenantDay, str]:
+    """One fetched tenant-day as the pipeline stores it: derived from its body, body kept."""
     data = {
         "period": {"start": day.isoformat(), "end": day.isoformat(), "days": 1},
         "summary": {"total_active_users": 1, "total_messages": messages},
         "users": [{"email": EMAIL, "messages": messages, "ides": ["VS Code"], "languages": ["Go"]}],
         "daily": [{"day": day.isoformat(), "active_users": 1, "messages": messages}],
     }
-    response = parse_usage(json.dumps({"status": "success", "data": data}))
+    body = json.dumps({"status": "success", "data": data})
     fetched_at = dt.datetime(2025, 1, 20, tzinfo=dt.UTC)
-    return normalize(tenant, day, response, fetched_at=fetched_at, final=True), data
+    return tenant_day_from_body(tenant, day, body.encode(), fetched_at=fetched_at, final=True), body
 
 
-def history(tenants: Sequence[str], count: int) -> list[tuple[TenantDay, dict[str, Any]]]:
+def history(tenants: Sequence[str], count: int) -> list[tuple[TenantDay, str]]:
     return [fetched(t, DAY + dt.timedelta(days=i)) for t in tenants for i in range(count)]
 
 
@@ -170,6 +172,34 @@ def deliverer(
     return Deliverer(store, sinks, configs, **kw)
 
 
+class DeliveryAlerts:
+    """A plugin recording every collector_sink_delivery_failed call it receives."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict[str, Any]] = []
+
+    @hookimpl
+    def collector_sink_delivery_failed(
+        self, sink: str, tenant: str, day: dt.date, error: str, dead_lettered: bool
+    ) -> None:
+        self.calls.append(
+            {
+                "sink": sink,
+                "tenant": tenant,
+                "day": day,
+                "error": error,
+                "dead_lettered": dead_lettered,
+            }
+        )
+
+
+def alerting_notifier(alerts: DeliveryAlerts) -> Notifier:
+    """A notifier over a plugin manager with ``alerts`` registered (as the runtime builds it)."""
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(alerts, name="alerts")
+    return Notifier(pm)
+
+
 async def wait_until(condition: Callable[[], bool], limit: float = 10.0) -> float:
     """Poll ``condition`` on the event loop; returns the seconds it took."""
     started = time.monotonic()
@@ -238,12 +268,12 @@ async def test_a_poison_day_is_isolated_from_its_batch(store: Store) -> None:
     """A permanent refusal of a batch retries its days one by one; only the bad day is dead."""
     poison = ("acme", DAY + dt.timedelta(days=2))
     sink = PoisonSink("hook", poison, SinkPermanentError)
-    events: list[tuple[str, dict[str, Any]]] = []
+    alerts = DeliveryAlerts()
     delivery = deliverer(
         store,
         {"hook": sink},
         {"hook": config(batch_size=5)},
-        notify=lambda hook, kwargs: events.append((hook, kwargs)),
+        notifier=alerting_notifier(alerts),
     )
     await store.record_fetched(history(["acme"], 5))
     assert await delivery.run_until_drained() is False
@@ -253,17 +283,14 @@ async def test_a_poison_day_is_isolated_from_its_batch(store: Store) -> None:
     [dead] = await store.dead_letters("hook")
     assert ((dead.tenant, dead.day), dead.attempts) == (poison, 1)
     assert dead.error == "SinkPermanentError: row rejected: bad day"
-    assert events == [
-        (
-            "collector_sink_delivery_failed",
-            {
-                "sink": "hook",
-                "tenant": "acme",
-                "day": poison[1],
-                "error": "SinkPermanentError: row rejected: bad day",
-                "dead_lettered": True,
-            },
-        )
+    assert alerts.calls == [
+        {
+            "sink": "hook",
+            "tenant": "acme",
+            "day": poison[1],
+            "error": "SinkPermanentError: row rejected: bad day",
+            "dead_lettered": True,
+        }
     ]
     assert await store.backlog("hook") == 0
     assert delivery.stats()["hook"].dead_lettered == 1
@@ -275,12 +302,12 @@ async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
     """A day the sink keeps refusing while accepting others is given up after max_attempts."""
     poison = ("globex", DAY)
     sink = PoisonSink("hook", poison, SinkTransientError)
-    notified: list[bool] = []
+    alerts = DeliveryAlerts()
     delivery = deliverer(
         store,
         {"hook": sink},
         {"hook": config(batch_size=3, max_attempts=4)},
-        notify=lambda hook, kwargs: notified.append(kwargs["dead_lettered"]),
+        notifier=alerting_notifier(alerts),
         poll_interval=60,
     )
     runner = asyncio.create_task(delivery.run_forever())
@@ -301,6 +328,7 @@ async def test_a_day_failing_transiently_is_dead_lettered_after_max_attempts(
     [dead] = await store.dead_letters("hook")
     assert ((dead.tenant, dead.day), dead.attempts) == (poison, 4)
     # Three counted failures, then the fourth dead-letters it (plus uncounted retries in between).
+    notified = [call["dead_lettered"] for call in alerts.calls]
     assert notified.count(True) == 1
     assert notified[-1] is True
     assert 4 <= rounds < 30
@@ -462,7 +490,7 @@ async def test_complete_routes_unregister_sinks_no_longer_configured(store: Stor
     assert await store.backlog("old") == 2
     delivery = deliverer(store, {"new": RecordingSink("new")}, complete_routes=True)
     assert await delivery.run_until_drained() is True
-    assert set(await store.registered_sinks()) == {"new"}
+    assert {s.sink for s in (await store.status_snapshot()).sinks} == {"new"}
     assert await store.backlog("old") == 0
 
 

@@ -151,3 +151,25 @@ def test_notification_hooks_receive_their_arguments() -> None:
             },
         ),
     ]
+
+
+def test_the_notifier_has_one_method_per_notification_hook_with_its_signature() -> None:
+    """Each notification hook has a Notifier method of the same name and parameters."""
+    notification_hooks = {
+        name
+        for name in HOOKS
+        if name not in {"collector_register_sinks", "collector_configure", "collector_sink_purge"}
+    }
+    methods = {
+        name
+        for name in vars(Notifier)
+        if not name.startswith("_") and callable(vars(Notifier)[name])
+    }
+    assert {f"collector_{name}" for name in methods} == notification_hooks
+    for name in methods:
+        spec = inspect.signature(getattr(hookspecs, f"collector_{name}"))
+        method = inspect.signature(getattr(Notifier, name))
+        parameters = list(method.parameters.values())[1:]  # without self
+        assert [(p.name, p.annotation) for p in parameters] == [
+            (p.name, p.annotation) for p in spec.parameters.values()
+        ], name

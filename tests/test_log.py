@@ -16,7 +16,6 @@ import structlog
 from collector.log import (
     TOKENS_KEPT_PER_OWNER,
     configure_logging,
-    get_logger,
     redact,
     register_secrets,
     register_token,
@@ -60,7 +59,7 @@ def test_tenant_context_tags_every_line() -> None:
     """Inside bound_contextvars(tenant=...) every line carries the tenant, stdlib lines too."""
     out = io.StringIO()
     configure_logging("debug", stream=out)
-    log = get_logger("collector.test")
+    log = structlog.get_logger("collector.test")
     with structlog.contextvars.bound_contextvars(tenant="acme"):
         log.info("fetching", day="2024-05-01")
         log.debug("token cached")
@@ -97,7 +96,7 @@ def test_secrets_and_tokens_never_reach_the_output(as_json: bool) -> None:
     out = io.StringIO()
     configure_logging("info", json=as_json, secrets=[secret], stream=out)
     register_secrets([other])
-    log = get_logger("collector.test")
+    log = structlog.get_logger("collector.test")
     log.info(f"secret in the event {secret}", header=f"Authorization: Bearer {bearer}")
     log.info("nested", data={"list": [other, {"deep": secret}]}, key=api_key)
     log.info("object repr", obj=Leaky(other))
@@ -131,14 +130,14 @@ def test_json_when_not_a_tty_and_console_on_a_tty() -> None:
     """json=None picks JSON lines for a pipe or file and key=value text for a terminal."""
     piped = io.StringIO()
     configure_logging(stream=piped)
-    get_logger("t").info("to a pipe", n=1)
+    structlog.get_logger("t").info("to a pipe", n=1)
     assert json.loads(piped.getvalue())["event"] == "to a pipe"
 
     leader, follower = os.openpty()
     with os.fdopen(follower, "w") as terminal:
         assert terminal.isatty()
         configure_logging(stream=terminal)
-        get_logger("t").info("to a terminal", n=1)
+        structlog.get_logger("t").info("to a terminal", n=1)
         terminal.flush()
         shown = re.sub(r"\x1b\[[0-9;]*m", "", os.read(leader, 65536).decode())
     os.close(leader)
@@ -150,7 +149,7 @@ def test_json_when_not_a_tty_and_console_on_a_tty() -> None:
 def test_logs_go_to_stderr(capsys: pytest.CaptureFixture[str]) -> None:
     """By default lines go to stderr, never stdout (stdout is for command output)."""
     configure_logging("info")
-    get_logger("t").warning("on stderr")
+    structlog.get_logger("t").warning("on stderr")
     captured = capsys.readouterr()
     assert captured.out == ""
     assert json.loads(captured.err)["event"] == "on stderr"
@@ -160,7 +159,7 @@ def test_level_filters_and_bad_level_is_rejected() -> None:
     """Lines below the level are dropped; an unknown level name is an error."""
     out = io.StringIO()
     configure_logging("warning", stream=out)
-    log = get_logger("t")
+    log = structlog.get_logger("t")
     log.info("dropped")
     logging.getLogger("lib").info("dropped too")
     log.warning("kept")
@@ -232,6 +231,6 @@ def test_console_lines_keep_plain_tracebacks_without_rich() -> None:
     try:
         int("boom")
     except ValueError:
-        get_logger("t").exception("failed")
+        structlog.get_logger("t").exception("failed")
     assert "Traceback (most recent call last)" in stream.getvalue()
     assert "ValueError: invalid literal for int() with base 10: 'boom'" in stream.getvalue()

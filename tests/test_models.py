@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from collector.errors import BadResponse
-from collector.models import content_hash, normalize, parse_usage
+from collector.models import body_digest, parse_usage, tenant_day_from_body
 
 DAY = dt.date(2026, 3, 4)
 FETCHED = dt.datetime(2026, 3, 5, 12, 0, tzinfo=dt.UTC)
@@ -56,6 +56,13 @@ def _parse(body: dict[str, Any]) -> Any:
     return parse_usage(json.dumps(body))
 
 
+def _day(body: dict[str, Any], *, fetched_at: dt.datetime, final: bool) -> Any:
+    """The tenant-day the pipeline derives from this body (acme, DAY)."""
+    return tenant_day_from_body(
+        "acme", DAY, json.dumps(body).encode(), fetched_at=fetched_at, final=final
+    )
+
+
 def test_unknown_fields_are_ignored() -> None:
     """Fields the API adds later (e.g. lines of code) do not break parsing."""
     body = _payload()
@@ -93,7 +100,7 @@ def test_html_and_error_envelopes_are_bad_responses() -> None:
 
 def test_normalize_builds_the_four_tables() -> None:
     """One day response becomes daily, IDE, language and user rows keyed by tenant and day."""
-    td = normalize("acme", DAY, _parse(_payload()), fetched_at=FETCHED, final=True)
+    td = _day(_payload(), fetched_at=FETCHED, final=True)
     assert (td.daily.active_users, td.daily.messages, td.daily.final) == (2, 7, True)
     assert {(r.ide_name, r.engaged_users) for r in td.ides} == {("VS Code", 1), ("PyCharm", 1)}
     assert [(r.language_name, r.engaged_users) for r in td.languages] == [("Python", 2)]
@@ -107,7 +114,7 @@ def test_normalize_builds_the_four_tables() -> None:
 def test_an_idle_day_is_a_valid_day_with_zeros() -> None:
     """A day with no activity (empty daily and users) is stored as zeros, not as an error."""
     body = _payload(users=[], daily=[], summary={"total_active_users": 0, "total_messages": 0})
-    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+    td = _day(body, fetched_at=FETCHED, final=False)
     assert (td.daily.active_users, td.daily.messages, td.users) == (0, 0, ())
 
 
@@ -116,7 +123,7 @@ def test_a_response_for_another_day_is_rejected() -> None:
     body = _payload()
     body["data"]["daily"][0]["day"] = "2026-03-05"
     with pytest.raises(BadResponse, match="asked for day 2026-03-04"):
-        normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+        _day(body, fetched_at=FETCHED, final=False)
 
 
 def test_duplicate_keys_are_rejected_without_echoing_emails() -> None:
@@ -124,28 +131,24 @@ def test_duplicate_keys_are_rejected_without_echoing_emails() -> None:
     body = _payload()
     body["data"]["daily"][0]["ides"].append({"ide_name": "VS Code", "engaged_users": 3})
     with pytest.raises(BadResponse, match="ide_name 'VS Code' more than once"):
-        normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+        _day(body, fetched_at=FETCHED, final=False)
     body = _payload()
     body["data"]["users"].append(dict(body["data"]["users"][0]))
     with pytest.raises(BadResponse) as caught:
-        normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+        _day(body, fetched_at=FETCHED, final=False)
     assert "@" not in str(caught.value)
 
 
-def test_content_hash_ignores_key_order_and_fetch_time() -> None:
-    """The same figures give the same hash whatever the key order or when they were fetched;
-    changed figures give another."""
-    first = normalize("acme", DAY, _parse(_payload()), fetched_at=FETCHED, final=False)
-    later = normalize(
-        "acme", DAY, _parse(_payload()), fetched_at=FETCHED + dt.timedelta(hours=5), final=True
-    )
-    assert first.content_hash == later.content_hash
-    data = _payload()["data"]
-    reordered = dict(reversed(list(data.items())))
-    assert content_hash(data) == content_hash(reordered)
+def test_content_hash_is_the_bodys_digest_whatever_the_fetch_time() -> None:
+    """A day's content hash is the SHA-256 of its body: the same body gives the same hash
+    whenever it was fetched, changed figures give another."""
+    body = _payload()
+    first = _day(body, fetched_at=FETCHED, final=False)
+    later = _day(body, fetched_at=FETCHED + dt.timedelta(hours=5), final=True)
+    assert first.content_hash == later.content_hash == body_digest(json.dumps(body).encode())
     changed = _payload()
     changed["data"]["daily"][0]["messages"] = 8
-    other = normalize("acme", DAY, _parse(changed), fetched_at=FETCHED, final=False)
+    other = _day(changed, fetched_at=FETCHED, final=False)
     assert other.content_hash != first.content_hash
 
 
@@ -158,7 +161,7 @@ def test_day_fields_accept_iso_date_times_and_keep_the_date_as_written(moment: s
     date they are written with."""
     body = _payload(period={"start": moment, "end": moment, "days": 1})
     body["data"]["daily"][0]["day"] = moment
-    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=True)
+    td = _day(body, fetched_at=FETCHED, final=True)
     assert (td.day, td.daily.messages) == (DAY, 7)
 
 
@@ -169,7 +172,7 @@ def test_last_active_date_time_is_stored_as_the_utc_date_and_the_utc_instant() -
     users = body["data"]["users"]
     users[0]["last_active"] = "2026-03-05T01:30:00.5+02:00"  # 2026-03-04 23:30:00.5 UTC
     users.append({"email": "c@example.ai", "messages": 1, "last_active": "2026-03-04T08:00:00"})
-    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=True)
+    td = _day(body, fetched_at=FETCHED, final=True)
     by_user = {u.user: (u.last_active, u.last_active_at) for u in td.users}
     assert by_user == {
         "a@example.ai": (DAY, dt.datetime(2026, 3, 4, 23, 30, 0, 500000, tzinfo=dt.UTC)),
@@ -232,11 +235,11 @@ def test_a_period_for_another_day_is_rejected_even_without_daily(daily: str) -> 
     else:
         body["data"]["daily"][0]["day"] = "2026-03-03"
     with pytest.raises(BadResponse, match=r"asked for day 2026-03-04 .*at data\.period"):
-        normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+        _day(body, fetched_at=FETCHED, final=False)
 
 
 def test_a_period_ending_the_next_day_is_the_day_asked_for() -> None:
     """An exclusive period end (start + 1 day), as in the documented 7-day example, is accepted."""
     body = _payload(period={"start": "2026-03-04", "end": "2026-03-05", "days": 1})
-    td = normalize("acme", DAY, _parse(body), fetched_at=FETCHED, final=False)
+    td = _day(body, fetched_at=FETCHED, final=False)
     assert td.daily.messages == 7

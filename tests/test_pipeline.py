@@ -96,9 +96,9 @@ async def test_bad_response_quarantines_the_day_with_its_body(tmp_path: Path, mo
     assert all(b.body.strip() for b in kept) or mode == "empty_body"
     assert (requests_first, requests_second) == (2, 2)
     assert second.tenants["tenant-02"].planned == 2
-    tenant = next(t for t in status["tenants"] if t["tenant"] == "tenant-02")
-    assert tenant["days_quarantined"] == 2
-    assert all(q["reason"].startswith("BadResponse") for q in tenant["quarantined"])
+    tenant = status.tenant("tenant-02").stored
+    assert tenant.days_quarantined == 2
+    assert all(q.reason.startswith("BadResponse") for q in tenant.quarantined)
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         rows = conn.execute("SELECT tenant, COUNT(*) FROM usage_daily GROUP BY tenant").fetchall()
     assert rows == [("tenant-01", 2)]
@@ -127,8 +127,8 @@ async def test_a_quarantined_day_heals_when_the_api_sends_a_good_body(tmp_path: 
     assert (first.tenants["tenant-01"].quarantined, second.tenants["tenant-01"].ok) == (2, True)
     assert {s.status for s in states.values()} <= {"fetched", "final"}
     assert [b.quarantined for b in kept] == [False, False]
-    assert status["tenants"][0]["days_quarantined"] == 0
-    assert status["tenants"][0]["quarantined"] == []
+    assert status.tenants[0].stored.days_quarantined == 0
+    assert status.tenants[0].stored.quarantined == []
     with sqlite3.connect(tmp_path / "usage.db") as conn:
         assert conn.execute("SELECT COUNT(*) FROM usage_daily").fetchone() == (2,)
 
@@ -172,7 +172,7 @@ tenants: [{{id: acme, api_key: {key}}}]
     assert result.tenants["acme"].quarantined == 1
     assert kept.quarantined
     assert json.loads(kept.body) == {"status": "error", "message": "bad key ***"}
-    assert key not in json.dumps(status)
+    assert key not in json.dumps(status.to_dict())
     with sqlite3.connect(tmp_path / "state.db") as conn:
         for table in ("tenant_day", "quarantine", "tenant_status"):
             assert key not in repr(conn.execute(f"SELECT * FROM {table}").fetchall())  # noqa: S608 - fixed names
@@ -209,7 +209,7 @@ async def test_bad_credentials_park_the_tenant_and_status_says_so(tmp_path: Path
     assert results[0].tenants["tenant-02"].error is not None
     assert results[2].tenants["tenant-02"].skipped is not None
     assert "auth_failed" in results[2].tenants["tenant-02"].skipped
-    states = {t["tenant"]: t["state"] for t in snapshot["tenants"]}
+    states = {t.stored.tenant: t.state for t in snapshot.tenants}
     assert states == {"tenant-01": "ok", "tenant-02": "auth_failed"}
 
 

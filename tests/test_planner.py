@@ -7,8 +7,8 @@ import random
 
 import pytest
 
+from collector.models import DayState
 from collector.planner import (
-    DayState,
     is_final,
     needs_fetch,
     oldest_servable,

@@ -24,10 +24,10 @@ from collector.errors import ConfigError
 from collector.hookspecs import hookimpl
 from collector.plugin_manager import (
     BrokenPlugin,
+    Notifier,
     PluginLoadError,
     SinkRegistry,
     make_plugin_manager,
-    notify,
 )
 from collector.sink import Sink, SinkHost
 from collector.testing import FailingSink, RecordingSink, RecordingSinkConfig, testing_sinks
@@ -382,8 +382,8 @@ def test_create_and_render(tmp_path: Path) -> None:
     assert '"properties"' in registry.render(schemas=True)
 
 
-def test_notify_isolates_a_raising_plugin() -> None:
-    """A raising hookimpl is logged and skipped; the implementations around it still run."""
+def test_notifier_isolates_a_raising_plugin() -> None:
+    """A raising hookimpl is logged and counted; the implementations around it still run."""
     seen: list[str] = []
 
     class Recorder:
@@ -409,13 +409,21 @@ def test_notify_isolates_a_raising_plugin() -> None:
     pm.register(Broken(), name="broken")
     pm.register(TenantOnly(), name="tenant-only")
     pm.register(Recorder("last"), name="last")
-    failures = notify(pm, "collector_tenant_failed", tenant="acme", error="AuthError")
+    with capture_logs() as logs:
+        failures = Notifier(pm).tenant_failed(tenant="acme", error="AuthError")
     assert failures == 1
+    [warning] = [e for e in logs if e["log_level"] == "warning"]
+    assert (warning["event"], warning["plugin"], warning["hook"], warning["error"]) == (
+        "plugin hook raised",
+        "broken",
+        "collector_tenant_failed",
+        "ValueError: cannot alert about acme",
+    )
     # pluggy's order (the last registered first) is kept; "broken" sat in the middle.
     assert seen == ["last:acme:AuthError", "tenant-only:acme", "first:acme:AuthError"]
 
 
-def test_notify_logs_a_raising_plugins_traceback_at_debug() -> None:
+def test_notifier_logs_a_raising_plugins_traceback_at_debug() -> None:
     """A hookimpl's exception is a one-line warning plus its traceback at debug level."""
 
     class Broken:
@@ -426,7 +434,7 @@ def test_notify_logs_a_raising_plugins_traceback_at_debug() -> None:
     pm = make_plugin_manager(load_entrypoints=False)
     pm.register(Broken(), name="broken")
     with capture_logs() as logs:
-        assert notify(pm, "collector_tenant_failed", tenant="acme", error="AuthError") == 1
+        assert Notifier(pm).tenant_failed(tenant="acme", error="AuthError") == 1
     assert [(e["event"], e["log_level"]) for e in logs] == [
         ("plugin hook raised", "warning"),
         ("plugin hook traceback", "debug"),
@@ -446,31 +454,82 @@ def test_create_hands_the_host_settings_to_the_sink(tmp_path: Path) -> None:
     assert registry.create("sheets", config).host == SinkHost(shared_group=False)
 
 
-def test_notify_rejects_wrong_arguments_and_skips_wrappers() -> None:
-    """notify checks the argument names against the spec and never runs wrapper hookimpls."""
+def test_notifier_runs_wrapper_hookimpls_around_each_plugin() -> None:
+    """A wrapper hookimpl runs through pluggy around every implementation of the hook."""
     ran: list[str] = []
 
     class Wrapper:
         @hookimpl(wrapper=True)
         def collector_tenant_day_collected(self, tenant: str):  # type: ignore[no-untyped-def]
-            ran.append("wrapper")
-            return (yield)
+            ran.append(f"before {tenant}")
+            result = yield
+            ran.append(f"after {tenant}")
+            return result
 
     class Plain:
+        def __init__(self, label: str) -> None:
+            self.label = label
+
         @hookimpl
         def collector_tenant_day_collected(self, tenant: str, day: dt.date, changed: bool) -> None:
-            ran.append(f"{tenant} {day} {changed}")
+            ran.append(f"{self.label} {tenant} {day} {changed}")
 
     pm = make_plugin_manager(load_entrypoints=False)
     pm.register(Wrapper(), name="wrapper")
-    pm.register(Plain(), name="plain")
-    with pytest.raises(TypeError, match="takes"):
-        notify(pm, "collector_tenant_day_collected", tenant="acme")
-    with pytest.raises(ValueError, match="not a collector hook"):
-        notify(pm, "collector_no_such_hook", tenant="acme")
+    notifier = Notifier(pm)
     day = dt.date(2025, 1, 1)
-    assert notify(pm, "collector_tenant_day_collected", tenant="acme", day=day, changed=False) == 0
-    assert ran == ["acme 2025-01-01 False"]
+    assert notifier.tenant_day_collected(tenant="acme", day=day, changed=False) == 0
+    assert ran == ["before acme", "after acme"]  # only the wrapper: it still runs
+    ran.clear()
+    pm.register(Plain("one"), name="one")
+    pm.register(Plain("two"), name="two")  # registered after the notifier was built
+    assert notifier.tenant_day_collected(tenant="acme", day=day, changed=True) == 0
+    assert ran == [
+        "before acme",
+        "two acme 2025-01-01 True",
+        "after acme",
+        "before acme",
+        "one acme 2025-01-01 True",
+        "after acme",
+    ]
+
+
+def test_notifier_isolates_a_plugin_that_raises_under_a_wrapper() -> None:
+    """A raising implementation under a wrapper reaches the wrapper, and the next plugin runs."""
+    seen: list[str] = []
+
+    class Watcher:
+        @hookimpl(wrapper=True)
+        def collector_tenant_failed(self, tenant: str):  # type: ignore[no-untyped-def]
+            try:
+                return (yield)
+            except ValueError as exc:
+                seen.append(f"wrapper saw {exc}")
+                raise
+
+    class Broken:
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str) -> None:
+            raise ValueError(f"cannot alert about {tenant}")
+
+    class Healthy:
+        @hookimpl
+        def collector_tenant_failed(self, tenant: str, error: str) -> None:
+            seen.append(f"healthy {tenant} {error}")
+
+    pm = make_plugin_manager(load_entrypoints=False)
+    pm.register(Healthy(), name="healthy")
+    pm.register(Broken(), name="broken")
+    pm.register(Watcher(), name="watcher")
+    assert Notifier(pm).tenant_failed(tenant="acme", error="AuthError") == 1
+    assert seen == ["wrapper saw cannot alert about acme", "healthy acme AuthError"]
+
+
+def test_a_notifier_without_plugins_calls_nothing() -> None:
+    """Notifier() (a pipeline or deliverer built without plugins) knows the hooks, calls none."""
+    notifier = Notifier()
+    assert notifier.tenant_failed(tenant="acme", error="AuthError") == 0
+    assert notifier.pm.hook.collector_tenant_failed.get_hookimpls() == []
 
 
 def test_sink_class_reaches_registry_only_through_the_hook() -> None:

@@ -15,6 +15,16 @@ from collector.metrics import Metrics
 from collector.server import make_app, parse_listen, serving
 
 
+class _Document:
+    """A status document as the daemon hands it to the server: turned into JSON there."""
+
+    def __init__(self, content: dict[str, Any]) -> None:
+        self.content = content
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.content
+
+
 class _Probe:
     """The daemon's side of the endpoints, with state the test can flip."""
 
@@ -26,8 +36,10 @@ class _Probe:
     async def ready(self) -> str | None:
         return self.not_ready
 
-    async def status(self) -> dict[str, Any]:
-        return {"tenants": [{"tenant": "acme", "last_success_at": dt.datetime(2026, 1, 2)}]}
+    async def status(self) -> _Document:
+        return _Document(
+            {"tenants": [{"tenant": "acme", "last_success_at": dt.datetime(2026, 1, 2)}]}
+        )
 
     async def refresh(self) -> None:
         self.refreshes += 1
@@ -132,7 +144,7 @@ async def test_a_crashing_handler_is_still_an_error(caplog: pytest.LogCaptureFix
     """Only malformed requests are quietened: an exception in an endpoint stays an error log."""
     probe = _Probe()
 
-    async def broken_status() -> dict[str, Any]:
+    async def broken_status() -> _Document:
         raise RuntimeError("boom")
 
     app = make_app(probe.metrics, broken_status, probe.ready)

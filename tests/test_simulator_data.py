@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from collector.models import normalize, parse_usage
+from collector.models import tenant_day_from_body
 from collector.simulator import SimTenant, Simulator, running_simulator
 from tests.simulator_helpers import T1, T2, TODAY, get_usage, make_settings
 
@@ -64,8 +64,8 @@ async def test_day_responses_are_internally_consistent_and_realistic(
         day = TODAY - dt.timedelta(days=offset)
         data = await day_json(http, sim, T1, day)
         check_day_is_consistent(data, day)
-        normalize(T1, day, parse_usage(json.dumps({"status": "success", "data": data})),
-                  fetched_at=dt.datetime.now(dt.UTC), final=True)  # fmt: skip
+        body = json.dumps({"status": "success", "data": data}).encode()
+        tenant_day_from_body(T1, day, body, fetched_at=dt.datetime.now(dt.UTC), final=True)
         (weekend_users if day.weekday() >= 5 else weekday_users).append(len(data["users"]))
         everyone.update(u["email"] for u in data["users"])
         ides.update(i for u in data["users"] for i in u["ides"])

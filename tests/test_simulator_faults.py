@@ -14,7 +14,7 @@ import aiohttp
 import pytest
 
 from collector.errors import BadResponse
-from collector.models import normalize, parse_usage
+from collector.models import tenant_day_from_body
 from collector.simulator import OMIT, Simulator, running_simulator
 from tests.simulator_helpers import (
     API_KEY_1,
@@ -136,8 +136,7 @@ async def test_latency_applies_per_tenant(sim: Simulator, http: aiohttp.ClientSe
 
 
 def _bad_body_parses(body: bytes, day: dt.date) -> None:
-    response = parse_usage(body, tenant=T1)
-    normalize(T1, day, response, fetched_at=dt.datetime.now(dt.UTC), final=True)
+    tenant_day_from_body(T1, day, body, fetched_at=dt.datetime.now(dt.UTC), final=True)
 
 
 @pytest.mark.parametrize(

@@ -491,7 +491,6 @@ async def test_unreachable_server_is_transient_and_hides_password() -> None:
         await sink.ping()
     assert "hunter2-canary" not in str(caught.value)
     assert "hunter2-canary" not in repr(config)
-    assert "hunter2-canary" not in config.redacted_url()
     assert "hunter2-canary" in config.sqlalchemy_url().render_as_string(hide_password=False)
     await sink.aclose()
 

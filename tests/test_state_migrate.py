@@ -15,6 +15,7 @@ from collector.pipeline import utc_today
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector.state_migrate import copied_tables
 from collector.store import Store
+from collector.testing import usage_body
 from tests.e2e import run_cli, write_config
 from tests.postgres_helpers import fresh_schema
 from tests.servers import WebhookReceiver, sample_day
@@ -132,7 +133,8 @@ async def test_refuses_a_target_that_is_not_empty(tmp_path: Path, empty_postgres
     source = f"sqlite:///{tmp_path / 'state.db'}"
     store = await Store.open(source)
     try:
-        await store.record_fetched([(sample_day("t1"), "{}")])
+        day = sample_day("t1")
+        await store.record_fetched([(day, usage_body(day))])
     finally:
         await store.aclose()
     assert (
@@ -183,7 +185,8 @@ async def test_refuses_a_source_a_collector_is_running_on(
     source = f"sqlite:///{tmp_path / 'state.db'}"
     running = await Store.open(source, exclusive=True)
     try:
-        await running.record_fetched([(sample_day("t1"), "{}")])
+        day = sample_day("t1")
+        await running.record_fetched([(day, usage_body(day))])
         busy = await run_cli("state", "migrate", "--from", source, "--to", empty_postgres)
     finally:
         await running.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 from pathlib import Path
@@ -11,8 +12,9 @@ import yaml
 
 from collector.app import load, load_plugins
 from collector.config import AppConfig
-from collector.status import render_status, status_snapshot
+from collector.status import CycleSummary, Status, TenantReport, render_status, status_snapshot
 from collector.store import Store
+from collector.store.schema import SinkState, TenantState
 from tests.e2e import run_cli
 from tests.test_store import days
 
@@ -66,29 +68,42 @@ async def test_snapshot_reports_tenants_and_sinks(populated: tuple[Path, AppConf
     store = await Store.open(config.state.connection_url())
     try:
         parked_until = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+        cycle = CycleSummary(
+            planned=3,
+            fetched=3,
+            changed=3,
+            failed=0,
+            error=None,
+            skipped=None,
+            seconds=0.5,
+            finished_at=NEXT_RUN,
+        )
         snapshot = await status_snapshot(
             config,
             store,
-            last_results={"acme": {"fetched": 3}},
+            last_results={"acme": cycle},
             parked={"acme": None, "globex": parked_until},
         )
     finally:
         await store.aclose()
-    tenants = {t["tenant"]: t for t in snapshot["tenants"]}
-    assert tenants["acme"]["days_complete"] == 3
-    assert tenants["acme"]["state"] == "ok"
-    assert tenants["acme"]["last_success_at"] is not None
-    assert tenants["acme"]["next_run_at"] == NEXT_RUN.isoformat()
-    assert tenants["acme"]["last_cycle"] == {"fetched": 3}
-    assert tenants["globex"]["days_complete"] == 0
-    assert tenants["globex"]["state"] == "auth_failed"
-    assert tenants["globex"]["auth_failed_until"] == parked_until.isoformat()
-    assert tenants["globex"]["last_error"] == "AuthError: credentials rejected"
-    sinks = {s["sink"]: s for s in snapshot["sinks"]}
-    assert (sinks["warehouse"]["backlog"], sinks["warehouse"]["dead_letters"]) == (0, 0)
-    assert (sinks["hook"]["backlog"], sinks["hook"]["dead_letters"]) == (2, 1)
-    assert sinks["hook"]["lag_seconds"] >= 0
-    json.dumps(snapshot)  # JSON-ready as /status serves it
+    acme, globex = snapshot.tenant("acme"), snapshot.tenant("globex")
+    assert acme.stored.days_complete == 3
+    assert acme.state == "ok"
+    assert acme.stored.last_success_at is not None
+    assert acme.stored.next_run_at == NEXT_RUN
+    assert acme.last_cycle == cycle
+    assert globex.stored.days_complete == 0
+    assert globex.state == "auth_failed"
+    assert globex.stored.auth_failed_until == parked_until
+    assert globex.stored.last_error == "AuthError: credentials rejected"
+    sinks = {s.sink: s for s in snapshot.sinks}
+    assert (sinks["warehouse"].backlog, sinks["warehouse"].dead_letters) == (0, 0)
+    assert (sinks["hook"].backlog, sinks["hook"].dead_letters) == (2, 1)
+    assert sinks["hook"].lag_seconds >= 0
+    document = json.loads(json.dumps(snapshot.to_dict()))  # JSON only at the edge
+    acme_json = next(t for t in document["tenants"] if t["tenant"] == "acme")
+    assert (acme_json["state"], acme_json["next_run_at"]) == ("ok", NEXT_RUN.isoformat())
+    assert acme_json["last_cycle"]["finished_at"] == NEXT_RUN.isoformat()
 
 
 async def test_next_run_from_the_daemon_overrides_the_stored_one(
@@ -102,37 +117,57 @@ async def test_next_run_from_the_daemon_overrides_the_stored_one(
         snapshot = await status_snapshot(config, store, next_run={"acme": sooner})
     finally:
         await store.aclose()
-    acme = next(t for t in snapshot["tenants"] if t["tenant"] == "acme")
-    assert acme["next_run_at"] == sooner.isoformat()
+    assert snapshot.tenant("acme").stored.next_run_at == sooner
 
 
 def test_render_status_shows_two_aligned_tables() -> None:
     """The table has one row per tenant and per sink with the figures an operator needs."""
-    snapshot = {
-        "tenants": [
-            {
-                "tenant": "acme",
-                "state": "ok",
-                "days_complete": 30,
-                "days_failed": 1,
-                "days_quarantined": 2,
-                "days_aged_out": 3,
-                "last_day": "2026-01-30",
-                "last_success_at": "2026-01-30T10:00:00+00:00",
-                "next_run_at": "2026-01-30T11:00:00+00:00",
-                "last_error": None,
-            },
-            {
-                "tenant": "globex",
-                "state": "failing",
-                "days_complete": 0,
-                "last_error": "ServerError: 500 " + "x" * 100,
-            },
-        ],
-        "sinks": [
-            {"sink": "hook", "backlog": 12, "dead_letters": 2, "lag_seconds": 93.4},
-        ],
-    }
+    at = dt.datetime(2026, 1, 30, 10, 0, tzinfo=dt.UTC)
+    acme = TenantState(
+        tenant="acme",
+        days_complete=30,
+        days_final=28,
+        days_failed=1,
+        days_quarantined=2,
+        first_day=dt.date(2026, 1, 1),
+        last_day=dt.date(2026, 1, 30),
+        last_fetched_at=at,
+        last_success_at=at,
+        last_error=None,
+        last_error_at=None,
+        auth_failed_until=None,
+        next_run_at=at + dt.timedelta(hours=1),
+        days_aged_out=3,
+    )
+    globex = dataclasses.replace(
+        acme,
+        tenant="globex",
+        days_complete=0,
+        days_failed=0,
+        days_quarantined=0,
+        days_aged_out=0,
+        last_day=None,
+        last_success_at=None,
+        next_run_at=None,
+        last_error="ServerError: 500 " + "x" * 100,
+    )
+    hook = SinkState(
+        sink="hook",
+        routes=None,
+        backlog=12,
+        dead_letters=2,
+        lag_seconds=93.4,
+        oldest_queued_at=None,
+        last_success_at=None,
+        last_error=None,
+        last_error_at=None,
+    )
+    snapshot = Status(
+        generated_at=at,
+        history_start=dt.date(2025, 11, 1),
+        tenants=[TenantReport(acme, "ok"), TenantReport(globex, "failing")],
+        sinks=[hook],
+    )
     text = render_status(snapshot)
     tenant_table, sink_table = text.split("\n\n")  # no quarantined or aged-out days to list
     header, rule, acme, globex = tenant_table.splitlines()
@@ -178,4 +213,27 @@ async def test_status_command_reads_the_store(populated: tuple[Path, AppConfig])
     assert {t["tenant"]: t["days_complete"] for t in snapshot["tenants"]} == {
         "acme": 3,
         "globex": 0,
+    }
+
+
+async def test_a_configured_sink_not_yet_registered_shows_its_waiting_history(
+    tmp_path: Path,
+) -> None:
+    """A sink in the config that no run has registered yet is listed (nothing queued for it
+    until a run registers it), and its JSON has the fields of a sink with nothing delivered."""
+    _, config = _config(tmp_path)
+    store = await Store.open(config.state.connection_url())
+    try:
+        await store.record_fetched(days("acme", 3))
+        snapshot = await status_snapshot(config, store)
+    finally:
+        await store.aclose()
+    assert [(s.sink, s.backlog) for s in snapshot.sinks] == [("hook", 0), ("warehouse", 0)]
+    assert snapshot.to_dict()["sinks"][0] == {
+        "sink": "hook",
+        "backlog": 0,
+        "dead_letters": 0,
+        "lag_seconds": 0.0,
+        "last_success_at": None,
+        "last_error": None,
     }

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy
 
 from collector.errors import StoreError
-from collector.models import TenantDay, normalize, parse_usage
+from collector.models import TenantDay, tenant_day_from_body
 from collector.store import Store
 from collector.store.schema import SCHEMA_VERSION
 
@@ -55,14 +55,15 @@ def usage_data(day: dt.date, users: int = 3, messages: int = 7) -> dict[str, Any
 
 def fetched(
     tenant: str, day: dt.date = DAY, *, final: bool = False, **kwargs: int
-) -> tuple[TenantDay, dict[str, Any]]:
-    """A fetched tenant-day exactly as the pipeline builds it: parsed, normalized, raw data kept."""
-    data = usage_data(day, **kwargs)
-    response = parse_usage(json.dumps({"status": "success", "data": data}))
-    return normalize(tenant, day, response, fetched_at=FETCHED_AT, final=final), data
+) -> tuple[TenantDay, str]:
+    """A fetched tenant-day exactly as the pipeline builds it: from the body, which is kept."""
+    body = json.dumps({"status": "success", "data": usage_data(day, **kwargs)})
+    return tenant_day_from_body(
+        tenant, day, body.encode(), fetched_at=FETCHED_AT, final=final
+    ), body
 
 
-def days(tenant: str, count: int, *, final: bool = False) -> list[tuple[TenantDay, dict[str, Any]]]:
+def days(tenant: str, count: int, *, final: bool = False) -> list[tuple[TenantDay, str]]:
     return [fetched(tenant, DAY + dt.timedelta(days=i), final=final) for i in range(count)]
 
 
@@ -162,8 +163,8 @@ async def test_pending_skips_what_the_sink_has_and_returns_changes(store: Store)
     assert list(await store.pending("warehouse")) == []
     await store.record_fetched(days("acme", 3))  # unchanged re-fetch
     assert list(await store.pending("warehouse")) == []
-    changed, _ = fetched("acme", DAY + dt.timedelta(days=1), messages=99)
-    await store.record_fetched([(changed, usage_data(changed.day, messages=99))])
+    changed, body = fetched("acme", DAY + dt.timedelta(days=1), messages=99)
+    await store.record_fetched([(changed, body)])
     assert list(await store.pending("warehouse")) == [changed]
 
 
@@ -268,7 +269,7 @@ async def test_a_removed_sink_that_returns_gets_only_what_it_lacks(store: Store)
     await store.record_fetched(days("acme", 3))
     await store.mark_delivered("hook", (await store.pending("hook"))[:2])
     await store.sync_sinks({"warehouse": None}, remove_missing=True)
-    assert set(await store.registered_sinks()) == {"warehouse"}
+    assert {s.sink for s in (await store.status_snapshot()).sinks} == {"warehouse"}
     assert await store.backlog("hook") == 0
     assert await store.sync_sinks({"warehouse": None, "hook": None}) == {"warehouse": 0, "hook": 1}
 
@@ -337,7 +338,7 @@ async def test_status_snapshot_reports_tenants_and_sinks(store: Store) -> None:
     assert sinks["hook"].routes == ["acme"]
     assert sinks["hook"].last_error == "SinkPermanentError: 400"
     assert sinks["warehouse"].lag_seconds >= 0.0
-    assert json.loads(json.dumps(snapshot.to_dict()))["sinks"][0]["sink"] == "hook"
+    assert [s.sink for s in snapshot.sinks] == ["hook", "warehouse"]  # by name
 
 
 async def test_lag_is_the_age_of_the_oldest_queued_day(store_url: str) -> None:
@@ -482,7 +483,7 @@ async def test_postgres_password_never_appears(postgres_url: str) -> None:
 
 _WRITER = """
 import asyncio, datetime as dt, json, sys
-from collector.models import normalize, parse_usage
+from collector.models import tenant_day_from_body
 from collector.store import Store
 
 async def main(url):
@@ -493,9 +494,10 @@ async def main(url):
         data = {"period": {"start": str(day), "end": str(day), "days": 1},
                 "summary": {"total_active_users": 1, "total_messages": n},
                 "users": [], "daily": [{"day": str(day), "active_users": 1, "messages": n}]}
-        response = parse_usage(json.dumps({"status": "success", "data": data}))
-        item = normalize(f"t{n % 7}", day, response, fetched_at=dt.datetime.now(dt.UTC), final=True)
-        await store.record_fetched([(item, data)])
+        body = json.dumps({"status": "success", "data": data})
+        now = dt.datetime.now(dt.UTC)
+        item = tenant_day_from_body(f"t{n % 7}", day, body.encode(), fetched_at=now, final=True)
+        await store.record_fetched([(item, body)])
         print(item.tenant, day.isoformat(), flush=True)  # only after the commit returned
         day += dt.timedelta(days=1) if n % 7 == 6 else dt.timedelta(0)
 

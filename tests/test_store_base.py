@@ -15,12 +15,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from collector.errors import StoreError
-from collector.models import normalize, parse_usage
+from collector.models import tenant_day_from_body
 from collector.pii import Pseudonymizer, raw_body_policy, raw_payload_policy
 from collector.store import Store
 from collector.store.base import HEALTH_LOG_INTERVAL, StoreHealth
 from tests.disk import fill, small_disk
-from tests.test_store import DAY, days, fetched
+from tests.test_store import DAY, FETCHED_AT, days, fetched, usage_data
 
 
 @pytest.fixture
@@ -114,10 +114,12 @@ async def test_pseudonymized_raw_payloads_hold_no_email(tmp_path: Path) -> None:
     url = f"sqlite:///{path}"
     store = await Store.open(url)
     store.payload_policy = raw_payload_policy("pseudonymize", b"state-key")
-    item, data = fetched("acme", users=3)
+    data = usage_data(DAY, users=3)
     data["users"].append(dict(data["users"][0], email="USER0@acme.example"))
+    body = json.dumps({"status": "success", "data": data})
+    item = tenant_day_from_body("acme", DAY, body.encode(), fetched_at=FETCHED_AT, final=False)
     await store.sync_sinks({"warehouse": None})
-    await store.record_fetched([(item, data)])
+    await store.record_fetched([(item, body)])
     first = await store.pending("warehouse")
     await store.aclose()
 
@@ -146,7 +148,7 @@ async def test_pseudonymized_quarantined_bodies_hold_no_email(tmp_path: Path) ->
     store = await Store.open(f"sqlite:///{path}")
     store.payload_policy = raw_payload_policy("pseudonymize", b"state-key")
     store.body_policy = raw_body_policy("pseudonymize", b"state-key")
-    item, data = fetched("acme", users=2)
+    data = usage_data(DAY, users=2)
     body = json.dumps({"status": "success", "data": {**data, "surprise": [[1]]}}).encode()
     try:
         await store.record_quarantined("acme", DAY, "data.surprise: not understood", body)
@@ -156,9 +158,7 @@ async def test_pseudonymized_quarantined_bodies_hold_no_email(tmp_path: Path) ->
         assert b"@acme.example" not in kept.body
         assert sorted(u["email"] for u in json.loads(kept.body)["data"]["users"]) == expected
         # reprocess: the kept body parses and is stored through the same policy, unchanged.
-        reparsed = normalize(
-            "acme", DAY, parse_usage(kept.body), fetched_at=item.daily.fetched_at, final=True
-        )
+        reparsed = tenant_day_from_body("acme", DAY, kept.body, fetched_at=FETCHED_AT, final=True)
         [(stored, _payload)] = store.private([(reparsed, kept.body.decode())])
         assert sorted(u.user for u in stored.users) == expected
     finally:

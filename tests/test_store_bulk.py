@@ -4,51 +4,16 @@ through SQLAlchemy exactly, and the end of a delivery pass (SQLite, and PostgreS
 from __future__ import annotations
 
 import datetime as dt
-import json
 from collections.abc import AsyncIterator
 
 import pytest
 import sqlalchemy
 
-from collector.models import TenantDay
 from collector.store import Store
 from collector.store.schema import delivery, tenant_day
-from collector.testing import make_batch, refetched
+from collector.testing import make_batch, refetched, usage_body
 
 START = dt.date(2024, 1, 1)
-
-
-def body(td: TenantDay) -> str:
-    """A success body for ``td``, as the API would have sent it (what the store keeps)."""
-    data = {
-        "period": {"start": td.day.isoformat(), "end": td.day.isoformat(), "days": 1},
-        "summary": {"total_active_users": td.daily.active_users, "total_messages": 0},
-        "users": [
-            {
-                "email": u.user,
-                "messages": u.messages,
-                "last_active": u.last_active.isoformat() if u.last_active else None,
-                "ides": list(u.ides),
-                "languages": list(u.languages),
-            }
-            for u in td.users
-        ],
-        "daily": [
-            {
-                "day": td.day.isoformat(),
-                "active_users": td.daily.active_users,
-                "messages": td.daily.messages,
-                "ides": [
-                    {"ide_name": i.ide_name, "engaged_users": i.engaged_users} for i in td.ides
-                ],
-                "languages": [
-                    {"language_name": x.language_name, "engaged_users": x.engaged_users}
-                    for x in td.languages
-                ],
-            }
-        ],
-    }
-    return json.dumps({"status": "success", "data": data})
 
 
 @pytest.fixture
@@ -66,14 +31,14 @@ async def test_a_batch_larger_than_one_statement_is_stored_queued_and_read_whole
     """700 tenant-days in one commit (several statements and key lookups each) are all stored,
     queued in order for every routed sink, read back equal, and known again on a re-fetch."""
     items = make_batch(7, 100, start=START, users=2)
-    assert await store.record_fetched([(td, body(td)) for td in items]) == [True] * 700
+    assert await store.record_fetched([(td, usage_body(td)) for td in items]) == [True] * 700
     page = await store.pending("warehouse", limit=1000)
     assert (list(page), page.read) == (items, 700)
     assert await store.backlog("hook") == 100
     await store.mark_delivered("warehouse", page)
     assert await store.backlog("warehouse") == 0
     again = items[:350] + [refetched(td) for td in items[350:]]
-    flags = await store.record_fetched([(td, body(td)) for td in again])
+    flags = await store.record_fetched([(td, usage_body(td)) for td in again])
     assert flags == [False] * 350 + [True] * 350
     assert await store.backlog("warehouse") == 350
 
@@ -87,7 +52,7 @@ async def test_values_of_the_hot_path_read_back_through_sqlalchemy(
     moment = dt.datetime(2024, 3, 5, 8, 30, tzinfo=plus_two)  # no microseconds
     [td] = make_batch(("tenant-01",), 1, start=START)
     final = refetched(td, fetched_at=moment, final=True)
-    await store.record_fetched([(final, body(final))])
+    await store.record_fetched([(final, usage_body(final))])
     await store.mark_delivered("warehouse", [final])
     engine = sqlalchemy.create_engine(store_url)
     try:
@@ -117,7 +82,7 @@ async def test_values_of_the_hot_path_read_back_through_sqlalchemy(
 async def test_end_pass_notes_the_outcome_and_returns_the_backlog(store: Store) -> None:
     """end_pass notes success or the error for status only after a write, and counts what waits."""
     items = make_batch(("tenant-01",), 3, start=START)
-    await store.record_fetched([(td, body(td)) for td in items])
+    await store.record_fetched([(td, usage_body(td)) for td in items])
     assert await store.end_pass("hook", None, attempted=False) == 3
     assert (await store.status_snapshot()).sinks[0].last_success_at is None
     await store.mark_delivered("hook", items[:1])
@@ -132,7 +97,7 @@ async def test_a_page_counts_the_unreadable_days_it_set_aside(store: Store, stor
     """A page that set a broken payload aside still counts it as read, so the reader knows the
     queue went on past a short page."""
     items = make_batch(("tenant-01",), 3, start=START)
-    await store.record_fetched([(td, body(td)) for td in items])
+    await store.record_fetched([(td, usage_body(td)) for td in items])
     engine = sqlalchemy.create_engine(store_url)
     try:
         with engine.begin() as conn:

@@ -23,6 +23,7 @@ from collector.store.fencing import (
 )
 from collector.store.leases import ReplicaLeases, this_replica
 from collector.store.schema import SCHEMA_VERSION
+from collector.testing import usage_body
 from tests.postgres_helpers import fresh_schema
 from tests.servers import sample_day
 from tests.test_store import fetched
@@ -133,20 +134,20 @@ async def test_a_stale_token_cannot_write_day_outbox_or_delivery(
         await old.store.sync_sinks({"warehouse": None})
         await old.beat(["acme"])
         day = sample_day("acme", dt.date(2026, 1, 5))
-        assert await old.store.record_fetched([(day, "{}")]) == [True]
+        assert await old.store.record_fetched([(day, usage_body(day))]) == [True]
         await anyio.sleep(1.2)
         await new.beat(["acme"])  # the old holder is paused past its expiry: taken over
 
         later = sample_day("acme", dt.date(2026, 1, 6))
         with pytest.raises(StaleLease, match="stale fencing token"):
-            await old.store.record_fetched([(later, "{}")])
+            await old.store.record_fetched([(later, usage_body(later))])
         with pytest.raises(StaleLease):
             await old.store.mark_delivered("warehouse", [day])
         with pytest.raises(StaleLease):
             await old.store.set_tenant_success("acme")
 
         assert set(await new.store.days_state("acme")) == {day.day}  # `later` was not stored
-        assert await new.store.record_fetched([(later, "{}")]) == [True]
+        assert await new.store.record_fetched([(later, usage_body(later))]) == [True]
         await new.store.mark_delivered("warehouse", [day])
         assert await new.store.backlog("warehouse") == 1  # `later` only: `day` is delivered
     finally:

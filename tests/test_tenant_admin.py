@@ -22,6 +22,7 @@ from collector.hookspecs import hookimpl
 from collector.simulator import SimulatorSettings, demo_tenants, running_simulator
 from collector.sink import Sink
 from collector.tenant_admin import TenantStore, purge_sinks, write_export
+from collector.testing import usage_body
 from tests.e2e import CliResult, run_cli, write_config
 from tests.servers import (
     MOTO_CREDENTIALS,
@@ -258,7 +259,8 @@ async def test_store_rows_and_purge_of_one_tenant(store_url: str) -> None:
     store = await TenantStore.open(store_url)
     try:
         await store.sync_sinks({"db": None})
-        fetched = [(sample_day(t, d), "{}") for t in ("acme", "globex") for d in days]
+        stored = [sample_day(t, d) for t in ("acme", "globex") for d in days]
+        fetched = [(td, usage_body(td)) for td in stored]
         await store.record_fetched(fetched)
         await store.set_tenant_success("acme")
         await store.set_tenant_success("globex")

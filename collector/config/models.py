@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from typing import Any, Literal
 from urllib.parse import quote, unquote, urlsplit
 
+import structlog
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -27,13 +28,14 @@ from pydantic import (
     model_validator,
 )
 
+from collector.concurrency import DEFAULT_WORKER_THREADS
 from collector.config.durations import Duration
 from collector.config.source import FILE_SUFFIX, SecretFileError, read_secret_file
 from collector.errors import ConfigProblem
-from collector.log import get_logger, register_secrets
+from collector.log import register_secrets
 from collector.sink import SinkConfig
 
-log = get_logger("collector.config")
+log = structlog.get_logger(__name__)
 
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 # Names Windows reserves for devices, with or without an extension ("nul", "con.txt"): a tenant id
@@ -270,7 +272,7 @@ class StateConfig(_Model):
         return value
 
     def connection_url(self) -> str:
-        """The URL to connect with, ``password`` inserted (never log this; see ``redacted_url``)."""
+        """The URL to connect with, ``password`` inserted (never log this)."""
         if self.password is None:
             return self.url
         parts = urlsplit(self.url)
@@ -279,15 +281,6 @@ class StateConfig(_Model):
         port = f":{parts.port}" if parts.port else ""
         secret = quote(self.password.get_secret_value(), safe="")
         return parts._replace(netloc=f"{user}:{secret}@{host}{port}").geturl()
-
-    @property
-    def redacted_url(self) -> str:
-        """The URL with any password replaced by ``***``, safe for logs and status."""
-        parts = urlsplit(self.url)
-        if parts.password is None:
-            return self.url
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-        return parts._replace(netloc=netloc).geturl()
 
     def secret_values(self) -> list[str]:
         """The password (from ``password`` or written inside the URL) and the ``pii_key``."""
@@ -302,7 +295,7 @@ class RuntimeConfig(_Model):
     """How the process runs its work (changes take effect after a restart)."""
 
     worker_threads: int = Field(
-        default=8,
+        default=DEFAULT_WORKER_THREADS,
         ge=1,
         le=256,
         description="Worker threads for blocking work (state store SQL, file and database sinks); "

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 import sqlalchemy as sa
 from sqlalchemy.pool import StaticPool
 
+from collector.csv_layout import complete_partitions
 from collector.report.model import ReportError, UsageReport, Window
 from collector.report.query import TABLE_NAMES, build_report
 from collector.tables import USAGE_TABLES
@@ -178,19 +179,7 @@ class CsvSource:
         except OSError as error:
             raise ReportError(f"{self.description}: {error.strerror} ({self.root})") from None
         for tenant_dir in tenants:
-            directory = tenant_dir / table
-            if not directory.is_dir():
-                continue
-            for path in sorted(directory.glob("*.csv")):
-                # Skips the sink's hidden temporary files and anything not named by a day.
-                try:
-                    day = dt.date.fromisoformat(path.stem)
-                except ValueError:
-                    continue
-                # A day counts only with its usage_daily file, which the sink publishes last.
-                marker = tenant_dir / "usage_daily" / path.name
-                if first <= day <= last and not path.name.startswith(".") and marker.is_file():
-                    yield path
+            yield from complete_partitions(tenant_dir, table, first, last)
 
 
 def _read_csv(

@@ -28,7 +28,7 @@ and run many rows at a time).
 
 from __future__ import annotations
 
-from collector.planner import DayState, DayStatus
+from collector.models import DayState, DayStatus
 from collector.store.leases import LeasesStore
 from collector.store.lock import StoreUnusable
 from collector.store.quarantine import QuarantineStore

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
 import threading
 import time
 from collections.abc import Callable, Collection, Mapping, Sequence
@@ -58,9 +57,8 @@ from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from collector.concurrency import run_sync
 from collector.errors import StoreError
 from collector.files import create_private_file, ensure_private_dir
-from collector.models import TenantDay
+from collector.models import DayStatus, TenantDay
 from collector.pii import PayloadPolicy, StoredPayload
-from collector.planner import DayStatus
 from collector.store.fencing import (
     FENCE_SETTING,
     fencing_error,
@@ -77,7 +75,7 @@ from collector.store.schema import (
     upsert,
 )
 
-log = structlog.get_logger("collector.store")
+log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 Key = tuple[str, dt.date]
@@ -107,19 +105,6 @@ def chunks(values: Sequence[T]) -> list[Sequence[T]]:
 
 def short(text: str) -> str:
     return text if len(text) <= _TEXT_MAX else text[: _TEXT_MAX - 1] + "…"
-
-
-def dump_json(data: Mapping[str, Any] | str) -> str:
-    """The stored payload: the API's response body.
-
-    Text is the body as received and is kept as it is (no second encoding); a mapping is the
-    body's ``data`` object and is wrapped in the success envelope.
-    """
-    if isinstance(data, str):
-        return data
-    return json.dumps(
-        {"status": "success", "data": data}, separators=(",", ":"), ensure_ascii=False, default=str
-    )
 
 
 def as_status(value: str) -> DayStatus:
@@ -173,15 +158,6 @@ class StoreHealth:
     def failing(self) -> bool:
         """True from a failed operation until the next one that succeeds."""
         return self.error is not None
-
-    def snapshot(self) -> dict[str, Any]:
-        """The ``state_store`` object of ``/status``."""
-        return {
-            "state": "failing" if self.failing else "ok",
-            "error": self.error,
-            "since": self.since.isoformat() if self.since else None,
-            "errors": self.failures,
-        }
 
     def failed(self, error: str) -> None:
         with self._lock:

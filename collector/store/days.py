@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from sqlalchemy import (
@@ -15,9 +15,8 @@ from sqlalchemy import (
     update,
 )
 
-from collector.models import TenantDay
-from collector.planner import DayState, DayStatus
-from collector.store.base import Key, as_status, dump_json, short
+from collector.models import DayState, DayStatus, TenantDay
+from collector.store.base import Key, as_status, short
 from collector.store.outbox import OutboxStore
 from collector.store.prepared import rows_by_key
 from collector.store.schema import (
@@ -31,10 +30,8 @@ from collector.store.schema import (
 class DaysStore(OutboxStore):
     """Fetched and failed tenant-days, and retention of their payloads."""
 
-    async def record_fetched(
-        self, items: Sequence[tuple[TenantDay, Mapping[str, Any] | str]]
-    ) -> list[bool]:
-        """Store fetched tenant-days with their raw ``data`` objects, in one transaction.
+    async def record_fetched(self, items: Sequence[tuple[TenantDay, str]]) -> list[bool]:
+        """Store fetched tenant-days with their 200 bodies as received, in one transaction.
 
         Returns, per item, True when its version changed (a new day, other figures, or the day
         became final): exactly the items now queued for the sinks. The transaction is committed
@@ -52,7 +49,7 @@ class DaysStore(OutboxStore):
         return flags
 
     def _record_fetched(
-        self, conn: Connection, items: Sequence[tuple[TenantDay, Mapping[str, Any] | str]]
+        self, conn: Connection, items: Sequence[tuple[TenantDay, str]]
     ) -> tuple[list[bool], dict[Key, int]]:
         """:meth:`record_fetched`'s flags, and how many sinks each changed day is queued for."""
         hot = self._hot(conn)
@@ -65,14 +62,14 @@ class DaysStore(OutboxStore):
             for key, row in rows_by_key(hot.existing.rows(conn, keys), codec).items()
         }
         latest: dict[Key, str | None] = {key: version for key, (version, _) in before.items()}
-        last: dict[Key, tuple[TenantDay, Mapping[str, Any] | str]] = {}
+        last: dict[Key, tuple[TenantDay, str]] = {}
         flags: list[bool] = []
-        for td, data in items:
+        for td, payload in items:
             key = (td.tenant, td.day)
             version = version_of_day(td)
             flags.append(latest.get(key) != version)
             latest[key] = version
-            last[key] = (td, data)
+            last[key] = (td, payload)
         changed = [key for key in keys if before.get(key, (None, True))[0] != latest[key]]
         unchanged = [key for key in keys if before.get(key, (None, True))[0] == latest[key]]
         readers: dict[Key, int] = {}
@@ -81,7 +78,7 @@ class DaysStore(OutboxStore):
             values: list[Any] = []
             queued: list[tuple[Key, int, str]] = []
             for seq, key in enumerate(changed, first_seq):
-                td, data = last[key]
+                td, payload = last[key]
                 version = version_of_day(td)
                 # TENANT_DAY_COLUMNS: tenant, day, status, final, attempts, reason, fetched_at,
                 # changed_at, content_hash, version, seq, payload, updated_at
@@ -97,7 +94,7 @@ class DaysStore(OutboxStore):
                     td.content_hash,
                     version,
                     seq,
-                    dump_json(data),
+                    payload,
                     now,
                 )
                 queued.append((key, seq, version))
@@ -106,13 +103,13 @@ class DaysStore(OutboxStore):
         if unchanged:
             params = []
             for key in unchanged:
-                td, data = last[key]
+                td, payload = last[key]
                 params.append(
                     (
                         "final" if td.final else "fetched",
                         codec.flag(td.final),
                         codec.moment(td.fetched_at),
-                        dump_json(data) if before[key][1] else None,
+                        payload if before[key][1] else None,
                         now,
                         key[0],
                         codec.day(key[1]),

@@ -62,16 +62,6 @@ DELIVERED_COLUMNS = (
     "dead_letter",
     "updated_at",
 )
-PENDING_COLUMNS = (
-    "queued_seq",
-    "tenant",
-    "day",
-    "fetched_at",
-    "updated_at",
-    "final",
-    "hash",
-    "payload",
-)
 
 _ZERO = literal_column("0", Integer)
 _KEYS = ["sink", "tenant", "day"]
@@ -237,7 +227,8 @@ def pending_query(*, after: bool, tenants: Collection[str] | None = None) -> Any
     """The next queued keys of a sink (an index range on the outbox), then their payloads: the
     sort never sees more than ``limit`` rows, however long the queue. Binds ``sink``, ``limit``
     and with ``after`` the cursor; ``tenants`` narrows it (not the hot path: then it is run
-    through SQLAlchemy). Columns: PENDING_COLUMNS."""
+    through SQLAlchemy). Columns: queued_seq, tenant, day, fetched_at, updated_at, final,
+    content_hash, payload."""
     queue = (
         select(delivery.c.queued_seq, delivery.c.tenant, delivery.c.day)
         .where(

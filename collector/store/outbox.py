@@ -55,7 +55,7 @@ from collector.store.schema import (
     version_of_day,
 )
 
-log = structlog.get_logger("collector.store")
+log = structlog.get_logger(__name__)
 
 
 class OutboxStore(PendingStore):
@@ -80,10 +80,6 @@ class OutboxStore(PendingStore):
             found[name] = routed
         self._sink_count = len(found)
         return found
-
-    async def registered_sinks(self) -> Registered:
-        """The registered sinks and their routes (None: every tenant)."""
-        return await self._read(self._registered)
 
     async def sync_sinks(self, routes: Routes, *, remove_missing: bool = False) -> dict[str, int]:
         """Register the sinks of ``routes`` (sink name -> routed tenants, None = every tenant).

@@ -25,7 +25,7 @@ from collector.store.base import Key, StoreBase, short
 from collector.store.hot import pending_query
 from collector.store.schema import PendingBatch, delivery
 
-log = structlog.get_logger("collector.store")
+log = structlog.get_logger(__name__)
 
 # Stored or rebuilt tenant-days kept for the sinks (5 to 10 kB each). A sink that keeps pace lags
 # by a few hundred days. One that falls behind steadily fills any size, and then misses about the

@@ -386,10 +386,3 @@ class StatusSnapshot:
     generated_at: dt.datetime
     tenants: list[TenantState] = field(default_factory=list)
     sinks: list[SinkState] = field(default_factory=list)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "generated_at": self.generated_at.isoformat(),
-            "tenants": [t.to_dict() for t in self.tenants],
-            "sinks": [s.to_dict() for s in self.sinks],
-        }

@@ -76,13 +76,6 @@ class StatusStore(StoreBase):
         """When the scheduler runs the tenant next (None: not scheduled)."""
         await self._set_tenant(tenant, {"next_run_at": at})
 
-    async def tenant_statuses(
-        self, tenants: Collection[str] | None = None
-    ) -> dict[str, TenantStatus]:
-        """The ``tenant_status`` rows, by tenant."""
-        query = select(tenant_status).where(tenants_in(tenant_status.c.tenant, tenants))
-        return await self._read(lambda conn: self._tenant_statuses(conn, query))
-
     @staticmethod
     def _tenant_statuses(conn: Connection, query: Any) -> dict[str, TenantStatus]:
         return {

@@ -43,9 +43,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import structlog
 from pydantic import Field
 
 from collector.plugin import (
+    CSV_MARKER_FIRST,
     USAGE_COLUMNS,
     Batch,
     Sink,
@@ -55,9 +57,9 @@ from collector.plugin import (
     SinkTransientError,
     TenantDay,
     create_temp_file,
+    csv_partition_path,
     ensure_private_dir,
     fsync_directory,
-    get_logger,
     guard_row,
     hookimpl,
     run_blocking,
@@ -66,16 +68,10 @@ from collector.plugin import (
 COLUMNS = USAGE_COLUMNS
 """Table name -> CSV header, in file column order (from :mod:`collector.tables`)."""
 
-MARKER_FIRST: tuple[str, ...] = (
-    "usage_daily",
-    *(table for table in COLUMNS if table != "usage_daily"),
-)
-"""The tables of a day, its marker (``usage_daily``, published last) first."""
-
 _SAFE_SEGMENT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _WINDOWS_RESERVED = re.compile(r"^(con|prn|aux|nul|com\d|lpt\d)(\..*)?$", re.IGNORECASE)
 
-log = get_logger(__name__)
+log = structlog.get_logger(__name__)
 
 
 class CsvSinkConfig(SinkConfig):
@@ -107,8 +103,8 @@ def safe_segment(value: str, what: str = "tenant id") -> str:
 
 
 def partition_path(root: Path, tenant: str, table: str, day: dt.date) -> Path:
-    """Where one tenant-day of one table lives."""
-    return root / safe_segment(tenant) / table / f"{day.isoformat()}.csv"
+    """Where one tenant-day of one table lives (the shared layout, after checking ``tenant``)."""
+    return csv_partition_path(root, safe_segment(tenant), table, day)
 
 
 def render_tables(td: TenantDay, *, formula_guard: bool = True) -> dict[str, bytes]:
@@ -299,7 +295,7 @@ class CsvSink(Sink):
                     tables = render_tables(td, formula_guard=self.config.csv_formula_guard)
                     day: list[Staged] = []
                     staged.append(day)
-                    for table in MARKER_FIRST:
+                    for table in CSV_MARKER_FIRST:
                         target = partition_path(self.root, td.tenant, table, td.day)
                         if target.parent not in ready:
                             self._make_dirs(target.parent, ready, new_entries)

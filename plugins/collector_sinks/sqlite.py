@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import sqlalchemy as sa
+import structlog
 from pydantic import Field, SecretStr, model_validator
 from sqlalchemy import event, exc
 from sqlalchemy.engine import URL, Connection, Engine, make_url
@@ -60,13 +61,12 @@ from collector.plugin import (
     TenantDay,
     create_private_file,
     ensure_private_dir,
-    get_logger,
     hookimpl,
     insert_for,
     run_blocking,
 )
 
-_log = get_logger(__name__)
+_log = structlog.get_logger(__name__)
 
 _DRIVER_HINTS = {
     "postgresql": "pip install 'zencoder-collector[postgres]'",
@@ -134,17 +134,13 @@ class SqliteSinkConfig(SinkConfig):
         return self
 
     def sqlalchemy_url(self) -> URL:
-        """The URL to connect with, password included: never log it (see ``redacted_url``)."""
+        """The URL to connect with, password included: never log it."""
         if self.url is None:
             return URL.create("sqlite", database=str(self.path))
         url = make_url(self.url.get_secret_value())
         if self.password is not None:
             url = url.set(password=self.password.get_secret_value())
         return url
-
-    def redacted_url(self) -> str:
-        """The target with any password masked, safe for logs and ``status``."""
-        return self.sqlalchemy_url().render_as_string(hide_password=True)
 
 
 def _check_url(raw: str) -> None:
