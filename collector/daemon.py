@@ -238,7 +238,8 @@ class Daemon:
         return [] if runtime is None else [t.id for t in self._configured(runtime.config)]
 
     async def _leases_changed(self, holdings: Holdings) -> None:
-        """Tenants lost or released: cancel their cycles, drop their schedules; gained: run now."""
+        """Tenants lost or released: cancel their cycles, drop their schedules; gained: run now,
+        and deliver their outboxes now."""
         for tenant_id in holdings.lost | holdings.released:
             self.next_run.pop(tenant_id, None)
             scope = self.running.get(tenant_id)
@@ -246,6 +247,11 @@ class Daemon:
                 scope.cancel()
         if self._runtime is not None:
             await self._schedule_new(self._runtime.config)
+            deliverer = self._runtime.deliverer
+            if holdings.gained and deliverer is not None:
+                # Their outboxes are ours now: what the previous holder left undelivered goes
+                # out at once, not at the lanes' next poll.
+                deliverer.notify_new_data()
         self._wake.set()
 
     async def run(self, config: AppConfig | None = None) -> int:
@@ -671,6 +677,7 @@ class Daemon:
         health = runtime.store.health
         m.state_store_up.set(0 if health.failing else 1)
         m.state_store_errors.set(health.failures)
+        m.replica_fenced_writes.set(runtime.store.fenced_writes)
         # The client keeps counting for tenants a reload removed; export configured ones only.
         configured = {t.id for t in self._tenants(runtime.config)}
         m.start_series(tenants=configured, sinks=runtime.config.sinks)

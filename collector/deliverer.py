@@ -56,6 +56,7 @@ from collector.plugin_manager import Notifier
 from collector.retry import waits_disabled
 from collector.sink import Sink, SinkConfig
 from collector.store import Store
+from collector.store.fencing import StaleLease
 
 log = structlog.get_logger(__name__)
 
@@ -356,7 +357,9 @@ class Deliverer:
             if failed >= failed_passes:
                 break
             await self._pause(lane, self._lane_backoff(lane, None), wakeable=False)
-        lane.stats.backlog = await self._store.backlog(lane.name)
+        # A replica answers for the tenants it holds (store.lease_scope); the others' holders
+        # drain theirs.
+        lane.stats.backlog = await self._store.backlog(lane.name, self._store.lease_scope)
         lane.stats.state = "idle"
         return lane.stats.backlog == 0 and lane.stats.dead_lettered == dead_before
 
@@ -508,7 +511,20 @@ class Deliverer:
             )
 
     async def _delivered(self, lane: _Lane, unit: Sequence[TenantDay]) -> None:
-        await self._store.mark_delivered(lane.name, unit)
+        try:
+            await self._store.mark_delivered(lane.name, unit)
+        except StaleLease:
+            # This replica lost a tenant's lease during the write (state.replicas): its new
+            # holder delivers that tenant's days again (the same content), so mark tenant by
+            # tenant what is still ours. Not a sink failure: the sink took every day.
+            by_tenant: dict[str, list[TenantDay]] = {}
+            for td in unit:
+                by_tenant.setdefault(td.tenant, []).append(td)
+            for days in by_tenant.values():
+                try:
+                    await self._store.mark_delivered(lane.name, days)
+                except StaleLease:
+                    continue
         for td in unit:
             lane.failures.pop((td.tenant, td.day), None)
             lane.retry_at.pop((td.tenant, td.day), None)

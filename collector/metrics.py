@@ -297,6 +297,11 @@ class Metrics:
             "Leases this replica handed over: released to rebalance, or at a clean stop.",
             none,
         )
+        self.replica_fenced_writes = counter(
+            "replica_fenced_writes_total",
+            "Write transactions the state store refused for a stale fencing token.",
+            none,
+        )
         self.up = gauge("up", "1 while the daemon runs.", none)
         self.build_info = Info(
             PREFIX + "build", "Version of the collector and of Python.", registry=registry

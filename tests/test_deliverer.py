@@ -608,3 +608,61 @@ async def test_sinks_are_closed_even_when_the_shutdown_is_cancelled(store: Store
         scope.cancel()
         await delivery.aclose()
     assert [sink.closed for sink in sinks.values() if isinstance(sink, RecordingSink)] == [1, 1]
+
+
+class RebalancingSink(RecordingSink):
+    """Takes every batch; during its first write a second replica joins and the first hands it a
+    tenant (the rebalance of store.leases), as can happen while a real sink writes."""
+
+    def __init__(self, name: str, rebalance: Callable[[], Any]) -> None:
+        super().__init__(name)
+        self._rebalance: Callable[[], Any] | None = rebalance
+
+    async def write(self, batch: Batch) -> None:
+        await super().write(batch)
+        if self._rebalance is not None:
+            rebalance, self._rebalance = self._rebalance, None
+            await rebalance()
+
+
+@pytest.mark.postgres
+async def test_a_tenant_handed_over_during_a_write_is_not_a_sink_failure(
+    postgres_url: str,
+) -> None:
+    """When a replica loses one tenant of a batch while the sink writes it, the days of the
+    tenant it still holds are marked delivered, the others are left to the new holder, and the
+    lane neither fails nor warns."""
+    from collector.store.leases import ReplicaLeases, this_replica
+    from tests.postgres_helpers import fresh_schema
+
+    ttl = dt.timedelta(seconds=30)
+    tenants = ["acme", "globex"]
+    with fresh_schema(postgres_url, "d") as (_, url):
+        first, second = await Store.open(url), await Store.open(url)
+        try:
+            old, new = (ReplicaLeases(s, this_replica(), ttl=ttl) for s in (first, second))
+            await old.beat(tenants)  # alone: it holds both
+            await first.sync_sinks({"warehouse": None})
+            await first.record_fetched(history(tenants, 2))
+
+            async def rebalance() -> None:
+                await new.beat(tenants)  # joins: nothing free yet
+                await old.beat(tenants)  # releases its excess
+                await new.beat(tenants)  # claims it
+
+            sink = RebalancingSink("warehouse", rebalance)
+            delivery = deliverer(first, {"warehouse": sink})
+            with capture_logs() as logs:
+                assert await delivery.run_until_drained() is True
+            await delivery.aclose()
+            assert len(sink.received) == 4  # the sink took every day
+            kept, handed = sorted(old.tenants), sorted(new.tenants)
+            assert len(kept) == len(handed) == 1
+            assert await second.backlog("warehouse", kept) == 0
+            assert await second.backlog("warehouse", handed) == 2  # the new holder delivers them
+            stats = delivery.stats()["warehouse"]
+            assert (stats.failed, stats.last_error) == (0, None)
+            assert not [e for e in logs if e["event"] == "sink failing"]
+        finally:
+            await first.aclose()
+            await second.aclose()

@@ -111,6 +111,27 @@ async def test_content_change_is_reported_and_an_unchanged_refetch_is_not(store:
     ]
 
 
+async def test_an_unchanged_refetch_leaves_what_a_pending_delivery_carries(store_url: str) -> None:
+    """A pending day re-fetched with the same figures is still delivered with the fetched_at of
+    its version (rebuilt after a restart too), so every delivery of a version is identical."""
+    first = await Store.open(store_url)
+    await first.sync_sinks({"warehouse": None})
+    await first.record_fetched([fetched("acme")])
+    _, body = fetched("acme")
+    later = tenant_day_from_body(
+        "acme", DAY, body.encode(), fetched_at=FETCHED_AT + dt.timedelta(hours=1), final=False
+    )
+    assert await first.record_fetched([(later, body)]) == [False]
+    await first.aclose()
+    second = await Store.open(store_url)
+    try:
+        [pending] = await second.pending("warehouse")
+        assert pending.fetched_at == FETCHED_AT
+        assert pending.daily.fetched_at == FETCHED_AT
+    finally:
+        await second.aclose()
+
+
 async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
     """Same figures but now final counts as a change, so sinks learn final = true."""
     await store.sync_sinks({"warehouse": None})

@@ -231,6 +231,9 @@ class StoreBase:
         # A replica's fencing tokens (collector.store.fencing), put on every write; None: the
         # process is not a replica and is not fenced.
         self.fence: str | None = None
+        # Write transactions the fencing trigger refused (the metric replica_fenced_writes_total).
+        self.fenced_writes = 0
+        self._fenced_lock = threading.Lock()
         # The tenants whose outboxes a replica's deliverer reads; None: every tenant.
         self.lease_scope: frozenset[str] | None = None
         self._now = clock
@@ -428,6 +431,8 @@ class StoreBase:
         except SQLAlchemyError as exc:
             stale = fencing_error(exc, describe(exc))
             if stale is not None:  # the database is fine: this replica lost the tenant's lease
+                with self._fenced_lock:
+                    self.fenced_writes += 1
                 raise stale from exc
             error = store_error(exc)
             self.health.failed(str(error))

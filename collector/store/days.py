@@ -90,7 +90,7 @@ class DaysStore(OutboxStore):
                     0,
                     None,
                     codec.moment(td.fetched_at),
-                    now,
+                    codec.moment(td.fetched_at),  # changed_at: this version's fetch
                     td.content_hash,
                     version,
                     seq,

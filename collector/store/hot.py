@@ -248,7 +248,10 @@ def pending_query(*, after: bool, tenants: Collection[str] | None = None) -> Any
             queue.c.queued_seq,
             tenant_day.c.tenant,
             tenant_day.c.day,
-            tenant_day.c.fetched_at,
+            # When this version was fetched (an unchanged re-fetch moves fetched_at, not
+            # changed_at): every delivery of a version carries the same fetched_at, so a
+            # redelivery, by this replica or another, is the same body.
+            func.coalesce(tenant_day.c.changed_at, tenant_day.c.fetched_at),
             tenant_day.c.updated_at,
             tenant_day.c.final,
             tenant_day.c.content_hash,

@@ -38,11 +38,11 @@ from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, delete, func, or_, select, update
+from sqlalchemy import Connection, and_, delete, func, or_, select, text, update
 
 from collector.store.base import StoreBase
 from collector.store.fencing import LeasesUnsupported, fence_document, replica, tenant_lease
-from collector.store.schema import dialect_insert, upsert
+from collector.store.schema import dialect_insert
 
 FORGET_AFTER = 10
 """A replica row expired for this many lease durations is deleted (it shows in status till then)."""
@@ -153,6 +153,13 @@ class LeasesStore(StoreBase):
         return await self._read(_replica_rows)
 
 
+_ENSURE_LEASE_ROWS = text(
+    "INSERT INTO tenant_lease (tenant, token) SELECT t, 0 FROM unnest(CAST(:tenants AS text[])) "
+    "AS t ON CONFLICT (tenant) DO NOTHING"
+)
+"""A lease row, free, for every configured tenant that has none yet."""
+
+
 def _heartbeat(
     conn: Connection, me: ReplicaInfo, tenants: list[str], held: dict[str, int], ttl: dt.timedelta
 ) -> Holdings:
@@ -172,10 +179,8 @@ def _heartbeat(
         )
     )
     if tenants:
-        conn.execute(
-            upsert(conn, tenant_lease, ["tenant"]),
-            [{"tenant": tenant, "token": 0} for tenant in tenants],
-        )
+        # One statement for every tenant (not one per tenant: this runs at every heartbeat).
+        conn.execute(_ENSURE_LEASE_ROWS, {"tenants": tenants})
     # Leases of tenants no longer configured go back.
     unconfigured = conn.execute(
         update(tenant_lease)

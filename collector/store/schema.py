@@ -125,7 +125,7 @@ tenant_day = Table(
     Column("attempts", Integer, nullable=False, default=0),  # failed fetches since the last success
     Column("reason", Text),  # why the last fetch failed
     Column("fetched_at", UtcDateTime),  # last successful fetch
-    Column("changed_at", UtcDateTime),  # when the stored version last changed
+    Column("changed_at", UtcDateTime),  # when the stored version was fetched (sinks get this)
     Column("content_hash", Hash),  # usage figures only (collector.models.content_hash)
     Column("version", Hash),  # content_hash, plus ":final" once final: what sinks are compared on
     Column("seq", BigInteger),  # queue position of the current version
