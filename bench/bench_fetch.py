@@ -34,6 +34,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import asdict, dataclass, field, replace
@@ -117,6 +118,9 @@ class SimulatorProcess:
             raise RuntimeError(f"simulator did not start: {first!r} (see {self.log.name})")
         self.base_url = first.rsplit(" ", 1)[-1].strip()
         self.token_url = self.base_url + "/oauth/token"
+        # The simulator goes on printing a ready config listing every tenant (about 75 KB for
+        # 1,000): read it away, or the simulator blocks on a full pipe and never answers.
+        threading.Thread(target=self.proc.stdout.read, name="simulator-stdout", daemon=True).start()
 
     def stats(self) -> dict[str, Any]:
         url = self.base_url + "/_simulator/stats"  # http://127.0.0.1:PORT, printed by the simulator

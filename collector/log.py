@@ -39,8 +39,31 @@ from collections import deque
 from collections.abc import Iterable
 from typing import Any, TextIO
 
-import structlog
-from structlog.typing import EventDict, Processor, WrappedLogger
+
+def _import_structlog_without_rich() -> None:
+    """Import structlog with ``rich`` hidden from it, unless structlog or rich is loaded already
+    (the CLI imports this module before any command module, which import structlog too).
+
+    structlog imports rich, when installed, at import time for two features we do not use: its
+    console renderer's rich tracebacks (we pass ``plain_traceback``) and the locals of its dict
+    tracebacks (we use ``format_exc_info``). That import (rich, pygments, attrs) was about 0.1 s
+    of every start. A ``None`` in ``sys.modules`` makes ``import rich`` fail inside structlog,
+    which falls back as if rich were absent; the entry is removed at once, so our progress bars
+    (:mod:`collector.progress`) import rich as usual when a terminal shows them.
+    """
+    if "structlog" in sys.modules or "rich" in sys.modules:
+        return
+    sys.modules["rich"] = None  # type: ignore[assignment]  # None: "not importable"
+    try:
+        import structlog  # noqa: F401 - the import this function is for
+    finally:
+        del sys.modules["rich"]
+
+
+_import_structlog_without_rich()
+
+import structlog  # noqa: E402 - after the import above, which already loaded it
+from structlog.typing import EventDict, Processor, WrappedLogger  # noqa: E402
 
 __all__ = [
     "MIN_SECRET_LENGTH",

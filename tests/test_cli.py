@@ -240,19 +240,20 @@ def test_parsing_simulate_loads_its_options_on_demand() -> None:
 
 def test_loading_the_config_ends_the_startup_gc_pause(tmp_path: Path) -> None:
     """Once a command has loaded its config the garbage collector runs again, with start-up's
-    objects frozen, so a daemon never runs with collection paused."""
+    objects frozen and the run's thresholds, so a daemon never runs with collection paused."""
     config = _small_config(tmp_path)
     code = (
         "import argparse, asyncio, gc\n"
-        "from collector import cli, commands\n"
+        "from collector import cli, commands, process\n"
         "cli.pause_gc_for_startup()\n"
         "assert not gc.isenabled()\n"
         f"args = argparse.Namespace(config={str(config)!r}, check_credentials=False, json=False)\n"
         "asyncio.run(commands.validate(args))\n"
-        "print('gc', gc.isenabled(), gc.get_freeze_count() > 0)"
+        "print('gc', gc.isenabled(), gc.get_freeze_count() > 0,"
+        " gc.get_threshold() == process.RUN_GC_THRESHOLDS)"
     )
     result = run_python(code)
-    assert "gc True True" in result.stdout.splitlines()
+    assert "gc True True True" in result.stdout.splitlines()
 
 
 # --- progress, --json, resuming -------------------------------------------------------------------

@@ -21,6 +21,7 @@ from collector.client_transport import (
     BodyTooLarge,
     InvalidRequest,
     ProxyRoutes,
+    RequestDeadlines,
     Transport,
 )
 from tests.servers import TcpServer
@@ -226,6 +227,103 @@ async def test_no_complete_response_within_the_deadline_is_a_timeout() -> None:
                 await client.request("GET", server.url + "/")
     finally:
         await client.aclose()
+
+
+async def test_each_request_times_out_at_its_own_deadline() -> None:
+    """Of two requests begun apart, the first times out while the second is still in flight,
+    and the second times out later: each at its own deadline, not at another's."""
+
+    async def never(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: RawServer) -> None:
+        await s.next_request(r)
+        await asyncio.sleep(5)
+
+    client = transport(timeout=0.4)
+    try:
+        async with RawServer(never) as server:
+            first = asyncio.create_task(client.request("GET", server.url + "/"))
+            await asyncio.sleep(0.2)
+            second = asyncio.create_task(client.request("GET", server.url + "/"))
+            with pytest.raises(TimeoutError):
+                await first
+            second_in_flight = not second.done()
+            with pytest.raises(TimeoutError):
+                await second
+    finally:
+        await client.aclose()
+    assert second_in_flight
+
+
+async def test_a_request_that_ends_in_time_leaves_its_task_uncancelled() -> None:
+    """After a request ends before its deadline, the task can await past that deadline."""
+    client = transport(timeout=0.2)
+    try:
+        async with RawServer(answer_each(OK)) as server:
+            reply = await client.request("GET", server.url + "/")
+            await asyncio.sleep(0.4)  # past the deadline of the request above
+            again = await client.request("GET", server.url + "/")
+    finally:
+        await client.aclose()
+    assert (reply.status, again.status) == (200, 200)
+
+
+async def test_a_cancellation_from_outside_stays_a_cancellation() -> None:
+    """A task cancelled while its request is in flight ends cancelled, never with TimeoutError,
+    and the other requests in flight still time out at their deadlines."""
+
+    async def never(r: asyncio.StreamReader, w: asyncio.StreamWriter, s: RawServer) -> None:
+        await s.next_request(r)
+        await asyncio.sleep(5)
+
+    client = transport(timeout=0.5)
+    try:
+        async with RawServer(never) as server:
+            cancelled = asyncio.create_task(client.request("GET", server.url + "/"))
+            timing_out = asyncio.create_task(client.request("GET", server.url + "/"))
+            await asyncio.sleep(0.1)
+            cancelled.cancel()
+            results = await asyncio.gather(cancelled, timing_out, return_exceptions=True)
+    finally:
+        await client.aclose()
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert isinstance(results[1], TimeoutError)
+
+
+async def deadline_outcome(deadlines: RequestDeadlines, outside_cancel_at_deadline: bool) -> str:
+    """Run one 'request' (a long sleep) under ``deadlines``: how it ended."""
+    loop = asyncio.get_running_loop()
+    began: list[float] = []
+
+    async def request() -> str:
+        entry = deadlines.begin()
+        began.append(entry.when)
+        try:
+            await asyncio.sleep(5)
+        except asyncio.CancelledError:
+            if deadlines.timed_out(entry):
+                return "timed out"
+            raise
+        finally:
+            deadlines.end(entry)
+        return "completed"
+
+    task = asyncio.create_task(request())
+    await asyncio.sleep(0)  # the request begins: its deadline is set
+    if outside_cancel_at_deadline:
+        loop.call_at(began[0], task.cancel)  # due together with the deadline's timer
+    try:
+        return await task
+    except asyncio.CancelledError:
+        return "cancelled"
+
+
+async def test_a_deadline_alone_is_a_timeout() -> None:
+    """A request still running at its deadline is told it timed out."""
+    assert await deadline_outcome(RequestDeadlines(0.05), False) == "timed out"
+
+
+async def test_a_cancellation_at_the_deadline_is_still_a_cancellation() -> None:
+    """An outside cancellation due at the same moment as the deadline propagates as one."""
+    assert await deadline_outcome(RequestDeadlines(0.05), True) == "cancelled"
 
 
 async def test_garbage_instead_of_http_is_a_connection_error(http: Transport) -> None:

@@ -21,6 +21,7 @@ from collector.log import (
     register_token,
     scrub,
 )
+from tests.e2e import run_python
 
 
 @pytest.fixture(autouse=True)
@@ -208,3 +209,28 @@ def test_scrub_hides_registered_tokens_and_credential_shapes() -> None:
     register_token("acme", "opaque-token-9f8e7d")
     text = "you sent opaque-token-9f8e7d as Authorization: Bearer abc.def and zak_live_123"
     assert scrub(text) == "you sent *** as Authorization: Bearer *** and ***"
+
+
+def test_importing_the_logging_module_leaves_rich_unloaded_but_importable() -> None:
+    """structlog is imported without rich (start-up time), and rich still imports afterwards."""
+    code = (
+        "import sys\n"
+        "import collector.log, structlog.dev\n"
+        "print('loaded', 'rich' in sys.modules, structlog.dev.rich is None)\n"
+        "import rich.console\n"
+        "print('importable', rich.console.Console is not None)"
+    )
+    lines = run_python(code).stdout.splitlines()
+    assert lines == ["loaded False True", "importable True"]
+
+
+def test_console_lines_keep_plain_tracebacks_without_rich() -> None:
+    """On a terminal-style renderer an exception still prints its plain traceback."""
+    stream = io.StringIO()
+    configure_logging("info", json=False, stream=stream)
+    try:
+        int("boom")
+    except ValueError:
+        structlog.get_logger("t").exception("failed")
+    assert "Traceback (most recent call last)" in stream.getvalue()
+    assert "ValueError: invalid literal for int() with base 10: 'boom'" in stream.getvalue()
