@@ -206,10 +206,6 @@ class FailureLog:
         self._failing: dict[str, str] = {}
         self._clamp_reported: set[str] = set()
 
-    def is_failing(self, tenant: str) -> bool:
-        """True while the tenant's last call ended in a transient failure."""
-        return tenant in self._failing
-
     def failed(self, tenant: str, reason: str) -> None:
         """Record a transient failure; only the first one of a streak is logged (as a warning)."""
         if tenant not in self._failing:
