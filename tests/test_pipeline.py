@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 
 from collector.app import Runtime, load, load_plugins, open_runtime
 from collector.metrics import Metrics
-from collector.pipeline import HANDED_OVER
+from collector.pipeline import HANDED_OVER, uncommitted_days
 from collector.retry import no_wait
 from collector.simulator import (
     BAD_RESPONSE_MODES,
@@ -296,3 +296,59 @@ async def test_a_write_refused_by_fencing_ends_the_cycle_as_handed_over(
     assert [(e["log_level"], e["tenant"]) for e in handed] == [("info", "tenant-01")]
     assert not [e for e in logs if e["log_level"] in ("warning", "error")]
     assert metrics.fetch_errors.samples.get((("tenant", "tenant-01"),), 0.0) == 0
+
+
+def _usage_answers(sim: Any) -> int:
+    return sum(r.status == 200 for r in sim.stats.log)
+
+
+@pytest.mark.postgres
+async def test_fetched_days_wait_for_their_commit_beyond_the_bound(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    """While the state store cannot commit, the tenants' workers stop asking the API once
+    uncommitted_days() days are fetched or in flight, and every day is stored once it can."""
+    import sqlalchemy
+
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    tenants = demo_tenants(300)  # 600 workers: more than the bound
+    bound = uncommitted_days(32)
+    with fresh_schema(postgres_url, "p") as (_, url):
+        async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
+            config_path = write_config(
+                tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=3, sinks={},
+                extra={"state": {"url": url}},
+            )  # fmt: skip
+            plugins = load_plugins()
+            config = load(config_path, plugins)
+            blocker = sqlalchemy.create_engine(url)
+            try:
+                async with open_runtime(config, plugins) as runtime:
+                    collector = runtime.collector
+                    assert collector is not None
+                    with blocker.connect() as conn:
+                        # Reads go on; the writer's INSERT into tenant_day waits for the lock.
+                        conn.exec_driver_sql("LOCK TABLE tenant_day IN EXCLUSIVE MODE")
+                        async with anyio.create_task_group() as tg:
+                            outcome: list[Any] = []
+
+                            async def cycle() -> None:
+                                outcome.append(await collector.run_cycle())
+
+                            tg.start_soon(cycle)
+                            await eventually(
+                                lambda: _usage_answers(sim) >= bound, within=60, what="the bound"
+                            )
+                            await anyio.sleep(1.0)  # time for more requests, had there been room
+                            served_while_locked = _usage_answers(sim)
+                            stored_while_locked = await runtime.store.days_state(tenants[0].id)
+                            conn.rollback()  # the writer goes on
+                    stored = [await runtime.store.days_state(t.id) for t in tenants]
+            finally:
+                blocker.dispose()
+    assert served_while_locked == bound
+    assert stored_while_locked == {}
+    assert outcome[0].ok
+    assert sum(len(days) for days in stored) == 300 * 3
