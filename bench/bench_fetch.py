@@ -13,7 +13,9 @@ message count, the number of user rows and the sum of user messages.
     python bench/bench_fetch.py --scenario small --runners naive,dlt --sample-naive 20
 
 Runners: ``ours`` (``python -m collector run --once -c CONFIG``), ``naive``
-(bench/naive_collector.py) and ``dlt`` (bench/dlt_collector.py, skipped if dlt is not installed).
+(bench/naive_collector.py) and ``dlt`` (bench/dlt_collector.py, skipped if dlt is not installed);
+on request also ``floor`` and ``floor-noraw`` (bench/floor_collector.py: the least a collector on
+the specified stack does, with and without keeping raw bodies first).
 A runner given a sample of k tenants is extrapolated linearly to the full scenario, and the
 table says so.
 """
@@ -209,6 +211,9 @@ def write_our_config(
     path.write_text(json.dumps(config, indent=1))  # JSON is YAML
 
 
+RUNNERS = ("ours", "naive", "dlt", "floor", "floor-noraw")
+
+
 def runner_command(
     name: str,
     sim: SimulatorProcess,
@@ -231,6 +236,12 @@ def runner_command(
     common += ["--until", today.isoformat(), "--db", str(out / "usage.db")]
     if name == "naive":
         return [sys.executable, str(BENCH_DIR / "naive_collector.py"), *common]
+    if name == "floor":
+        cmd = [sys.executable, str(BENCH_DIR / "floor_collector.py"), *common]
+        return [*cmd, "--concurrency", str(OUR_CONCURRENCY), "--state-db", str(out / "state.db")]
+    if name == "floor-noraw":
+        cmd = [sys.executable, str(BENCH_DIR / "floor_collector.py"), *common]
+        return [*cmd, "--concurrency", str(OUR_CONCURRENCY), "--no-raw"]
     cmd = [sys.executable, str(BENCH_DIR / "dlt_collector.py"), *common]
     cmd += ["--pipelines-dir", str(out / "pipelines")]
     if args.dlt_workers is not None:
@@ -465,6 +476,9 @@ def main(argv: list[str] | None = None) -> int:
         sample=sample,
     )
     runners = [r.strip() for r in args.runners.split(",") if r.strip()]
+    unknown = sorted(set(runners) - set(RUNNERS))
+    if unknown:
+        parser.error(f"unknown runner(s) {', '.join(unknown)}: choose from {', '.join(RUNNERS)}")
     if "dlt" in runners and importlib.util.find_spec("dlt") is None:
         print("dlt is not installed (`pip install dlt`): skipping the dlt runner", file=sys.stderr)
         runners.remove("dlt")

@@ -452,7 +452,8 @@ async def test_sqlite_file_is_in_wal_mode(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(("synchronous", "level"), [("normal", 1), ("full", 2)])
 async def test_sqlite_connection_settings(tmp_path: Path, synchronous: str, level: int) -> None:
-    """Every connection of the sink has the configured synchronous level and busy timeout."""
+    """Every connection of the sink has the configured synchronous level and busy timeout, and
+    keeps its temporary files (statement journals of the upserts) in memory."""
     config = SqliteSinkConfig.model_validate(
         {
             "type": "sqlite",
@@ -468,6 +469,7 @@ async def test_sqlite_connection_settings(tmp_path: Path, synchronous: str, leve
     with engine.connect() as conn:
         assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == level
         assert conn.exec_driver_sql("PRAGMA busy_timeout").scalar() == 3000
+        assert conn.exec_driver_sql("PRAGMA temp_store").scalar() == 2  # MEMORY
     await sink.aclose()
 
 

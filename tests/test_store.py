@@ -445,7 +445,8 @@ async def test_unreadable_stored_payload_is_dead_lettered_not_stuck(tmp_path: Pa
 
 
 async def test_sqlite_file_is_in_wal_mode_with_the_chosen_durability(tmp_path: Path) -> None:
-    """The SQLite state file uses WAL; synchronous can be raised to FULL from the URL."""
+    """The SQLite state file uses WAL; synchronous can be raised to FULL from the URL; the
+    store's connections keep temporary files (statement journals, sorts) in memory."""
     path = tmp_path / "deep" / "dir" / "state.db"
     store = await Store.open(f"sqlite:///{path}?synchronous=full")
     try:
@@ -455,6 +456,9 @@ async def test_sqlite_file_is_in_wal_mode_with_the_chosen_durability(tmp_path: P
             assert raw.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
             version = raw.execute("SELECT max(version) FROM schema_version").fetchone()[0]
             assert version == SCHEMA_VERSION
+        with store._engine.connect() as conn:
+            assert conn.exec_driver_sql("PRAGMA temp_store").scalar() == 2  # MEMORY
+            assert conn.exec_driver_sql("PRAGMA synchronous").scalar() == 2  # FULL
     finally:
         await store.aclose()
 

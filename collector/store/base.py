@@ -381,6 +381,8 @@ class StoreBase:
             # pages are the newest rows and their indexes; the OS cache serves the rest, so 1 MB
             # each costs no measurable CPU and keeps several connections' caches off the heap.
             cursor.execute(f"PRAGMA cache_size=-{_SQLITE_CACHE_KIB}")
+            # Statement journals and sort trees in memory, not spilled to files under /var/tmp.
+            cursor.execute("PRAGMA temp_store=MEMORY")
             cursor.close()
 
         @event.listens_for(engine, "begin")
