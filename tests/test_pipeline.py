@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
 from collections.abc import AsyncIterator
@@ -302,6 +303,15 @@ def _usage_answers(sim: Any) -> int:
     return sum(r.status == 200 for r in sim.stats.log)
 
 
+def _answered_at_least(sim: Any, count: int) -> bool:
+    return _usage_answers(sim) >= count
+
+
+async def _cycle_into(runtime: Runtime, outcome: list[Any]) -> None:
+    assert runtime.collector is not None
+    outcome.append(await runtime.collector.run_cycle())
+
+
 @pytest.mark.postgres
 async def test_fetched_days_wait_for_their_commit_beyond_the_bound(
     tmp_path: Path, postgres_url: str
@@ -314,33 +324,25 @@ async def test_fetched_days_wait_for_their_commit_beyond_the_bound(
     from tests.postgres_helpers import fresh_schema
 
     tenants = demo_tenants(300)  # 600 workers: more than the bound
-    bound = uncommitted_days(32)
+    outcome: list[Any] = []
     with fresh_schema(postgres_url, "p") as (_, url):
         async with running_simulator(SimulatorSettings(tenants=tenants)) as sim:
             config_path = write_config(
                 tmp_path / "c.yaml", sim, tenants, workdir=tmp_path, lookback_days=3, sinks={},
                 extra={"state": {"url": url}},
             )  # fmt: skip
-            plugins = load_plugins()
-            config = load(config_path, plugins)
             blocker = sqlalchemy.create_engine(url)
             try:
-                async with open_runtime(config, plugins) as runtime:
-                    collector = runtime.collector
-                    assert collector is not None
+                async for runtime in _runtime(config_path):
+                    bound = uncommitted_days(runtime.config.api.max_concurrency)
+                    assert bound < 300 * 2
                     with blocker.connect() as conn:
                         # Reads go on; the writer's INSERT into tenant_day waits for the lock.
                         conn.exec_driver_sql("LOCK TABLE tenant_day IN EXCLUSIVE MODE")
                         async with anyio.create_task_group() as tg:
-                            outcome: list[Any] = []
-
-                            async def cycle() -> None:
-                                outcome.append(await collector.run_cycle())
-
-                            tg.start_soon(cycle)
-                            await eventually(
-                                lambda: _usage_answers(sim) >= bound, within=60, what="the bound"
-                            )
+                            tg.start_soon(_cycle_into, runtime, outcome)
+                            reached = functools.partial(_answered_at_least, sim, bound)
+                            await eventually(reached, within=60, what="the bound")
                             await anyio.sleep(1.0)  # time for more requests, had there been room
                             served_while_locked = _usage_answers(sim)
                             stored_while_locked = await runtime.store.days_state(tenants[0].id)
