@@ -342,7 +342,7 @@ def print_table(name: str, scenario: Scenario, results: list[Result]) -> None:
     )
     print(f"lower bound (concurrency {OUR_CONCURRENCY}): {bound:.2f} s  ({why})")
     header = (
-        f"{'runner':<7} {'ran':>9} {'wall s':>9} {'xours':>6} {'xbound':>7} {'CPU s':>8} "
+        f"{'runner':<11} {'ran':>9} {'wall s':>9} {'xours':>6} {'xbound':>7} {'CPU s':>8} "
         f"{'ms CPU/td':>9} {'RSS MiB':>8} {'req/s':>7} {'sim CPU s':>9} {'rows':>5}  note"
     )
     print(header)
@@ -357,12 +357,19 @@ def print_table(name: str, scenario: Scenario, results: list[Result]) -> None:
         rps = r.requests / r.wall if r.wall else 0.0
         rows = {True: "ok", False: "BAD", None: "-"}[r.rows_ok]
         print(
-            f"{r.runner:<7} {ran:>9} {r.wall_full:8.2f}{star} {ratio:>6} {vs_bound:>7} "
+            f"{r.runner:<11} {ran:>9} {r.wall_full:8.2f}{star} {ratio:>6} {vs_bound:>7} "
             f"{r.cpu_full:7.2f}{star} {per_td:9.3f} {r.max_rss_mib:8.1f} {rps:7.0f} "
             f"{r.sim_cpu:9.2f} {rows:>5}  {r.note}"
         )
     if any(r.scale != 1.0 for r in results):
         print("* extrapolated linearly from the sampled tenants to the full scenario")
+    floor = next((r for r in results if r.runner == "floor" and r.rows_ok), None)
+    if ours and floor and floor.cpu_full and floor.wall_full:
+        print(
+            f"ours / floor: {ours.cpu_full / floor.cpu_full:.2f}x the CPU, "
+            f"{ours.wall_full / floor.wall_full:.2f}x the wall time (what the product's own logic "
+            "and imports cost over the least a collector on this stack does)"
+        )
     print(
         "xours: wall time relative to ours; xbound: relative to the lower bound; "
         "ms CPU/td: runner CPU per tenant-day;\nsim CPU s: the simulator's own CPU during that "
