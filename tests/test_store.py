@@ -607,3 +607,84 @@ def test_rebuild_cache_keeps_unread_days_when_full_and_drops_read_ones() -> None
     stale.put(("2",), days[1], 1)  # the unread oldest is stale: it makes room
     assert stale.get(("1",)) is None
     assert stale.get(("2",)) is days[1]
+
+
+def _lock_waiters(engine: sqlalchemy.Engine, application: str) -> int:
+    """Connections of ``application`` waiting for a lock (PostgreSQL)."""
+    with engine.connect() as conn:
+        query = (
+            "SELECT count(*) FROM pg_stat_activity "
+            "WHERE application_name = %(app)s AND wait_event_type = 'Lock'"
+        )
+        return int(conn.exec_driver_sql(query, {"app": application}).scalar_one())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first", ["day", "sink"])
+async def test_a_sink_added_while_a_day_is_written_gets_that_day(
+    postgres_url: str, first: str
+) -> None:
+    """A new day and a new sink committed at the same time by two processes on one PostgreSQL
+    state: whichever commits first, the day is queued for the new sink (by the writer, or with
+    the sink's history), never for neither."""
+    from collector.store.schema import store_meta, tenant_day
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "race") as (schema, url):
+        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+        url_text = url.render_as_string(hide_password=False)
+        writer, registrar = await Store.open(url_text), await Store.open(url_text)
+        blocker = sqlalchemy.create_engine(url)
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            await writer.sync_sinks({"warehouse": None})
+            await writer.record_fetched([fetched("globex")])  # the writer has read the sinks
+            with blocker.connect() as conn:
+                conn.begin()
+                if first == "day":
+                    # An uncommitted row with the same key holds the writer inside its
+                    # transaction, after it read the sink list, until the blocker rolls back.
+                    conn.execute(
+                        tenant_day.insert().values(
+                            tenant="acme", day=DAY, status="failed", final=False, attempts=1,
+                            updated_at=FETCHED_AT,
+                        )
+                    )  # fmt: skip
+                else:
+                    # The outbox position row: the sink registration takes it first (if it
+                    # takes it at all), and the writer queues behind it.
+                    conn.execute(
+                        sqlalchemy.select(store_meta.c.value)
+                        .where(store_meta.c.key == "seq")
+                        .with_for_update()
+                    )
+
+                def write() -> asyncio.Task[Any]:
+                    return asyncio.create_task(writer.record_fetched([fetched("acme")]))
+
+                def register() -> asyncio.Task[Any]:
+                    lake = {"warehouse": None, "lake": None}
+                    return asyncio.create_task(registrar.sync_sinks(lake))
+
+                def all_wait_or_done(*tasks: asyncio.Task[Any]) -> bool:
+                    return _lock_waiters(watcher, schema) >= sum(not t.done() for t in tasks)
+
+                started = write() if first == "day" else register()
+                await eventually(
+                    lambda: all_wait_or_done(started), within=10, what="the first to wait"
+                )
+                second = register() if first == "day" else write()
+                await eventually(
+                    lambda: all_wait_or_done(started, second), within=10, what="both to wait"
+                )
+                conn.rollback()
+            await asyncio.gather(started, second)
+            both = [("acme", DAY), ("globex", DAY)]
+            assert sorted(keys(await registrar.pending("lake"))) == both
+            assert sorted(keys(await writer.pending("warehouse"))) == both
+        finally:
+            await writer.aclose()
+            await registrar.aclose()
+            blocker.dispose()
+            watcher.dispose()

@@ -124,13 +124,8 @@ class DaysStore(OutboxStore):
         """Reserve ``count`` queue positions (the row lock orders writers): the first, and the
         sink table's change count (:data:`SINKS_GENERATION_KEY`; None if the row is missing)."""
         hot = self._hot(conn)
-        if hot.top_seq is None:
-            top, generation = hot.reserve_seq.execute(
-                conn, (count, SEQ_KEY, SINKS_GENERATION_KEY)
-            ).one()
-        else:
-            hot.reserve_seq.execute(conn, (count, SEQ_KEY))
-            top, generation = hot.top_seq.execute(conn, (SEQ_KEY, SINKS_GENERATION_KEY)).one()
+        hot.reserve_seq.execute(conn, (count, SEQ_KEY))
+        top, generation = hot.top_seq.execute(conn, (SEQ_KEY, SINKS_GENERATION_KEY)).one()
         return int(top) - count + 1, None if generation is None else int(generation)
 
     def _queue(

@@ -159,34 +159,31 @@ class HotStatements:
             dialect,
             ["status", "final", "fetched_at", "payload", "updated_at", "k_tenant", "k_day"],
         )
-        # Reserving outbox positions also reads the sink table's change count, so a write
-        # re-reads the sink list only after it changed: one statement where there were three.
+        # Reserving outbox positions takes the position row's lock until the commit; the sink
+        # table's change count is read back in the next statement, so a write re-reads the sink
+        # list only after it changed. Not in the UPDATE's RETURNING: on PostgreSQL an UPDATE that
+        # waited for the lock (a sink being registered) still reads other rows as they were when
+        # it started, and would miss the sink registered meanwhile.
         generation = store_meta.alias("generation")
         sinks_generation = (
             select(generation.c.value)
             .where(generation.c.key == bindparam("generation_key"))
             .scalar_subquery()
         )
-        reserve = (
+        self.reserve_seq = Prepared(
             update(store_meta)
             .where(store_meta.c.key == bindparam("key"))
-            .values(value=store_meta.c.value + bindparam("count"))
+            .values(value=store_meta.c.value + bindparam("count")),
+            dialect,
+            ["count", "key"],
         )
-        names = ["count", "key", "generation_key"]
-        self.top_seq: Prepared | None = None
-        if dialect.update_returning:  # PostgreSQL; SQLite from 3.35
-            self.reserve_seq = Prepared(
-                reserve.returning(store_meta.c.value, sinks_generation), dialect, names
-            )
-        else:  # then read back in a second statement (in the same transaction)
-            self.reserve_seq = Prepared(reserve, dialect, ["count", "key"])
-            self.top_seq = Prepared(
-                select(store_meta.c.value, sinks_generation).where(
-                    store_meta.c.key == bindparam("key")
-                ),
-                dialect,
-                ["key", "generation_key"],
-            )
+        self.top_seq = Prepared(
+            select(store_meta.c.value, sinks_generation).where(
+                store_meta.c.key == bindparam("key")
+            ),
+            dialect,
+            ["key", "generation_key"],
+        )
         self.sinks = Prepared(select(sink_table.c.name, sink_table.c.routes), dialect, [])
         self.pending_first = Prepared(pending_query(after=False), dialect, ["sink", "limit"])
         self.pending_after = Prepared(

@@ -44,6 +44,7 @@ from collector.store.base import (
 from collector.store.pending import PendingStore
 from collector.store.schema import (
     IS_DEAD,
+    SEQ_KEY,
     SINKS_GENERATION_KEY,
     DeadLetter,
     UtcDateTime,
@@ -117,6 +118,13 @@ class OutboxStore(PendingStore):
         self, conn: Connection, wanted: Registered, remove_missing: bool
     ) -> dict[str, int]:
         now = self._now()
+        # The outbox position row first: a writer holds it from reserving positions until it
+        # commits. Taking it here waits for every writer in progress, whose days the history
+        # below then sees, and makes every later writer wait for this commit, after which it
+        # reads the new sink list (PostgreSQL; SQLite runs one write transaction at a time).
+        conn.execute(
+            update(store_meta).where(store_meta.c.key == SEQ_KEY).values(value=store_meta.c.value)
+        )
         known = self._registered(conn)
         queued: dict[str, int] = {}
         changed = False
