@@ -688,3 +688,77 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
             await registrar.aclose()
             blocker.dispose()
             watcher.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("first", ["retention", "sink"])
+async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_without_payload(
+    postgres_url: str, first: str
+) -> None:
+    """Retention dropping a delivered day's payload while another process registers a new sink:
+    either the new sink gets the day queued and the payload stays, or the payload goes and the
+    sink's history leaves the day out, never a queued day whose payload is gone."""
+    from collector.store.schema import delivery, store_meta, tenant_day
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "prune") as (schema, url):
+        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+        url_text = url.render_as_string(hide_password=False)
+        pruner, registrar = await Store.open(url_text), await Store.open(url_text)
+        blocker = sqlalchemy.create_engine(url)
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            await pruner.sync_sinks({"warehouse": None})
+            await pruner.record_fetched([fetched("acme", final=True)])
+            await pruner.mark_delivered("warehouse", await pruner.pending("warehouse"))
+            with blocker.connect() as conn:
+                conn.begin()
+                if first == "retention":
+                    # The day's row, locked: retention waits for it inside its UPDATE.
+                    conn.execute(sqlalchemy.select(tenant_day.c.day).with_for_update())
+                else:
+                    conn.execute(
+                        sqlalchemy.select(store_meta.c.value)
+                        .where(store_meta.c.key == "seq")
+                        .with_for_update()
+                    )
+
+                def prune() -> asyncio.Task[Any]:
+                    later = DAY + dt.timedelta(days=30)
+                    return asyncio.create_task(pruner.prune_payloads(7, today=later))
+
+                def register() -> asyncio.Task[Any]:
+                    lake = {"warehouse": None, "lake": None}
+                    return asyncio.create_task(registrar.sync_sinks(lake))
+
+                def all_wait_or_done(*tasks: asyncio.Task[Any]) -> bool:
+                    return _lock_waiters(watcher, schema) >= sum(not t.done() for t in tasks)
+
+                started = prune() if first == "retention" else register()
+                await eventually(
+                    lambda: all_wait_or_done(started), within=10, what="the first to wait"
+                )
+                second = register() if first == "retention" else prune()
+                await eventually(
+                    lambda: all_wait_or_done(started, second), within=10, what="both to wait"
+                )
+                conn.rollback()
+            await asyncio.gather(started, second)
+            with blocker.connect() as conn:
+                queued_without_payload = conn.execute(
+                    sqlalchemy.select(sqlalchemy.func.count())
+                    .select_from(delivery.join(tenant_day, sqlalchemy.and_(
+                        delivery.c.tenant == tenant_day.c.tenant,
+                        delivery.c.day == tenant_day.c.day,
+                    )))
+                    .where(delivery.c.queued_seq.is_not(None), tenant_day.c.payload.is_(None))
+                ).scalar_one()  # fmt: skip
+            assert queued_without_payload == 0
+            lake = keys(await registrar.pending("lake"))
+            assert lake == ([] if first == "retention" else [("acme", DAY)])
+        finally:
+            await pruner.aclose()
+            await registrar.aclose()
+            blocker.dispose()
+            watcher.dispose()

@@ -208,6 +208,9 @@ class DaysStore(OutboxStore):
         now = self._now()
 
         def work(conn: Connection) -> int:
+            # Ordered with sink registration: a sink registered meanwhile either queued its
+            # history before this looks (and keeps those payloads) or gets only what is left.
+            self._hold_positions(conn)
             sinks = self._registered(conn)
             if not sinks:
                 return 0  # nothing has received anything yet: keep every payload

@@ -98,6 +98,20 @@ class OutboxStore(PendingStore):
         self._sinks_read = None if generation is None else (generation, found)
         return found
 
+    @staticmethod
+    def _hold_positions(conn: Connection) -> None:
+        """Take the outbox position row's lock until this transaction ends.
+
+        A write of new days holds it from reserving their positions until it commits, and reads
+        the sink list after taking it. A transaction that changes the sinks (:meth:`sync_sinks`)
+        or drops payloads by what the sinks have (retention) takes it before reading anything:
+        a write in progress is then committed before it looks, and a later write sees what it
+        committed (PostgreSQL; SQLite runs one write transaction at a time anyway).
+        """
+        conn.execute(
+            update(store_meta).where(store_meta.c.key == SEQ_KEY).values(value=store_meta.c.value)
+        )
+
     async def sync_sinks(self, routes: Routes, *, remove_missing: bool = False) -> dict[str, int]:
         """Register the sinks of ``routes`` (sink name -> routed tenants, None = every tenant).
 
@@ -118,13 +132,7 @@ class OutboxStore(PendingStore):
         self, conn: Connection, wanted: Registered, remove_missing: bool
     ) -> dict[str, int]:
         now = self._now()
-        # The outbox position row first: a writer holds it from reserving positions until it
-        # commits. Taking it here waits for every writer in progress, whose days the history
-        # below then sees, and makes every later writer wait for this commit, after which it
-        # reads the new sink list (PostgreSQL; SQLite runs one write transaction at a time).
-        conn.execute(
-            update(store_meta).where(store_meta.c.key == SEQ_KEY).values(value=store_meta.c.value)
-        )
+        self._hold_positions(conn)
         known = self._registered(conn)
         queued: dict[str, int] = {}
         changed = False
