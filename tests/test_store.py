@@ -695,9 +695,9 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
 async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_without_payload(
     postgres_url: str, first: str
 ) -> None:
-    """Retention dropping a delivered day's payload while another process registers a new sink:
-    either the new sink gets the day queued and the payload stays, or the payload goes and the
-    sink's history leaves the day out, never a queued day whose payload is gone."""
+    """Retention and another process registering a new sink, both waiting for the outbox
+    position row: whichever goes first, the new sink either gets the delivered day queued with
+    its payload kept, or the payload goes and the sink's history leaves the day out."""
     from collector.store.schema import delivery, store_meta, tenant_day
     from tests.daemon_process import eventually
     from tests.postgres_helpers import fresh_schema
@@ -714,15 +714,12 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
             await pruner.mark_delivered("warehouse", await pruner.pending("warehouse"))
             with blocker.connect() as conn:
                 conn.begin()
-                if first == "retention":
-                    # The day's row, locked: retention waits for it inside its UPDATE.
-                    conn.execute(sqlalchemy.select(tenant_day.c.day).with_for_update())
-                else:
-                    conn.execute(
-                        sqlalchemy.select(store_meta.c.value)
-                        .where(store_meta.c.key == "seq")
-                        .with_for_update()
-                    )
+                # The position row, as a write of new days holds it until it commits.
+                conn.execute(
+                    sqlalchemy.select(store_meta.c.value)
+                    .where(store_meta.c.key == "seq")
+                    .with_for_update()
+                )
 
                 def prune() -> asyncio.Task[Any]:
                     later = DAY + dt.timedelta(days=30)
@@ -762,3 +759,34 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
             await registrar.aclose()
             blocker.dispose()
             watcher.dispose()
+
+
+@pytest.mark.postgres
+async def test_retention_leaves_a_day_a_writer_holds_for_the_next_pass(postgres_url: str) -> None:
+    """A payload whose row a writer has locked is skipped, not waited for (the writer takes the
+    position row that retention holds next, which would deadlock), and dropped on the next pass."""
+    from collector.store.schema import tenant_day
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "skip") as (_, url):
+        store = await Store.open(url)
+        blocker = sqlalchemy.create_engine(url)
+        later = DAY + dt.timedelta(days=30)
+        try:
+            await store.sync_sinks({"warehouse": None})
+            await store.record_fetched([fetched("acme", final=True), fetched("globex", final=True)])
+            await store.mark_delivered("warehouse", await store.pending("warehouse"))
+            with blocker.connect() as conn:
+                conn.begin()
+                conn.execute(
+                    sqlalchemy.select(tenant_day.c.day)
+                    .where(tenant_day.c.tenant == "acme")
+                    .with_for_update()
+                )
+                assert await asyncio.wait_for(store.prune_payloads(7, today=later), 10) == 1
+                conn.rollback()
+            assert await store.prune_payloads(7, today=later) == 1
+            assert await store.prune_payloads(7, today=later) == 0
+        finally:
+            await store.aclose()
+            blocker.dispose()

@@ -12,6 +12,8 @@ from sqlalchemy import (
     exists,
     not_,
     or_,
+    select,
+    tuple_,
     update,
 )
 
@@ -237,10 +239,19 @@ class DaysStore(OutboxStore):
                     conditions.append(has_it)
                 else:
                     conditions.append(or_(tenant_day.c.tenant.not_in(sorted(routed)), has_it))
-            result = conn.execute(
-                update(tenant_day).where(*conditions).values(payload=None, updated_at=now)
-            )
-            return int(result.rowcount)
+            prune = update(tenant_day).values(payload=None, updated_at=now)
+            if conn.dialect.name == "postgresql":
+                # Rows a writer holds are left for the next pass instead of waited for: the
+                # writer takes the position row after its rows, and this has it already.
+                free = (
+                    select(tenant_day.c.tenant, tenant_day.c.day)
+                    .where(*conditions)
+                    .with_for_update(skip_locked=True)
+                )
+                prune = prune.where(tuple_(tenant_day.c.tenant, tenant_day.c.day).in_(free))
+            else:
+                prune = prune.where(*conditions)
+            return int(conn.execute(prune).rowcount)
 
         return await self._write(work)
 
