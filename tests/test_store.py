@@ -132,6 +132,26 @@ async def test_an_unchanged_refetch_leaves_what_a_pending_delivery_carries(store
         await second.aclose()
 
 
+async def test_figures_that_change_back_during_a_delivery_are_delivered_again(
+    store: Store,
+) -> None:
+    """A day delivered at version A, re-fetched as B, and re-fetched as A again while B is being
+    delivered: once B lands, A is queued again, so the sink does not keep B."""
+    await store.sync_sinks({"warehouse": None})
+    first = fetched("acme", messages=7)
+    await store.record_fetched([first])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    await store.record_fetched([fetched("acme", messages=8)])
+    in_flight = await store.pending("warehouse")  # the deliverer reads B ...
+    assert [td.daily.messages for td in in_flight] == [8 * 3]
+    assert await store.record_fetched([first]) == [True]  # ... A is stored again ...
+    await store.mark_delivered("warehouse", in_flight)  # ... and B lands in the sink
+    [again] = await store.pending("warehouse")
+    assert again.daily.messages == 7 * 3
+    await store.mark_delivered("warehouse", [again])
+    assert await store.pending("warehouse") == []
+
+
 async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
     """Same figures but now final counts as a change, so sinks learn final = true."""
     await store.sync_sinks({"warehouse": None})
@@ -790,3 +810,44 @@ async def test_retention_leaves_a_day_a_writer_holds_for_the_next_pass(postgres_
         finally:
             await store.aclose()
             blocker.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_url: str) -> None:
+    """A write of a stored day that waits for another write's position row has not locked that
+    day's row yet, so the other write can update it and commit: no deadlock (a backfill next to
+    the daemon writes the same days)."""
+    from collector.store.schema import store_meta, tenant_day
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "order") as (schema, url):
+        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+        store = await Store.open(url.render_as_string(hide_password=False))
+        other = sqlalchemy.create_engine(url)
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            await store.record_fetched([fetched("acme")])
+            with other.connect() as conn:
+                conn.begin()
+                # The other write: it holds the position row, then updates the day's row.
+                conn.execute(
+                    sqlalchemy.update(store_meta)
+                    .where(store_meta.c.key == "seq")
+                    .values(value=store_meta.c.value + 1)
+                )
+                write = asyncio.create_task(store.record_fetched([fetched("acme", messages=9)]))
+                await eventually(
+                    lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="the write"
+                )
+                conn.execute(
+                    sqlalchemy.update(tenant_day)
+                    .where(tenant_day.c.tenant == "acme")
+                    .values(attempts=0)
+                )  # would wait forever (a deadlock PostgreSQL breaks) if the write held the row
+                conn.commit()
+            assert await asyncio.wait_for(write, 10) == [True]
+        finally:
+            await store.aclose()
+            other.dispose()
+            watcher.dispose()

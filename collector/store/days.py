@@ -59,7 +59,13 @@ class DaysStore(OutboxStore):
         hot = self._hot(conn)
         codec = hot.codec
         now = codec.moment(self._now())
-        # One global lock order (sorted keys): two PostgreSQL writers cannot deadlock.
+        if not codec.sqlite:
+            # The position row before any day's row, as sink registration and retention take
+            # it: a writer that locked a day's row and then waited for the position row could
+            # deadlock with the writer holding it, which inserts that day (a backfill next to
+            # the daemon, a tenant handed over mid-write). SQLite has one writer at a time.
+            self._hold_positions(conn)
+        # Sorted keys: one lock order for the days' rows, whoever else locks them.
         keys = sorted({(td.tenant, td.day) for td, _ in items})
         before: dict[Key, tuple[str | None, bool]] = {
             key: (row[2], bool(row[3]))

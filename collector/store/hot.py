@@ -84,10 +84,15 @@ class HotStatements:
             statement = insert(delivery)
             new = statement.excluded
             # The sink already has this version (content went back to what it holds), or gave
-            # up on exactly this version: leave the row alone instead of queueing it again.
-            has_it = or_(
-                delivery.c.delivered_version == new.queued_version,
-                and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
+            # up on exactly this version, and nothing else is queued for it: leave the row alone
+            # instead of queueing it again. With another version queued, that one may be on its
+            # way to the sink right now and would overwrite what it holds: queue this one after.
+            has_it = and_(
+                delivery.c.queued_seq.is_(None),
+                or_(
+                    delivery.c.delivered_version == new.queued_version,
+                    and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
+                ),
             )
             set_ = {
                 "queued_seq": case((has_it, null()), else_=new.queued_seq),
