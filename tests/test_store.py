@@ -152,6 +152,19 @@ async def test_figures_that_change_back_during_a_delivery_are_delivered_again(
     assert await store.pending("warehouse") == []
 
 
+async def test_a_pruned_day_fetched_again_goes_to_a_sink_routed_since(store: Store) -> None:
+    """A day whose payload retention dropped is stored again by its next fetch and queued for a
+    sink that was added after the prune, not for the one that has it."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme", final=True)])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    assert await store.prune_payloads(7, today=DAY + dt.timedelta(days=30)) == 1
+    assert await store.sync_sinks({"warehouse": None, "lake": None}) == {"warehouse": 0, "lake": 0}
+    assert await store.record_fetched([fetched("acme", final=True)]) == [False]  # same figures
+    assert keys(await store.pending("lake")) == [("acme", DAY)]
+    assert await store.pending("warehouse") == []
+
+
 async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
     """Same figures but now final counts as a change, so sinks learn final = true."""
     await store.sync_sinks({"warehouse": None})
@@ -850,4 +863,67 @@ async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_ur
         finally:
             await store.aclose()
             other.dispose()
+            watcher.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_replay_during_a_write_queues_the_version_the_write_stores(
+    postgres_url: str,
+) -> None:
+    """A replay that starts while a write of a new version is in progress waits for it, and
+    queues that version: the sink's queue empties once it is delivered (a replayed entry naming
+    the version before would be sent on every pass and never acknowledged)."""
+    from collector.store.schema import delivery, store_meta, tenant_day, version_of_day
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "replay") as (schema, url):
+        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+        store = await Store.open(url.render_as_string(hide_password=False))
+        writer = sqlalchemy.create_engine(url)
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            await store.sync_sinks({"warehouse": None})
+            await store.record_fetched([fetched("acme")])
+            await store.mark_delivered("warehouse", await store.pending("warehouse"))
+            new, body = fetched("acme", messages=9)
+            with writer.connect() as conn:
+                conn.begin()
+                # A write of the new version, as record_fetched makes it: the position row,
+                # then the day, then its queue entry.
+                conn.execute(
+                    sqlalchemy.update(store_meta)
+                    .where(store_meta.c.key == "seq")
+                    .values(value=store_meta.c.value + 1)
+                )
+                conn.execute(
+                    sqlalchemy.update(tenant_day)
+                    .where(tenant_day.c.tenant == "acme")
+                    .values(
+                        content_hash=new.content_hash,
+                        version=version_of_day(new),
+                        payload=body,
+                        seq=sqlalchemy.select(store_meta.c.value)
+                        .where(store_meta.c.key == "seq")
+                        .scalar_subquery(),
+                    )
+                )
+                conn.execute(
+                    sqlalchemy.update(delivery)
+                    .where(delivery.c.sink == "warehouse")
+                    .values(queued_seq=1000, queued_version=version_of_day(new))
+                )
+                replay = asyncio.create_task(store.replay("warehouse"))
+                await eventually(
+                    lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="the replay"
+                )
+                conn.commit()
+            assert await asyncio.wait_for(replay, 10) == 1
+            [again] = await store.pending("warehouse")
+            assert again.daily.messages == 9 * 3
+            await store.mark_delivered("warehouse", [again])
+            assert await store.pending("warehouse") == []
+        finally:
+            await store.aclose()
+            writer.dispose()
             watcher.dispose()

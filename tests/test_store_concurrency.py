@@ -1,7 +1,8 @@
 """The outbox under concurrent processes on one PostgreSQL state: nothing stored goes missing.
 
 Several stores (as several collector processes or threads would open them) run random writes of
-new and changed days, sink registrations, deliveries and retention passes at the same time. The
+new and changed days, failed and quarantined fetches, sink registrations with changing routes,
+deliveries, replays and retention passes at the same time. The
 operations are random but the checks are not: whatever the interleaving, once everything is
 delivered every sink has every stored day at its current version, and no sink has a day queued
 whose payload retention dropped.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import random
 from typing import Any
 
@@ -31,7 +33,7 @@ async def _operate(store: Store, rng: random.Random, operations: int) -> None:
     for _ in range(operations):
         roll = rng.random()
         if roll < 0.5:
-            batch = {
+            written = {
                 (tenant, day): fetched(
                     tenant, day, final=rng.random() < 0.4, messages=rng.randint(1, 3)
                 )
@@ -39,16 +41,30 @@ async def _operate(store: Store, rng: random.Random, operations: int) -> None:
                     (rng.choice(TENANTS), rng.choice(DAYS)) for _ in range(rng.randint(1, 4))
                 )
             }
-            await store.record_fetched(list(batch.values()))
-        elif roll < 0.65:
+            await store.record_fetched(list(written.values()))
+        elif roll < 0.62:
             chosen = rng.sample(SINKS, rng.randint(1, len(SINKS)))
-            await store.sync_sinks(dict.fromkeys(chosen))
-        elif roll < 0.9:
+            await store.sync_sinks({name: _routes(rng) for name in chosen})
+        elif roll < 0.82:
             sink = rng.choice(SINKS)
             batch = await store.pending(sink, limit=rng.randint(1, 8))
             await store.mark_delivered(sink, batch)
+        elif roll < 0.87:
+            await store.record_failed(rng.choice(TENANTS), rng.choice(DAYS), "HTTP 500")
+        elif roll < 0.91:
+            tenant, day = rng.choice(TENANTS), rng.choice(DAYS)
+            await store.record_quarantined(tenant, day, "at data.users: not a list", b"{}")
+        elif roll < 0.95:
+            await store.replay(rng.choice(SINKS), tenant=rng.choice((None, *TENANTS)))
         else:
             await store.prune_payloads(0, today=FAR_FUTURE)
+
+
+def _routes(rng: random.Random) -> list[str] | None:
+    """Every tenant (None), or some of them."""
+    if rng.random() < 0.5:
+        return None
+    return rng.sample(TENANTS, rng.randint(1, len(TENANTS)))
 
 
 async def _drain(store: Store, sink: str) -> None:
@@ -87,7 +103,10 @@ async def test_concurrent_writers_registrations_deliveries_and_retention_lose_no
                     )))
                     .where(delivery.c.queued_seq.is_not(None), tenant_day.c.payload.is_(None))
                 ).all()  # fmt: skip
-                registered = [row.name for row in conn.execute(sqlalchemy.select(sink_table))]
+                registered = {
+                    row.name: None if row.routes is None else set(json.loads(row.routes))
+                    for row in conn.execute(sqlalchemy.select(sink_table))
+                }
             assert orphans == []
             for sink in registered:
                 await _drain(stores[0], sink)
@@ -109,9 +128,10 @@ async def test_concurrent_writers_registrations_deliveries_and_retention_lose_no
             assert stored, "the random work stored some days"
             missing = [
                 (sink, row.tenant, row.day)
-                for sink in registered
+                for sink, routed in registered.items()
                 for row in stored
-                if delivered.get((sink, row.tenant, row.day)) != row.version
+                if (routed is None or row.tenant in routed)
+                and delivered.get((sink, row.tenant, row.day)) != row.version
             ]
             assert missing == []
             assert dead == 0

@@ -80,8 +80,10 @@ class DaysStore(OutboxStore):
             flags.append(latest.get(key) != version)
             latest[key] = version
             last[key] = (td, payload)
-        changed = [key for key in keys if before.get(key, (None, True))[0] != latest[key]]
-        unchanged = [key for key in keys if before.get(key, (None, True))[0] == latest[key]]
+        # A day whose payload retention dropped comes back with its re-fetch: queued like a new
+        # version, so a sink routed to it since then gets it (one that has it is skipped).
+        changed = [key for key in keys if before.get(key, (None, True)) != (latest[key], False)]
+        unchanged = [key for key in keys if before.get(key, (None, True)) == (latest[key], False)]
         readers: dict[Key, int] = {}
         if changed:
             first_seq, sinks_generation = self._allocate_seq(conn, len(changed))
@@ -119,7 +121,7 @@ class DaysStore(OutboxStore):
                         "final" if td.final else "fetched",
                         codec.flag(td.final),
                         codec.moment(td.fetched_at),
-                        payload if before[key][1] else None,
+                        None,  # the stored payload stays (a pruned one made the day "changed")
                         now,
                         key[0],
                         codec.day(key[1]),

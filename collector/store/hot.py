@@ -158,7 +158,8 @@ class HotStatements:
                 reason=null(),
                 fetched_at=bindparam("fetched_at"),
                 updated_at=bindparam("updated_at"),
-                # A payload pruned by retention comes back when the day is fetched again.
+                # Never drops the stored payload (a day whose payload was pruned is written as
+                # a changed one instead, and queued for the sinks that lack it).
                 payload=func.coalesce(tenant_day.c.payload, bindparam("payload")),
             ),
             dialect,

@@ -103,8 +103,9 @@ class OutboxStore(PendingStore):
         """Take the outbox position row's lock until this transaction ends.
 
         A write of new days holds it from reserving their positions until it commits, and reads
-        the sink list after taking it. A transaction that changes the sinks (:meth:`sync_sinks`)
-        or drops payloads by what the sinks have (retention) takes it before reading anything:
+        the sink list after taking it. A transaction that changes the sinks (:meth:`sync_sinks`),
+        queues stored history (:meth:`replay`) or drops payloads by what the sinks have
+        (retention) takes it before reading anything:
         a write in progress is then committed before it looks, and a later write sees what it
         committed (PostgreSQL; SQLite runs one write transaction at a time anyway).
         """
@@ -407,6 +408,10 @@ class OutboxStore(PendingStore):
         now = self._now()
 
         def work(conn: Connection) -> int:
+            # Queued from what is stored as of a write in progress, the replayed entry could
+            # replace the newer version that write queues, and name a version that is no longer
+            # stored: the sink would get the day again on every pass, never acknowledged.
+            self._hold_positions(conn)
             routed = self._registered(conn).get(sink)
             condition = and_(
                 tenants_in(tenant_day.c.tenant, routed),
