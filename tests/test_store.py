@@ -165,6 +165,36 @@ async def test_a_pruned_day_fetched_again_goes_to_a_sink_routed_since(store: Sto
     assert await store.pending("warehouse") == []
 
 
+async def test_a_late_failure_of_a_version_the_sink_has_moved_past_is_no_dead_letter(
+    store: Store,
+) -> None:
+    """A write failure reported for version A after B was stored and delivered (by another
+    pass) dead-letters nothing: the sink has the day, at its current version."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme", messages=7)])
+    stale = await store.pending("warehouse")
+    await store.record_fetched([fetched("acme", messages=8)])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    assert await store.mark_failed("warehouse", stale, "HTTP 500", max_attempts=1) == []
+    assert await store.dead_letters("warehouse") == []
+    assert await store.pending("warehouse") == []
+
+
+async def test_figures_back_at_the_delivered_version_clear_a_dead_letter(store: Store) -> None:
+    """A day delivered at A, then dead-lettered at B, then stored as A again: the sink has the day
+    as it is now, so the dead letter goes and nothing is queued."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme", messages=7)])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    await store.record_fetched([fetched("acme", messages=8)])
+    failed = await store.pending("warehouse")
+    assert len(await store.mark_failed("warehouse", failed, "HTTP 400", max_attempts=1)) == 1
+    assert len(await store.dead_letters("warehouse")) == 1
+    assert await store.record_fetched([fetched("acme", messages=7)]) == [True]
+    assert await store.dead_letters("warehouse") == []
+    assert await store.pending("warehouse") == []
+
+
 async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
     """Same figures but now final counts as a change, so sinks learn final = true."""
     await store.sync_sinks({"warehouse": None})

@@ -87,20 +87,20 @@ class HotStatements:
             # up on exactly this version, and nothing else is queued for it: leave the row alone
             # instead of queueing it again. With another version queued, that one may be on its
             # way to the sink right now and would overwrite what it holds: queue this one after.
-            has_it = and_(
-                delivery.c.queued_seq.is_(None),
-                or_(
-                    delivery.c.delivered_version == new.queued_version,
-                    and_(delivery.c.dead_letter, delivery.c.dead_version == new.queued_version),
-                ),
+            idle = delivery.c.queued_seq.is_(None)
+            gave_up = and_(
+                idle, delivery.c.dead_letter, delivery.c.dead_version == new.queued_version
             )
+            has_it = or_(gave_up, and_(idle, delivery.c.delivered_version == new.queued_version))
             set_ = {
                 "queued_seq": case((has_it, null()), else_=new.queued_seq),
                 "queued_version": case((has_it, null()), else_=new.queued_version),
                 "queued_at": case((has_it, null()), else_=new.queued_at),
-                "attempts": case((has_it, delivery.c.attempts), else_=_ZERO),
-                "dead_letter": case((has_it, delivery.c.dead_letter), else_=false()),
-                "dead_version": case((has_it, delivery.c.dead_version), else_=null()),
+                # A dead letter of a version that is no longer stored goes: the sink has the
+                # day as it is now.
+                "attempts": case((gave_up, delivery.c.attempts), else_=_ZERO),
+                "dead_letter": case((gave_up, delivery.c.dead_letter), else_=false()),
+                "dead_version": case((gave_up, delivery.c.dead_version), else_=null()),
                 "updated_at": new.updated_at,
             }
             return statement.on_conflict_do_update(index_elements=_KEYS, set_=set_)

@@ -307,6 +307,9 @@ class OutboxStore(PendingStore):
                 .where(
                     delivery.c.sink == sink, keys_in(conn, delivery.c.tenant, delivery.c.day, chunk)
                 )
+                # Rows locked in key order, as every other writer of delivery rows takes them:
+                # in table order, two transactions could each hold a row the other waits for.
+                .order_by(delivery.c.tenant, delivery.c.day)
                 .with_for_update()
             )
             for existing in conn.execute(query):
@@ -324,8 +327,13 @@ class OutboxStore(PendingStore):
             }
             row.update(last_error=message, last_error_at=now, updated_at=now)
             queued_version = row.get("queued_version")
-            # A failure of a version that newer data already superseded counts against nothing.
-            if queued_version is None or queued_version == version:
+            # A failure of a version that newer data superseded, or that left the queue since
+            # it was read (delivered by another pass, tenant no longer routed), counts against
+            # nothing: dead-lettering it would report a day the sink may well have.
+            moot = queued_version != version and (
+                queued_version is not None or row.get("delivered_version") is not None
+            )
+            if not moot:
                 row["attempts"] += 1
                 if row["attempts"] >= max_attempts:
                     row.update(
