@@ -957,3 +957,49 @@ async def test_a_replay_during_a_write_queues_the_version_the_write_stores(
             await store.aclose()
             writer.dispose()
             watcher.dispose()
+
+
+@pytest.mark.postgres
+async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) -> None:
+    """mark_failed takes a sink's delivery rows in key order, as a write queueing the same days
+    does: a transaction holding the first and then taking the second cannot deadlock with it."""
+    from collector.store.schema import delivery
+    from tests.daemon_process import eventually
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, "fail") as (schema, url):
+        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+        store = await Store.open(url.render_as_string(hide_password=False))
+        other = sqlalchemy.create_engine(url)
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            await store.sync_sinks({"warehouse": None})
+            # globex's row first in the table, acme's second: table order is not key order.
+            await store.record_fetched([fetched("globex")])
+            await store.record_fetched([fetched("acme")])
+            batch = await store.pending("warehouse")
+            assert keys(batch) == [("globex", DAY), ("acme", DAY)]
+            with other.connect() as conn:
+                conn.begin()
+
+                def lock(tenant: str) -> None:
+                    conn.execute(
+                        sqlalchemy.select(delivery.c.day)
+                        .where(delivery.c.sink == "warehouse", delivery.c.tenant == tenant)
+                        .with_for_update()
+                    )
+
+                lock("acme")  # the first in key order, as a queueing write takes it
+                failing = asyncio.create_task(
+                    store.mark_failed("warehouse", batch, "HTTP 500", max_attempts=3)
+                )
+                await eventually(
+                    lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="mark_failed"
+                )
+                lock("globex")  # deadlocks if mark_failed took globex's row first
+                conn.commit()
+            assert await asyncio.wait_for(failing, 10) == []
+        finally:
+            await store.aclose()
+            other.dispose()
+            watcher.dispose()
