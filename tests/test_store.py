@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import signal
 import sqlite3
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -672,6 +673,23 @@ def test_rebuild_cache_keeps_unread_days_when_full_and_drops_read_ones() -> None
     assert stale.get(("2",)) is days[1]
 
 
+@contextlib.contextmanager
+def _watched(
+    postgres_url: str, prefix: str
+) -> Iterator[tuple[str, sqlalchemy.URL, sqlalchemy.Engine]]:
+    """A fresh schema (its name, a URL whose connections carry it as ``application_name``) and
+    an engine outside it, to see which of those connections wait for a lock."""
+    from tests.postgres_helpers import fresh_schema
+
+    with fresh_schema(postgres_url, prefix) as (schema, plain_url):
+        url = sqlalchemy.make_url(plain_url).update_query_dict({"application_name": schema})
+        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
+        try:
+            yield schema, url, watcher
+        finally:
+            watcher.dispose()
+
+
 def _lock_waiters(engine: sqlalchemy.Engine, application: str) -> int:
     """Connections of ``application`` waiting for a lock (PostgreSQL)."""
     with engine.connect() as conn:
@@ -680,6 +698,27 @@ def _lock_waiters(engine: sqlalchemy.Engine, application: str) -> int:
             "WHERE application_name = %(app)s AND wait_event_type = 'Lock'"
         )
         return int(conn.exec_driver_sql(query, {"app": application}).scalar_one())
+
+
+async def _start_in_order(
+    watcher: sqlalchemy.Engine,
+    application: str,
+    first: Callable[[], Awaitable[Any]],
+    second: Callable[[], Awaitable[Any]],
+) -> tuple[asyncio.Task[Any], asyncio.Task[Any]]:
+    """Start ``first``, wait until it waits for a lock (or is done), then the same for
+    ``second``: PostgreSQL then grants the lock they wait for in that order."""
+    from tests.daemon_process import eventually
+
+    tasks: list[asyncio.Task[Any]] = []
+
+    def all_wait_or_done() -> bool:
+        return _lock_waiters(watcher, application) >= sum(not t.done() for t in tasks)
+
+    for step, what in ((first, "the first to wait"), (second, "both to wait")):
+        tasks.append(asyncio.ensure_future(step()))
+        await eventually(all_wait_or_done, within=10, what=what)
+    return tasks[0], tasks[1]
 
 
 @pytest.mark.postgres
@@ -691,15 +730,11 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
     state: whichever commits first, the day is queued for the new sink (by the writer, or with
     the sink's history), never for neither."""
     from collector.store.schema import store_meta, tenant_day
-    from tests.daemon_process import eventually
-    from tests.postgres_helpers import fresh_schema
 
-    with fresh_schema(postgres_url, "race") as (schema, url):
-        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+    with _watched(postgres_url, "race") as (schema, url, watcher):
         url_text = url.render_as_string(hide_password=False)
         writer, registrar = await Store.open(url_text), await Store.open(url_text)
         blocker = sqlalchemy.create_engine(url)
-        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
         try:
             await writer.sync_sinks({"warehouse": None})
             await writer.record_fetched([fetched("globex")])  # the writer has read the sinks
@@ -723,26 +758,16 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
                         .with_for_update()
                     )
 
-                def write() -> asyncio.Task[Any]:
-                    return asyncio.create_task(writer.record_fetched([fetched("acme")]))
+                def write() -> Awaitable[Any]:
+                    return writer.record_fetched([fetched("acme")])
 
-                def register() -> asyncio.Task[Any]:
-                    lake = {"warehouse": None, "lake": None}
-                    return asyncio.create_task(registrar.sync_sinks(lake))
+                def register() -> Awaitable[Any]:
+                    return registrar.sync_sinks({"warehouse": None, "lake": None})
 
-                def all_wait_or_done(*tasks: asyncio.Task[Any]) -> bool:
-                    return _lock_waiters(watcher, schema) >= sum(not t.done() for t in tasks)
-
-                started = write() if first == "day" else register()
-                await eventually(
-                    lambda: all_wait_or_done(started), within=10, what="the first to wait"
-                )
-                second = register() if first == "day" else write()
-                await eventually(
-                    lambda: all_wait_or_done(started, second), within=10, what="both to wait"
-                )
+                steps = (write, register) if first == "day" else (register, write)
+                tasks = await _start_in_order(watcher, schema, *steps)
                 conn.rollback()
-            await asyncio.gather(started, second)
+            await asyncio.gather(*tasks)
             both = [("acme", DAY), ("globex", DAY)]
             assert sorted(keys(await registrar.pending("lake"))) == both
             assert sorted(keys(await writer.pending("warehouse"))) == both
@@ -750,7 +775,6 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
             await writer.aclose()
             await registrar.aclose()
             blocker.dispose()
-            watcher.dispose()
 
 
 @pytest.mark.postgres
@@ -762,15 +786,11 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
     position row: whichever goes first, the new sink either gets the delivered day queued with
     its payload kept, or the payload goes and the sink's history leaves the day out."""
     from collector.store.schema import delivery, store_meta, tenant_day
-    from tests.daemon_process import eventually
-    from tests.postgres_helpers import fresh_schema
 
-    with fresh_schema(postgres_url, "prune") as (schema, url):
-        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+    with _watched(postgres_url, "prune") as (schema, url, watcher):
         url_text = url.render_as_string(hide_password=False)
         pruner, registrar = await Store.open(url_text), await Store.open(url_text)
         blocker = sqlalchemy.create_engine(url)
-        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
         try:
             await pruner.sync_sinks({"warehouse": None})
             await pruner.record_fetched([fetched("acme", final=True)])
@@ -784,27 +804,16 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
                     .with_for_update()
                 )
 
-                def prune() -> asyncio.Task[Any]:
-                    later = DAY + dt.timedelta(days=30)
-                    return asyncio.create_task(pruner.prune_payloads(7, today=later))
+                def prune() -> Awaitable[Any]:
+                    return pruner.prune_payloads(7, today=DAY + dt.timedelta(days=30))
 
-                def register() -> asyncio.Task[Any]:
-                    lake = {"warehouse": None, "lake": None}
-                    return asyncio.create_task(registrar.sync_sinks(lake))
+                def register() -> Awaitable[Any]:
+                    return registrar.sync_sinks({"warehouse": None, "lake": None})
 
-                def all_wait_or_done(*tasks: asyncio.Task[Any]) -> bool:
-                    return _lock_waiters(watcher, schema) >= sum(not t.done() for t in tasks)
-
-                started = prune() if first == "retention" else register()
-                await eventually(
-                    lambda: all_wait_or_done(started), within=10, what="the first to wait"
-                )
-                second = register() if first == "retention" else prune()
-                await eventually(
-                    lambda: all_wait_or_done(started, second), within=10, what="both to wait"
-                )
+                steps = (prune, register) if first == "retention" else (register, prune)
+                tasks = await _start_in_order(watcher, schema, *steps)
                 conn.rollback()
-            await asyncio.gather(started, second)
+            await asyncio.gather(*tasks)
             with blocker.connect() as conn:
                 queued_without_payload = conn.execute(
                     sqlalchemy.select(sqlalchemy.func.count())
@@ -821,7 +830,6 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
             await pruner.aclose()
             await registrar.aclose()
             blocker.dispose()
-            watcher.dispose()
 
 
 @pytest.mark.postgres
@@ -862,13 +870,10 @@ async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_ur
     the daemon writes the same days)."""
     from collector.store.schema import store_meta, tenant_day
     from tests.daemon_process import eventually
-    from tests.postgres_helpers import fresh_schema
 
-    with fresh_schema(postgres_url, "order") as (schema, url):
-        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+    with _watched(postgres_url, "order") as (schema, url, watcher):
         store = await Store.open(url.render_as_string(hide_password=False))
         other = sqlalchemy.create_engine(url)
-        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
         try:
             await store.record_fetched([fetched("acme")])
             with other.connect() as conn:
@@ -893,7 +898,6 @@ async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_ur
         finally:
             await store.aclose()
             other.dispose()
-            watcher.dispose()
 
 
 @pytest.mark.postgres
@@ -905,13 +909,10 @@ async def test_a_replay_during_a_write_queues_the_version_the_write_stores(
     the version before would be sent on every pass and never acknowledged)."""
     from collector.store.schema import delivery, store_meta, tenant_day, version_of_day
     from tests.daemon_process import eventually
-    from tests.postgres_helpers import fresh_schema
 
-    with fresh_schema(postgres_url, "replay") as (schema, url):
-        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+    with _watched(postgres_url, "replay") as (schema, url, watcher):
         store = await Store.open(url.render_as_string(hide_password=False))
         writer = sqlalchemy.create_engine(url)
-        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
         try:
             await store.sync_sinks({"warehouse": None})
             await store.record_fetched([fetched("acme")])
@@ -956,7 +957,6 @@ async def test_a_replay_during_a_write_queues_the_version_the_write_stores(
         finally:
             await store.aclose()
             writer.dispose()
-            watcher.dispose()
 
 
 @pytest.mark.postgres
@@ -965,13 +965,10 @@ async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) 
     does: a transaction holding the first and then taking the second cannot deadlock with it."""
     from collector.store.schema import delivery
     from tests.daemon_process import eventually
-    from tests.postgres_helpers import fresh_schema
 
-    with fresh_schema(postgres_url, "fail") as (schema, url):
-        url = sqlalchemy.make_url(url).update_query_dict({"application_name": schema})
+    with _watched(postgres_url, "fail") as (schema, url, watcher):
         store = await Store.open(url.render_as_string(hide_password=False))
         other = sqlalchemy.create_engine(url)
-        watcher = sqlalchemy.create_engine(sqlalchemy.make_url(postgres_url))
         try:
             await store.sync_sinks({"warehouse": None})
             # globex's row first in the table, acme's second: table order is not key order.
@@ -1002,4 +999,3 @@ async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) 
         finally:
             await store.aclose()
             other.dispose()
-            watcher.dispose()
