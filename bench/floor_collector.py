@@ -114,13 +114,14 @@ class Writer:
             for lang in entry.get("languages", ()):
                 languages.append((tenant, day, lang["language_name"], lang["engaged_users"]))
             for user in data["users"]:
+                seen = user.get("last_active")  # the simulator sends a date: no time to convert
                 users.append(
                     (
                         tenant,
                         day,
                         user["email"],
                         user["messages"],
-                        (user.get("last_active") or None) and user["last_active"][:10],
+                        seen[:10] if seen else None,
                         encode(user["ides"]).decode(),
                         encode(user["languages"]).decode(),
                         None,

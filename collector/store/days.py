@@ -59,12 +59,11 @@ class DaysStore(OutboxStore):
         hot = self._hot(conn)
         codec = hot.codec
         now = codec.moment(self._now())
-        if not codec.sqlite:
-            # The position row before any day's row, as sink registration and retention take
-            # it: a writer that locked a day's row and then waited for the position row could
-            # deadlock with the writer holding it, which inserts that day (a backfill next to
-            # the daemon, a tenant handed over mid-write). SQLite has one writer at a time.
-            self._hold_positions(conn)
+        # The position row before any day's row, as sink registration and retention take it: a
+        # writer that locked a day's row and then waited for the position row could deadlock
+        # with the writer holding it, which inserts that day (a backfill next to the daemon, a
+        # tenant handed over mid-write).
+        self._hold_positions(conn)
         # Sorted keys: one lock order for the days' rows, whoever else locks them.
         keys = sorted({(td.tenant, td.day) for td, _ in items})
         before: dict[Key, tuple[str | None, bool]] = {
@@ -82,8 +81,11 @@ class DaysStore(OutboxStore):
             last[key] = (td, payload)
         # A day whose payload retention dropped comes back with its re-fetch: queued like a new
         # version, so a sink routed to it since then gets it (one that has it is skipped).
-        changed = [key for key in keys if before.get(key, (None, True)) != (latest[key], False)]
-        unchanged = [key for key in keys if before.get(key, (None, True)) == (latest[key], False)]
+        changed: list[Key] = []
+        unchanged: list[Key] = []
+        for key in keys:  # (version, payload dropped) as stored: the same, with a payload?
+            same = before.get(key, (None, True)) == (latest[key], False)
+            (unchanged if same else changed).append(key)
         readers: dict[Key, int] = {}
         if changed:
             first_seq, sinks_generation = self._allocate_seq(conn, len(changed))
@@ -115,13 +117,12 @@ class DaysStore(OutboxStore):
         if unchanged:
             params = []
             for key in unchanged:
-                td, payload = last[key]
+                td, _ = last[key]
                 params.append(
                     (
                         "final" if td.final else "fetched",
                         codec.flag(td.final),
                         codec.moment(td.fetched_at),
-                        None,  # the stored payload stays (a pruned one made the day "changed")
                         now,
                         key[0],
                         codec.day(key[1]),
@@ -247,18 +248,19 @@ class DaysStore(OutboxStore):
                     conditions.append(has_it)
                 else:
                     conditions.append(or_(tenant_day.c.tenant.not_in(sorted(routed)), has_it))
-            prune = update(tenant_day).values(payload=None, updated_at=now)
-            if conn.dialect.name == "postgresql":
-                # Rows a writer holds are left for the next pass instead of waited for: the
-                # writer takes the position row after its rows, and this has it already.
-                free = (
-                    select(tenant_day.c.tenant, tenant_day.c.day)
-                    .where(*conditions)
-                    .with_for_update(skip_locked=True)
-                )
-                prune = prune.where(tuple_(tenant_day.c.tenant, tenant_day.c.day).in_(free))
-            else:
-                prune = prune.where(*conditions)
+            # Rows another transaction holds (PostgreSQL) are left for the next pass instead of
+            # waited for, since this holds the position row already. SQLite has no row locks and
+            # leaves out the FOR UPDATE.
+            free = (
+                select(tenant_day.c.tenant, tenant_day.c.day)
+                .where(*conditions)
+                .with_for_update(skip_locked=True)
+            )
+            prune = (
+                update(tenant_day)
+                .where(tuple_(tenant_day.c.tenant, tenant_day.c.day).in_(free))
+                .values(payload=None, updated_at=now)
+            )
             return int(conn.execute(prune).rowcount)
 
         return await self._write(work)

@@ -158,12 +158,11 @@ class HotStatements:
                 reason=null(),
                 fetched_at=bindparam("fetched_at"),
                 updated_at=bindparam("updated_at"),
-                # Never drops the stored payload (a day whose payload was pruned is written as
-                # a changed one instead, and queued for the sinks that lack it).
-                payload=func.coalesce(tenant_day.c.payload, bindparam("payload")),
+                # The payload stays: a day whose payload was pruned is written as a changed one
+                # instead, and queued for the sinks that lack it.
             ),
             dialect,
-            ["status", "final", "fetched_at", "payload", "updated_at", "k_tenant", "k_day"],
+            ["status", "final", "fetched_at", "updated_at", "k_tenant", "k_day"],
         )
         # Reserving outbox positions takes the position row's lock until the commit; the sink
         # table's change count is read back in the next statement, so a write re-reads the sink

@@ -107,8 +107,10 @@ class OutboxStore(PendingStore):
         queues stored history (:meth:`replay`) or drops payloads by what the sinks have
         (retention) takes it before reading anything:
         a write in progress is then committed before it looks, and a later write sees what it
-        committed (PostgreSQL; SQLite runs one write transaction at a time anyway).
+        committed. Nothing to do on SQLite, which runs one write transaction at a time.
         """
+        if conn.dialect.name == "sqlite":
+            return
         conn.execute(
             update(store_meta).where(store_meta.c.key == SEQ_KEY).values(value=store_meta.c.value)
         )
@@ -327,13 +329,13 @@ class OutboxStore(PendingStore):
             }
             row.update(last_error=message, last_error_at=now, updated_at=now)
             queued_version = row.get("queued_version")
-            # A failure of a version that newer data superseded, or that left the queue since
-            # it was read (delivered by another pass, tenant no longer routed), counts against
-            # nothing: dead-lettering it would report a day the sink may well have.
-            moot = queued_version != version and (
-                queued_version is not None or row.get("delivered_version") is not None
-            )
-            if not moot:
+            # Only a failure of the version queued counts (or of a day the sink never had nor
+            # waits for). One that newer data superseded, or that left the queue since it was
+            # read (delivered by another pass), counts against nothing: dead-lettering it would
+            # report a day the sink may well have.
+            if queued_version == version or (
+                queued_version is None and row.get("delivered_version") is None
+            ):
                 row["attempts"] += 1
                 if row["attempts"] >= max_attempts:
                     row.update(
