@@ -30,7 +30,7 @@ from collector.plugin_manager import (
     make_plugin_manager,
 )
 from collector.sink import Sink, SinkHost
-from collector.store import Store
+from collector.store import IDLE_TRANSACTION_TIMEOUT, Store
 
 if TYPE_CHECKING:
     # Only the daemon, which serves /metrics, builds them: prometheus_client (about 0.05 s of
@@ -137,10 +137,16 @@ async def open_runtime(
     """
     configure_plugins(plugins.pm, config)
     set_worker_threads(config.runtime.worker_threads)  # before the store's first thread call
+    idle = IDLE_TRANSACTION_TIMEOUT
+    if config.state.replicas:
+        # A replica frozen inside a transaction keeps its locks (lease rows, the outbox
+        # position) no longer than its leases would last.
+        idle = min(idle, config.state.lease_ttl)
     store = await Store.open(
         config.state.connection_url(),
         exclusive=(only_sinks is None) if exclusive is None else exclusive,
         shared_group=config.files.shared_group,
+        idle_transaction_timeout=idle,
     )
     pii_key = config.state.pii_key
     key = pii_key.get_secret_value().encode() if pii_key else None

@@ -22,6 +22,7 @@ import anyio
 import pytest
 import sqlalchemy
 
+from collector.app import load, load_plugins, open_runtime
 from collector.simulator import Simulator, SimulatorSettings, demo_tenants, running_simulator
 from tests.daemon_process import DaemonProcess, eventually
 from tests.e2e import run_cli, write_config
@@ -323,6 +324,31 @@ async def test_a_replica_frozen_past_its_lease_is_fenced_and_rejoins_without_dup
         await _everything_delivered_once(cluster)
         for daemon in daemons:
             assert await daemon.stop() == 0
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(("replicas", "expected"), [(True, "3s"), (False, "30s")])
+async def test_state_sessions_end_transactions_idle_past_the_lease(
+    tmp_path: Path, state_url: str, replicas: bool, expected: str
+) -> None:
+    """The daemon's PostgreSQL sessions end a transaction left idle (its process frozen) after
+    the lease TTL when it is a replica, so its locks go with its leases; after 30 s otherwise."""
+    async with running_simulator(SimulatorSettings(tenants=demo_tenants(1))) as sim:
+        config_path = write_config(
+            tmp_path / "config.yaml",
+            sim,
+            demo_tenants(1),
+            workdir=tmp_path,
+            extra={"state": {"url": state_url, "replicas": replicas, "lease_ttl": "3s"}},
+        )
+        plugins = load_plugins()
+        async with open_runtime(load(config_path, plugins), plugins) as runtime:
+            setting = await runtime.store._read(
+                lambda conn: conn.exec_driver_sql(
+                    "SHOW idle_in_transaction_session_timeout"
+                ).scalar()
+            )
+    assert setting == expected
 
 
 async def test_sqlite_state_refuses_replicas(tmp_path: Path) -> None:

@@ -3,9 +3,12 @@ store) on the real PostgreSQL; and the migration of a version-1 state to version
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shutil
 import sqlite3
+import threading
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -13,6 +16,7 @@ import anyio
 import pytest
 import sqlalchemy
 
+from collector.errors import StoreError
 from collector.store import Store
 from collector.store.fencing import (
     FENCE_SETTING,
@@ -22,7 +26,7 @@ from collector.store.fencing import (
     install_fencing,
 )
 from collector.store.leases import ReplicaLeases, this_replica
-from collector.store.schema import SCHEMA_VERSION
+from collector.store.schema import SCHEMA_VERSION, tenant_day
 from collector.testing import usage_body
 from tests.postgres_helpers import fresh_schema
 from tests.servers import sample_day
@@ -152,6 +156,50 @@ async def test_a_stale_token_cannot_write_day_outbox_or_delivery(
         assert await new.store.backlog("warehouse") == 1  # `later` only: `day` is delivered
     finally:
         for store in stores:
+            await store.aclose()
+
+
+@pytest.mark.postgres
+async def test_a_replica_frozen_inside_a_write_holds_its_locks_no_longer_than_the_idle_timeout(
+    pg_schema: tuple[str, str],
+) -> None:
+    """A replica that stops running inside a write transaction, holding the outbox position and
+    (through the fencing trigger) one of its lease rows, has that transaction ended by PostgreSQL
+    after ``idle_transaction_timeout``: the other replica claims every tenant, that one included,
+    and writes without waiting for it; the frozen write fails as a store error."""
+    short = dt.timedelta(seconds=1)
+    frozen_store = await Store.open(
+        pg_schema[1], idle_transaction_timeout=dt.timedelta(seconds=0.3)
+    )
+    other_store = await Store.open(pg_schema[1])
+    try:
+        frozen, other = (
+            ReplicaLeases(s, this_replica(), ttl=short) for s in (frozen_store, other_store)
+        )
+        await _rounds([frozen, other], 2)
+        tenant = min(frozen.tenants)
+        day, body = fetched(tenant)
+        thawed = threading.Event()
+
+        def freeze_mid_write(conn: sqlalchemy.Connection) -> None:
+            Store._hold_positions(conn)
+            conn.execute(tenant_day.insert().values(
+                tenant=tenant, day=day.day, status="failed", final=False, attempts=1,
+                updated_at=day.fetched_at,
+            ))  # fmt: skip
+            time.sleep(6)  # the process is stopped: PostgreSQL sees its transaction idle
+            thawed.set()
+
+        write = asyncio.ensure_future(frozen_store._write(freeze_mid_write))
+        await anyio.sleep(1.2)  # past the frozen replica's leases
+        await other.beat(TENANTS)
+        assert other.tenants == set(TENANTS)  # the share-locked lease row too
+        assert await other.store.record_fetched([(day, body)]) == [True]
+        assert not thawed.is_set()  # none of it waited for the frozen transaction
+        with pytest.raises(StoreError, match="idle-in-transaction timeout"):
+            await write
+    finally:
+        for store in (frozen_store, other_store):
             await store.aclose()
 
 

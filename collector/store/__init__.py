@@ -29,6 +29,7 @@ and run many rows at a time).
 from __future__ import annotations
 
 from collector.models import DayState, DayStatus
+from collector.store.base import IDLE_TRANSACTION_TIMEOUT
 from collector.store.leases import LeasesStore
 from collector.store.lock import StoreUnusable
 from collector.store.quarantine import QuarantineStore
@@ -45,6 +46,7 @@ from collector.store.schema import (
 from collector.store.status import StatusStore
 
 __all__ = [
+    "IDLE_TRANSACTION_TIMEOUT",
     "DayState",
     "DayStatus",
     "DeadLetter",

@@ -12,7 +12,11 @@ Writers: one at a time per process (an :class:`anyio.Lock`, SQLite only), each t
 opened with ``BEGIN IMMEDIATE`` so a read-then-write cannot be overtaken by another process
 (``replay`` next to a running daemon); ``busy_timeout`` is 5 s. Readers never wait for writers
 (WAL). PostgreSQL needs no lock: row locks (``SELECT ... FOR UPDATE``, keys in sorted order) and
-``INSERT ... ON CONFLICT`` do the same job, and also between replicas.
+``INSERT ... ON CONFLICT`` do the same job, and also between replicas. Every write takes the
+outbox position row, so a transaction left open by a process that stopped running (frozen,
+suspended, cut off) would stall every other writer: PostgreSQL ends a session whose transaction
+sits idle longer than ``idle_transaction_timeout`` (``idle_in_transaction_session_timeout``),
+which releases its locks.
 
 Errors: every SQLAlchemy/driver exception becomes :class:`~collector.errors.StoreError` with the
 driver's first message line; SQL parameters are hidden from messages (payloads hold emails), and
@@ -88,6 +92,11 @@ _CHUNK = 400  # keys per IN (...) list, far below every backend's bound-paramete
 _TEXT_MAX = 1000
 _SQLITE_SYNC = {"normal": "NORMAL", "full": "FULL", "extra": "EXTRA"}
 _SQLITE_CACHE_KIB = 1024  # page cache per connection
+IDLE_TRANSACTION_TIMEOUT = dt.timedelta(seconds=30)
+"""How long a PostgreSQL transaction of ours may sit idle before the server ends its session.
+
+Ours are idle only between two statements (milliseconds); one idle for this long belongs to a
+process that no longer runs, and holds locks every writer needs."""
 _STATUSES: frozenset[str] = frozenset({"missing", "fetched", "final", "failed"})
 # SQLite result codes (the primary code, the low byte) that no retry can cure: not a database,
 # or a corrupt one.
@@ -269,6 +278,7 @@ class StoreBase:
         clock: Callable[[], dt.datetime] = _utcnow,
         exclusive: bool = False,
         shared_group: bool = False,
+        idle_transaction_timeout: dt.timedelta = IDLE_TRANSACTION_TIMEOUT,
     ) -> Self:
         """Connect, create (or check the version of) the schema, and return a ready store.
 
@@ -277,12 +287,20 @@ class StoreBase:
         ``normal`` (default) or ``full``; the URL may also say ``?synchronous=full``.
         ``exclusive`` (SQLite): hold the state's lock file until :meth:`aclose`, refusing to open
         while another collector holds it. ``shared_group``: files and directories created are
-        group-readable (``files.shared_group``).
+        group-readable (``files.shared_group``). ``idle_transaction_timeout`` (PostgreSQL): the
+        server ends a session of this store whose transaction sits idle longer.
         """
         # Abandoned when cancelled (a stop while a database does not answer the connect): the
         # thread ends with the driver's own timeout.
         return await run_sync(
-            cls._open_sync, url, synchronous, clock, exclusive, shared_group, abandon_on_cancel=True
+            cls._open_sync,
+            url,
+            synchronous,
+            clock,
+            exclusive,
+            shared_group,
+            idle_transaction_timeout,
+            abandon_on_cancel=True,
         )
 
     @classmethod
@@ -293,6 +311,7 @@ class StoreBase:
         clock: Callable[[], dt.datetime],
         exclusive: bool,
         shared_group: bool,
+        idle_transaction_timeout: dt.timedelta,
     ) -> Self:
         try:
             parsed = make_url(url)
@@ -309,7 +328,7 @@ class StoreBase:
                     parsed, synchronous, exclusive=exclusive, shared_group=shared_group
                 )
             else:
-                engine = create_engine(parsed, pool_pre_ping=True, hide_parameters=True)
+                engine = cls._postgresql_engine(parsed, idle_transaction_timeout)
             store = cls(engine, display_url=display, clock=clock)
             store._state_lock = state_lock
             store._migrate()
@@ -333,6 +352,23 @@ class StoreBase:
     def _release(state_lock: StateLock | None) -> None:
         if state_lock is not None:
             state_lock.release()
+
+    @staticmethod
+    def _postgresql_engine(url: URL, idle_transaction_timeout: dt.timedelta) -> Engine:
+        engine = create_engine(url, pool_pre_ping=True, hide_parameters=True)
+        idle_ms = max(1, round(idle_transaction_timeout.total_seconds() * 1000))
+
+        @event.listens_for(engine, "connect")
+        def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+            # Set for the session, outside any transaction (a SET inside one would be undone
+            # by the rollback that ends it). Not in the URL's options: the user may set those.
+            dbapi_connection.autocommit = True
+            try:
+                dbapi_connection.execute(f"SET idle_in_transaction_session_timeout = {idle_ms}")
+            finally:
+                dbapi_connection.autocommit = False
+
+        return engine
 
     @staticmethod
     def _sqlite_engine(
