@@ -196,6 +196,26 @@ async def test_figures_back_at_the_delivered_version_clear_a_dead_letter(store: 
     assert await store.pending("warehouse") == []
 
 
+async def test_a_tenant_routed_back_drops_a_dead_letter_of_a_version_it_moved_past(
+    store: Store,
+) -> None:
+    """The same, but the day goes back to A while its tenant is routed elsewhere: when the
+    tenant is routed to the sink again, the sink has A, so the dead letter of B goes too."""
+    await store.sync_sinks({"warehouse": None})
+    await store.record_fetched([fetched("acme", messages=7)])
+    await store.mark_delivered("warehouse", await store.pending("warehouse"))
+    await store.record_fetched([fetched("acme", messages=8)])
+    failed = await store.pending("warehouse")
+    assert len(await store.mark_failed("warehouse", failed, "HTTP 400", max_attempts=1)) == 1
+    await store.sync_sinks({"warehouse": ["globex"]})
+    assert await store.record_fetched([fetched("acme", messages=7)]) == [True]
+    assert len(await store.dead_letters("warehouse")) == 1  # not routed: left as it was
+
+    assert await store.sync_sinks({"warehouse": None}) == {"warehouse": 0}
+    assert await store.dead_letters("warehouse") == []
+    assert await store.pending("warehouse") == []
+
+
 async def test_a_day_that_becomes_final_is_delivered_once_more(store: Store) -> None:
     """Same figures but now final counts as a change, so sinks learn final = true."""
     await store.sync_sinks({"warehouse": None})
@@ -996,6 +1016,52 @@ async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) 
                 lock("globex")  # deadlocks if mark_failed took globex's row first
                 conn.commit()
             assert await asyncio.wait_for(failing, 10) == []
+        finally:
+            await store.aclose()
+            other.dispose()
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("only_dead", [False, True])
+async def test_a_replay_locks_delivery_rows_in_key_order(
+    postgres_url: str, only_dead: bool
+) -> None:
+    """replay (all history, or only dead letters) takes a sink's delivery rows in key order, as
+    a delivery report does: a transaction holding the first and then taking the second cannot
+    deadlock with it, though the days were stored in the other order."""
+    from collector.store.schema import delivery
+    from tests.daemon_process import eventually
+
+    with _watched(postgres_url, "replay") as (schema, url, watcher):
+        store = await Store.open(url.render_as_string(hide_password=False))
+        other = sqlalchemy.create_engine(url)
+        try:
+            await store.sync_sinks({"warehouse": None})
+            # globex's rows first in the tables, acme's second: table order is not key order.
+            for tenant in ("globex", "acme"):
+                await store.record_fetched([fetched(tenant)])
+            if only_dead:
+                for tenant in ("globex", "acme"):
+                    failed = [td for td in await store.pending("warehouse") if td.tenant == tenant]
+                    assert await store.mark_failed("warehouse", failed, "HTTP 400", 1) == failed
+            with other.connect() as conn:
+                conn.begin()
+
+                def lock(tenant: str) -> None:
+                    conn.execute(
+                        sqlalchemy.select(delivery.c.day)
+                        .where(delivery.c.sink == "warehouse", delivery.c.tenant == tenant)
+                        .with_for_update()
+                    )
+
+                lock("acme")  # the first in key order, as a delivery report takes it
+                replaying = asyncio.create_task(store.replay("warehouse", only_dead=only_dead))
+                await eventually(
+                    lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="replay"
+                )
+                lock("globex")  # deadlocks if the replay took globex's row first
+                conn.commit()
+            assert await asyncio.wait_for(replaying, 10) == 2
         finally:
             await store.aclose()
             other.dispose()

@@ -29,6 +29,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 
@@ -59,6 +60,23 @@ from collector.store.schema import (
 )
 
 log = structlog.get_logger(__name__)
+
+
+def _update_deliveries(conn: Connection, where: ColumnElement[bool], **values: Any) -> int:
+    """UPDATE the delivery rows matching ``where``, locking them in key order first; returns how
+    many.
+
+    Every transaction that locks several delivery rows takes them in (sink, tenant, day) order:
+    :meth:`OutboxStore.mark_delivered` and :meth:`~OutboxStore.mark_failed` do, and they do not
+    take the position row. A bulk UPDATE that locked rows in scan order could hold one that a
+    delivery report waits for while waiting for one that report holds: a deadlock. SQLite has
+    no row locks and leaves out the FOR UPDATE.
+    """
+    key = (delivery.c.sink, delivery.c.tenant, delivery.c.day)
+    locked = select(*key).where(where).order_by(*key).with_for_update()
+    return int(
+        conn.execute(update(delivery).where(tuple_(*key).in_(locked)).values(**values)).rowcount
+    )
 
 
 class OutboxStore(PendingStore):
@@ -152,16 +170,17 @@ class OutboxStore(PendingStore):
                 else:
                     added = and_(added, tenant_day.c.tenant.not_in(sorted(before)))
                 if routed is not None:
-                    conn.execute(
-                        update(delivery)
-                        .where(
+                    _update_deliveries(
+                        conn,
+                        and_(
                             delivery.c.sink == name,
                             delivery.c.queued_seq.is_not(None),
                             delivery.c.tenant.not_in(sorted(routed)),
-                        )
-                        .values(
-                            queued_seq=None, queued_version=None, queued_at=None, updated_at=now
-                        )
+                        ),
+                        queued_seq=None,
+                        queued_version=None,
+                        queued_at=None,
+                        updated_at=now,
                     )
             queued[name] = self._enqueue_history(conn, name, added, force=False, now=now)
             routes_json = None if routed is None else json.dumps(sorted(routed))
@@ -172,10 +191,13 @@ class OutboxStore(PendingStore):
         gone = [name for name in known if name not in wanted] if remove_missing else []
         if gone:
             # A sink nobody drains must not hold payloads back from retention.
-            conn.execute(
-                update(delivery)
-                .where(delivery.c.sink.in_(gone), delivery.c.queued_seq.is_not(None))
-                .values(queued_seq=None, queued_version=None, queued_at=None, updated_at=now)
+            _update_deliveries(
+                conn,
+                and_(delivery.c.sink.in_(gone), delivery.c.queued_seq.is_not(None)),
+                queued_seq=None,
+                queued_version=None,
+                queued_at=None,
+                updated_at=now,
             )
             conn.execute(delete(sink_table).where(sink_table.c.name.in_(gone)))
         if changed or gone:
@@ -212,7 +234,32 @@ class OutboxStore(PendingStore):
             false().label("dead_letter"),
             literal(now, UtcDateTime()).label("updated_at"),
         ).where(tenant_day.c.payload.is_not(None), condition)
+        # In key order: the rows the upsert below locks, as every other writer of delivery rows
+        # takes them (see _update_deliveries).
+        source = source.order_by(tenant_day.c.tenant, tenant_day.c.day)
         if not force:
+            # A day the sink has at its stored version drops a dead letter of another version,
+            # as a write of that version does (days.py): the tenant may have been routed
+            # elsewhere while the day changed back.
+            _update_deliveries(
+                conn,
+                and_(
+                    delivery.c.sink == sink,
+                    delivery.c.queued_seq.is_(None),
+                    delivery.c.dead_letter,
+                    exists().where(
+                        tenant_day.c.tenant == delivery.c.tenant,
+                        tenant_day.c.day == delivery.c.day,
+                        tenant_day.c.version == delivery.c.delivered_version,
+                        tenant_day.c.version != delivery.c.dead_version,
+                        condition,
+                    ),
+                ),
+                attempts=0,
+                dead_letter=False,
+                dead_version=None,
+                updated_at=now,
+            )
             settled = exists().where(
                 delivery.c.sink == sink,
                 delivery.c.tenant == tenant_day.c.tenant,
@@ -446,20 +493,17 @@ class OutboxStore(PendingStore):
                 tenant_day.c.payload.is_not(None),
                 condition,
             )
-            result = conn.execute(
-                update(delivery)
-                .where(delivery.c.sink == sink, IS_DEAD, replayable)
-                .values(
-                    queued_seq=stored,
-                    queued_version=stored_version,
-                    queued_at=now,
-                    attempts=0,
-                    dead_letter=False,
-                    dead_version=None,
-                    updated_at=now,
-                )
+            return _update_deliveries(
+                conn,
+                and_(delivery.c.sink == sink, IS_DEAD, replayable),
+                queued_seq=stored,
+                queued_version=stored_version,
+                queued_at=now,
+                attempts=0,
+                dead_letter=False,
+                dead_version=None,
+                updated_at=now,
             )
-            return int(result.rowcount)
 
         return await self._write(work)
 

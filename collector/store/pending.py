@@ -186,7 +186,8 @@ class PendingStore(StoreBase):
             )
 
         def work(conn: Connection) -> None:
-            for (tenant, day), reason in broken:
+            # In key order, as every writer of several delivery rows takes them.
+            for (tenant, day), reason in sorted(broken):
                 conn.execute(
                     update(delivery)
                     .where(
