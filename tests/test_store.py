@@ -720,6 +720,17 @@ def _lock_waiters(engine: sqlalchemy.Engine, application: str) -> int:
         return int(conn.exec_driver_sql(query, {"app": application}).scalar_one())
 
 
+def _lock_delivery(conn: sqlalchemy.Connection, tenant: str) -> None:
+    """Lock ``tenant``'s delivery rows of the sink ``warehouse`` in ``conn``'s transaction."""
+    from collector.store.schema import delivery
+
+    conn.execute(
+        sqlalchemy.select(delivery.c.day)
+        .where(delivery.c.sink == "warehouse", delivery.c.tenant == tenant)
+        .with_for_update()
+    )
+
+
 async def _start_in_order(
     watcher: sqlalchemy.Engine,
     application: str,
@@ -983,7 +994,6 @@ async def test_a_replay_during_a_write_queues_the_version_the_write_stores(
 async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) -> None:
     """mark_failed takes a sink's delivery rows in key order, as a write queueing the same days
     does: a transaction holding the first and then taking the second cannot deadlock with it."""
-    from collector.store.schema import delivery
     from tests.daemon_process import eventually
 
     with _watched(postgres_url, "fail") as (schema, url, watcher):
@@ -999,21 +1009,14 @@ async def test_a_failed_delivery_locks_its_days_in_key_order(postgres_url: str) 
             with other.connect() as conn:
                 conn.begin()
 
-                def lock(tenant: str) -> None:
-                    conn.execute(
-                        sqlalchemy.select(delivery.c.day)
-                        .where(delivery.c.sink == "warehouse", delivery.c.tenant == tenant)
-                        .with_for_update()
-                    )
-
-                lock("acme")  # the first in key order, as a queueing write takes it
+                _lock_delivery(conn, "acme")  # the first in key order, as a queueing write takes it
                 failing = asyncio.create_task(
                     store.mark_failed("warehouse", batch, "HTTP 500", max_attempts=3)
                 )
                 await eventually(
                     lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="mark_failed"
                 )
-                lock("globex")  # deadlocks if mark_failed took globex's row first
+                _lock_delivery(conn, "globex")  # deadlocks if mark_failed took globex's row first
                 conn.commit()
             assert await asyncio.wait_for(failing, 10) == []
         finally:
@@ -1029,7 +1032,6 @@ async def test_a_replay_locks_delivery_rows_in_key_order(
     """replay (all history, or only dead letters) takes a sink's delivery rows in key order, as
     a delivery report does: a transaction holding the first and then taking the second cannot
     deadlock with it, though the days were stored in the other order."""
-    from collector.store.schema import delivery
     from tests.daemon_process import eventually
 
     with _watched(postgres_url, "replay") as (schema, url, watcher):
@@ -1047,19 +1049,14 @@ async def test_a_replay_locks_delivery_rows_in_key_order(
             with other.connect() as conn:
                 conn.begin()
 
-                def lock(tenant: str) -> None:
-                    conn.execute(
-                        sqlalchemy.select(delivery.c.day)
-                        .where(delivery.c.sink == "warehouse", delivery.c.tenant == tenant)
-                        .with_for_update()
-                    )
-
-                lock("acme")  # the first in key order, as a delivery report takes it
+                _lock_delivery(
+                    conn, "acme"
+                )  # the first in key order, as a delivery report takes it
                 replaying = asyncio.create_task(store.replay("warehouse", only_dead=only_dead))
                 await eventually(
                     lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="replay"
                 )
-                lock("globex")  # deadlocks if the replay took globex's row first
+                _lock_delivery(conn, "globex")  # deadlocks if the replay took globex's row first
                 conn.commit()
             assert await asyncio.wait_for(replaying, 10) == 2
         finally:
