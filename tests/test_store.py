@@ -760,7 +760,7 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
     """A new day and a new sink committed at the same time by two processes on one PostgreSQL
     state: whichever commits first, the day is queued for the new sink (by the writer, or with
     the sink's history), never for neither."""
-    from collector.store.schema import store_meta, tenant_day
+    from collector.store.schema import tenant_day
 
     with _watched(postgres_url, "race") as (schema, url, watcher):
         url_text = url.render_as_string(hide_password=False)
@@ -783,11 +783,7 @@ async def test_a_sink_added_while_a_day_is_written_gets_that_day(
                 else:
                     # The outbox position row: the sink registration takes it first (if it
                     # takes it at all), and the writer queues behind it.
-                    conn.execute(
-                        sqlalchemy.select(store_meta.c.value)
-                        .where(store_meta.c.key == "seq")
-                        .with_for_update()
-                    )
+                    Store._hold_positions(conn)
 
                 def write() -> Awaitable[Any]:
                     return writer.record_fetched([fetched("acme")])
@@ -816,7 +812,7 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
     """Retention and another process registering a new sink, both waiting for the outbox
     position row: whichever goes first, the new sink either gets the delivered day queued with
     its payload kept, or the payload goes and the sink's history leaves the day out."""
-    from collector.store.schema import delivery, store_meta, tenant_day
+    from collector.store.schema import delivery, tenant_day
 
     with _watched(postgres_url, "prune") as (schema, url, watcher):
         url_text = url.render_as_string(hide_password=False)
@@ -829,11 +825,7 @@ async def test_retention_and_a_sink_registered_at_once_leave_no_queued_day_witho
             with blocker.connect() as conn:
                 conn.begin()
                 # The position row, as a write of new days holds it until it commits.
-                conn.execute(
-                    sqlalchemy.select(store_meta.c.value)
-                    .where(store_meta.c.key == "seq")
-                    .with_for_update()
-                )
+                Store._hold_positions(conn)
 
                 def prune() -> Awaitable[Any]:
                     return pruner.prune_payloads(7, today=DAY + dt.timedelta(days=30))
@@ -899,7 +891,7 @@ async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_ur
     """A write of a stored day that waits for another write's position row has not locked that
     day's row yet, so the other write can update it and commit: no deadlock (a backfill next to
     the daemon writes the same days)."""
-    from collector.store.schema import store_meta, tenant_day
+    from collector.store.schema import tenant_day
     from tests.daemon_process import eventually
 
     with _watched(postgres_url, "order") as (schema, url, watcher):
@@ -910,11 +902,7 @@ async def test_a_write_waiting_for_the_position_row_holds_no_day_row(postgres_ur
             with other.connect() as conn:
                 conn.begin()
                 # The other write: it holds the position row, then updates the day's row.
-                conn.execute(
-                    sqlalchemy.update(store_meta)
-                    .where(store_meta.c.key == "seq")
-                    .values(value=store_meta.c.value + 1)
-                )
+                Store._hold_positions(conn)
                 write = asyncio.create_task(store.record_fetched([fetched("acme", messages=9)]))
                 await eventually(
                     lambda: _lock_waiters(watcher, schema) >= 1, within=10, what="the write"
